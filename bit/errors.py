@@ -1,0 +1,21 @@
+"""The project's exceptions: messages are for people and say what to do."""
+
+
+class BitError(Exception):
+  """Any error caused by bad input (a file, a key, a name, a value); the message says what to do."""
+
+
+class CheckpointError(BitError):
+  """A checkpoint file is missing, truncated, not an official-layout .npz, or does not fit the model."""
+
+
+class DownloadError(BitError):
+  """A download failed or gave a file that does not pass its size/checksum check."""
+
+
+class DataError(BitError):
+  """A dataset, split, folder or image cannot be used."""
+
+
+class ConfigError(BitError):
+  """A config key or value is wrong, or a workdir holds a different run."""
