@@ -1,0 +1,237 @@
+"""BiT's pre-activation ResNetV2 as a Flax linen module, numerically identical to the official code.
+
+Parameter names follow the official checkpoint layout (see `bit.checkpoints` for the mapping):
+
+  root_block/conv_root/kernel
+  block{b}/unit{uu}/{gn1,conv1,gn2,conv2,gn3,conv3}, block{b}/unit01/conv_proj
+  norm_pre_head/{scale,bias}, head/{kernel,bias}
+
+Numerics, as in the official BiT code:
+- Weight standardization over the H, W, I axes of each HWIO kernel, biased variance, eps 1e-10 inside the
+  square root, always computed in float32.
+- GroupNorm with 32 groups, eps 1e-5, two-pass variance, statistics in float32.
+- Symmetric zero padding, then VALID convolutions (XLA's 'SAME' is asymmetric at stride 2) and a VALID
+  max-pool after zero padding (flax's padded max_pool pads with -inf, BiT with zeros).
+"""
+import functools
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bit.errors import BitError
+
+BLOCKS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+
+# The architectures of the released checkpoints.
+ARCHITECTURES = {
+    'R50x1': (50, 1),
+    'R50x3': (50, 3),
+    'R101x1': (101, 1),
+    'R101x3': (101, 3),
+    'R152x2': (152, 2),
+    'R152x4': (152, 4),
+}
+
+MAX_WIDTH = 4
+MIN_IMAGE_SIZE = 32
+
+
+def parse_architecture(name: str) -> tuple[int, int]:
+  """'R50x1' -> (50, 1). Any depth in BLOCKS and width 1..4 is accepted."""
+  m = re.fullmatch(r'[Rr](\d+)[xX](\d+)', str(name).strip())
+  if not m or int(m.group(1)) not in BLOCKS or not 1 <= int(m.group(2)) <= MAX_WIDTH:
+    raise BitError(
+        f'Unknown architecture {name!r}: expected R<depth>x<width> with depth in '
+        f'{sorted(BLOCKS)} and width 1..{MAX_WIDTH}, e.g. R50x1 or R101x3.'
+    )
+  return int(m.group(1)), int(m.group(2))
+
+
+def architecture_name(depth: int, width: int) -> str:
+  return f'R{depth}x{width}'
+
+
+def standardize(w: jax.Array, axis=(0, 1, 2), eps: float = 1e-10) -> jax.Array:
+  """Weight standardization: zero mean, unit (biased) variance over `axis`, in float32."""
+  w = w.astype(jnp.float32)
+  w = w - jnp.mean(w, axis=axis, keepdims=True)
+  return w / jnp.sqrt(jnp.mean(jnp.square(w), axis=axis, keepdims=True) + eps)
+
+
+def fixed_padding(x: jax.Array, pad: int) -> jax.Array:
+  """Symmetric zero padding of the spatial axes of an NHWC tensor."""
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+class StdConv(nn.Module):
+  """A bias-free convolution whose kernel is weight-standardized at every call."""
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kh, kw = self.kernel_size
+    kernel = self.param(
+        'kernel', nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features), jnp.float32
+    )
+    kernel = standardize(kernel).astype(self.dtype)
+    return jax.lax.conv_general_dilated(
+        x.astype(self.dtype),
+        kernel,
+        window_strides=self.strides,
+        padding='VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+
+
+class GroupNorm(nn.Module):
+  """BiT's GroupNorm: 32 groups, eps 1e-5, two-pass variance, statistics in float32."""
+
+  num_groups: int = 32
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise BitError(f'GroupNorm: {c} channels do not divide into {self.num_groups} groups.')
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+    axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+    xg = (xg - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = xg.reshape(x.shape) * scale + bias
+    return y.astype(self.dtype)
+
+
+class ResidualUnit(nn.Module):
+  """Pre-activation bottleneck unit; the stride sits on the 3x3 convolution."""
+
+  features: int  # the bottleneck width; the unit outputs 4x this
+  strides: tuple[int, int] = (1, 1)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(StdConv, dtype=self.dtype)
+    norm = functools.partial(GroupNorm, dtype=self.dtype)
+    out = 4 * self.features
+    y = nn.relu(norm(name='gn1')(x))
+    # The projection takes the pre-activated input whenever channels or stride change (block1/unit01 too).
+    if x.shape[-1] != out or self.strides != (1, 1):
+      shortcut = conv(out, (1, 1), self.strides, name='conv_proj')(y)
+    else:
+      shortcut = x
+    y = conv(self.features, (1, 1), name='conv1')(y)
+    y = nn.relu(norm(name='gn2')(y))
+    y = conv(self.features, (3, 3), self.strides, name='conv2')(fixed_padding(y, 1))
+    y = nn.relu(norm(name='gn3')(y))
+    y = conv(out, (1, 1), name='conv3')(y)
+    return y + shortcut.astype(y.dtype)
+
+
+class ResidualBlock(nn.Module):
+  """A stage: `units` residual units named unit01, unit02, ...; the first one strides."""
+
+  units: int
+  features: int
+  strides: tuple[int, int] = (1, 1)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for u in range(1, self.units + 1):
+      strides = self.strides if u == 1 else (1, 1)
+      x = ResidualUnit(self.features, strides, dtype=self.dtype, name=f'unit{u:02d}')(x)
+    return x
+
+
+class ResNetV2(nn.Module):
+  """BiT ResNetV2. `apply({'params': p}, images)` -> float32 logits; `pre_logits=True` -> pooled features.
+
+  Images are NHWC floats in [-1, 1], at least 32x32. `dtype` is the compute dtype (e.g. jnp.bfloat16);
+  parameters, weight standardization and GroupNorm statistics stay float32.
+  """
+
+  depth: int = 50
+  width: int = 1
+  num_classes: int = 1000
+  dtype: Any = jnp.float32
+
+  @property
+  def num_features(self) -> int:
+    return 2048 * self.width
+
+  @property
+  def architecture(self) -> str:
+    return architecture_name(self.depth, self.width)
+
+  @nn.compact
+  def __call__(self, x, *, pre_logits: bool = False):
+    if self.depth not in BLOCKS:
+      raise BitError(f'Unknown depth {self.depth}: use one of {sorted(BLOCKS)}.')
+    if x.ndim != 4 or x.shape[-1] != 3 or min(x.shape[1:3]) < MIN_IMAGE_SIZE:
+      raise BitError(
+          f'ResNetV2 expects NHWC RGB images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, got shape {x.shape}.'
+      )
+    base = 64 * self.width
+    x = RootBlock(base, dtype=self.dtype, name='root_block')(x)
+    for b, units in enumerate(BLOCKS[self.depth], 1):
+      strides = (1, 1) if b == 1 else (2, 2)
+      x = ResidualBlock(units, base * 2 ** (b - 1), strides, dtype=self.dtype, name=f'block{b}')(x)
+    x = nn.relu(GroupNorm(dtype=self.dtype, name='norm_pre_head')(x))
+    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if pre_logits:
+      return features
+    head = nn.Dense(
+        self.num_classes, kernel_init=nn.initializers.zeros, dtype=jnp.float32, param_dtype=jnp.float32,
+        name='head',
+    )
+    return head(features)
+
+
+class RootBlock(nn.Module):
+  """7x7/2 standardized conv with symmetric zero padding, then a zero-padded VALID 3x3/2 max-pool."""
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = StdConv(self.features, (7, 7), (2, 2), dtype=self.dtype, name='conv_root')(fixed_padding(x, 3))
+    x = fixed_padding(x, 1)
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+
+
+def create_model(arch: str, num_classes: int, dtype: Any = jnp.float32) -> ResNetV2:
+  """A ResNetV2 for an architecture name such as 'R50x1'."""
+  depth, width = parse_architecture(arch)
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise BitError(f'num_classes must be a positive integer, got {num_classes!r}.')
+  return ResNetV2(depth=depth, width=width, num_classes=num_classes, dtype=dtype)
+
+
+def init_params(model: ResNetV2, seed: int = 0, image_size: int = 64):
+  """Randomly initialized float32 params (a plain nested dict); the head is zeros."""
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), images)
+  return jax.tree_util.tree_map(lambda a: a, dict(variables['params']))
+
+
+def param_shapes(model: ResNetV2):
+  """The param tree as jax.ShapeDtypeStructs, without allocating anything."""
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)['params']
+
+
+def count_params(tree) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
