@@ -5,6 +5,7 @@ The public API, re-exported lazily so `import bit` stays fast and does not pull 
   model, params = bit.load('BiT-M-R50x1', num_classes=10)
   logits = model.apply({'params': params}, images)     # NHWC float32 in [-1, 1]
 """
+
 import importlib
 
 __version__ = '0.1.0'
@@ -12,30 +13,33 @@ __version__ = '0.1.0'
 # name -> module that defines it. The modules behind bit.evaluate and bit.predict are named
 # evaluation.py and prediction.py so that importing them does not shadow the functions.
 _EXPORTS = {
-    # model
-    'ResNetV2': 'bit.models',
-    'create_model': 'bit.models',
-    'init_params': 'bit.models',
-    'ARCHITECTURES': 'bit.models',
-    'parse_architecture': 'bit.models',
-    # checkpoints
-    'load': 'bit.checkpoints',
-    'save_npz': 'bit.checkpoints',
-    'list_models': 'bit.checkpoints',
-    'download': 'bit.checkpoints',
-    'load_npz': 'bit.checkpoints',
-    # recipe
-    'hyperrule': 'bit',
-    # training and the workflow
-    'train_and_evaluate': 'bit.train',
-    'evaluate': 'bit.evaluation',
-    'predict': 'bit.prediction',
-    # errors
-    'BitError': 'bit.errors',
-    'CheckpointError': 'bit.errors',
-    'DownloadError': 'bit.errors',
-    'DataError': 'bit.errors',
-    'ConfigError': 'bit.errors',
+  # model
+  'ResNetV2': 'bit.models',
+  'create_model': 'bit.models',
+  'init_params': 'bit.models',
+  'ARCHITECTURES': 'bit.models',
+  'parse_architecture': 'bit.models',
+  # checkpoints
+  'load': 'bit.checkpoints',
+  'save_npz': 'bit.checkpoints',
+  'list_models': 'bit.checkpoints',
+  'download': 'bit.checkpoints',
+  'load_npz': 'bit.checkpoints',
+  'label_names': 'bit.checkpoints',
+  'cache_dir': 'bit.checkpoints',
+  'REGISTRY': 'bit.checkpoints',
+  # recipe
+  'hyperrule': 'bit',
+  # training and the workflow
+  'train_and_evaluate': 'bit.train',
+  'evaluate': 'bit.evaluation',
+  'predict': 'bit.prediction',
+  # errors
+  'BitError': 'bit.errors',
+  'CheckpointError': 'bit.errors',
+  'DownloadError': 'bit.errors',
+  'DataError': 'bit.errors',
+  'ConfigError': 'bit.errors',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,6 +13,7 @@ Numerics, as in the official BiT code:
 - Symmetric zero padding, then VALID convolutions (XLA's 'SAME' is asymmetric at stride 2) and a VALID
   max-pool after zero padding (flax's padded max_pool pads with -inf, BiT with zeros).
 """
+
 import functools
 import re
 from typing import Any
@@ -27,12 +28,12 @@ BLOCKS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36
 
 # The architectures of the released checkpoints.
 ARCHITECTURES = {
-    'R50x1': (50, 1),
-    'R50x3': (50, 3),
-    'R101x1': (101, 1),
-    'R101x3': (101, 3),
-    'R152x2': (152, 2),
-    'R152x4': (152, 4),
+  'R50x1': (50, 1),
+  'R50x3': (50, 3),
+  'R101x1': (101, 1),
+  'R101x3': (101, 3),
+  'R152x2': (152, 2),
+  'R152x4': (152, 4),
 }
 
 MAX_WIDTH = 4
@@ -44,8 +45,8 @@ def parse_architecture(name: str) -> tuple[int, int]:
   m = re.fullmatch(r'[Rr](\d+)[xX](\d+)', str(name).strip())
   if not m or int(m.group(1)) not in BLOCKS or not 1 <= int(m.group(2)) <= MAX_WIDTH:
     raise BitError(
-        f'Unknown architecture {name!r}: expected R<depth>x<width> with depth in '
-        f'{sorted(BLOCKS)} and width 1..{MAX_WIDTH}, e.g. R50x1 or R101x3.'
+      f'Unknown architecture {name!r}: expected R<depth>x<width> with depth in '
+      f'{sorted(BLOCKS)} and width 1..{MAX_WIDTH}, e.g. R50x1 or R101x3.'
     )
   return int(m.group(1)), int(m.group(2))
 
@@ -66,6 +67,51 @@ def fixed_padding(x: jax.Array, pad: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
 
+def _matmul_1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 1x1 convolution (stride already applied) as one (N*H*W, Cin) @ (Cin, Cout) matmul."""
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[-2:]))
+  return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
+
+
+@jax.custom_vjp
+def conv_1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A stride-1 1x1 convolution of NHWC `x` with a (1, 1, Cin, Cout) kernel, as a matmul.
+
+  The custom backward pass exists for speed on CPU: XLA runs the weight gradient of a 1x1 convolution
+  (and of the equivalent dot_general contracting N*H*W in place) at a fraction of the matmul peak; a
+  materialized transpose of the input followed by a plain (Cin, M) @ (M, Cout) matmul runs 3-5x faster.
+  """
+  return _matmul_1x1(x, kernel)
+
+
+def _conv_1x1_fwd(x, kernel):
+  return _matmul_1x1(x, kernel), (x, kernel)
+
+
+def _conv_1x1_bwd(res, dy):
+  x, kernel = res
+  cin, cout = kernel.shape[-2:]
+  dx = _matmul_1x1(dy, jnp.swapaxes(kernel, -1, -2))
+  # The barrier keeps XLA from folding the transpose back into the dot (the slow form).
+  xt = jax.lax.optimization_barrier(jnp.transpose(x.reshape(-1, cin)))
+  dw = jnp.dot(xt, dy.reshape(-1, cout)).reshape(kernel.shape)
+  return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+conv_1x1.defvjp(_conv_1x1_fwd, _conv_1x1_bwd)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1)) -> jax.Array:
+  """VALID NHWC x HWIO convolution; 1x1 kernels go through `conv_1x1` (a matmul)."""
+  if kernel.shape[:2] == (1, 1):
+    if strides != (1, 1):
+      x = x[:, :: strides[0], :: strides[1]]
+    return conv_1x1(x, kernel)
+  return jax.lax.conv_general_dilated(
+    x, kernel, window_strides=strides, padding='VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+
+
 class StdConv(nn.Module):
   """A bias-free convolution whose kernel is weight-standardized at every call."""
 
@@ -78,16 +124,10 @@ class StdConv(nn.Module):
   def __call__(self, x):
     kh, kw = self.kernel_size
     kernel = self.param(
-        'kernel', nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features), jnp.float32
+      'kernel', nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features), jnp.float32
     )
     kernel = standardize(kernel).astype(self.dtype)
-    return jax.lax.conv_general_dilated(
-        x.astype(self.dtype),
-        kernel,
-        window_strides=self.strides,
-        padding='VALID',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-    )
+    return conv2d(x.astype(self.dtype), kernel, self.strides)
 
 
 class GroupNorm(nn.Module):
@@ -181,7 +221,7 @@ class ResNetV2(nn.Module):
       raise BitError(f'Unknown depth {self.depth}: use one of {sorted(BLOCKS)}.')
     if x.ndim != 4 or x.shape[-1] != 3 or min(x.shape[1:3]) < MIN_IMAGE_SIZE:
       raise BitError(
-          f'ResNetV2 expects NHWC RGB images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, got shape {x.shape}.'
+        f'ResNetV2 expects NHWC RGB images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, got shape {x.shape}.'
       )
     base = 64 * self.width
     x = RootBlock(base, dtype=self.dtype, name='root_block')(x)
@@ -193,8 +233,11 @@ class ResNetV2(nn.Module):
     if pre_logits:
       return features
     head = nn.Dense(
-        self.num_classes, kernel_init=nn.initializers.zeros, dtype=jnp.float32, param_dtype=jnp.float32,
-        name='head',
+      self.num_classes,
+      kernel_init=nn.initializers.zeros,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      name='head',
     )
     return head(features)
 

@@ -1,4 +1,5 @@
 """The model: shapes, parameter counts, parity with an independent implementation, bad input."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,12 +11,12 @@ from bit.errors import BitError
 
 # Published parameter counts (millions) of the BiT models with a 1,000-class head (timm's model cards).
 KNOWN_PARAMS_M = {
-    'R50x1': 25.55,
-    'R50x3': 217.32,
-    'R101x1': 44.54,
-    'R101x3': 387.93,
-    'R152x2': 236.34,
-    'R152x4': 936.53,
+  'R50x1': 25.55,
+  'R50x3': 217.32,
+  'R101x1': 44.54,
+  'R101x3': 387.93,
+  'R152x2': 236.34,
+  'R152x4': 936.53,
 }
 
 # (fixture folder, depth, width, classes, seed) as in ../shared/parity/README.md
@@ -106,9 +107,9 @@ def _parity_case(data_dir, folder, depth, width, classes, seed):
 def test_parity_with_independent_implementation(data_dir, case):
   model, params, path = _parity_case(data_dir, *case)
   images = np.load(path / 'images.npy')
-  logits, feats = jax.jit(lambda p, x: (model.apply({'params': p}, x), model.apply({'params': p}, x, pre_logits=True)))(
-      params, images
-  )
+  logits, feats = jax.jit(
+    lambda p, x: (model.apply({'params': p}, x), model.apply({'params': p}, x, pre_logits=True))
+  )(params, images)
   np.testing.assert_allclose(np.asarray(logits), np.load(path / 'logits.npy'), atol=1e-4, rtol=0)
   np.testing.assert_allclose(np.asarray(feats), np.load(path / 'pre_logits.npy'), atol=1e-4, rtol=0)
 
