@@ -60,12 +60,14 @@ def test_head_is_zero_initialized(tiny):
   np.testing.assert_array_equal(model.apply({'params': params}, x), 0.0)
 
 
-@pytest.mark.parametrize('size', [32, 45, 64])
+@pytest.mark.parametrize('size', [32, 45])
 def test_output_shapes(tiny, size):
   model, params = tiny
   x = jnp.zeros((2, size, size, 3))
-  assert model.apply({'params': params}, x).shape == (2, 3)
-  feats = model.apply({'params': params}, x, pre_logits=True)
+  logits, feats = jax.jit(
+    lambda p, x: (model.apply({'params': p}, x), model.apply({'params': p}, x, pre_logits=True))
+  )(params, x)
+  assert logits.shape == (2, 3)
   assert feats.shape == (2, model.num_features) == (2, 2048)
 
 

@@ -1,0 +1,148 @@
+"""Benchmark of the training input pipeline: images/s from files to host batches (decode, resize, crop, flip,
+MixUp), without any model.
+
+  python -m bit.benchmark_data --folder ROOT        # an image folder ROOT/<split>/<class>/<image>
+  python -m bit.benchmark_data                      # generates real-size JPEGs in a temporary folder
+
+The last line printed is one JSON object with the result. `pipeline_images_per_sec(...)` is the same
+measurement as a number for other benchmark modules (`pipeline_benchmark(...)` gives the whole record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+
+def make_jpeg_folder(root, *, num_images=256, num_classes=4, size=(375, 500), seed=0):
+  """Writes `num_images` photo-like JPEGs of `size` (h, w) into root/train/<class>/ and returns root.
+
+  The images are smooth color fields with fine noise, so their file size and decode cost are close to real
+  photos (pure noise would compress far worse; flat colors far better).
+  """
+  from PIL import Image
+
+  root = pathlib.Path(root)
+  rng = np.random.default_rng(seed)
+  h, w = size
+  for i in range(num_images):
+    folder = root / 'train' / f'class{i % num_classes:03d}'
+    folder.mkdir(parents=True, exist_ok=True)
+    coarse = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
+    field = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
+    photo = np.clip(field + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(photo).save(folder / f'{i:05d}.jpg', quality=90)
+  return root
+
+
+def pipeline_benchmark(
+  folder=None,
+  *,
+  split='train',
+  global_batch_size=64,
+  resize=None,
+  crop=224,
+  steps=20,
+  warmup=3,
+  mixup_alpha=0.0,
+  num_images=256,
+  image_size=(375, 500),
+  seed=0,
+) -> dict:
+  """Measures the training pipeline on `folder` (generated in a temporary folder when None).
+
+  `resize` defaults to the project's training rule for the folder's typical image size and `crop`
+  (`hyperrule.train_resolution`). Returns a dict with `images_per_sec` (steady state, after `warmup`
+  batches) and the settings used.
+  """
+  from bit import data, hyperrule
+
+  with tempfile.TemporaryDirectory(prefix='bit_bench_data_') as tmp:
+    generated = folder is None
+    if generated:
+      folder = make_jpeg_folder(tmp, num_images=num_images, size=image_size, seed=seed)
+    info = data.get_info(str(folder), train_split=split, test_split=split)
+    if resize is None:
+      resize, crop = hyperrule.train_resolution(info.image_size, crop=crop)
+    it = data.train_iterator(
+      str(folder),
+      split=split,
+      global_batch_size=global_batch_size,
+      resize=resize,
+      crop=crop,
+      num_classes=info.num_classes,
+      mixup_alpha=mixup_alpha,
+      seed=seed,
+    )
+    for _ in range(warmup):
+      next(it)
+    start = time.perf_counter()
+    for _ in range(steps):
+      batch = next(it)
+    seconds = time.perf_counter() - start
+    assert batch['image'].shape == (global_batch_size, crop, crop, 3)
+  return {
+    'benchmark': 'input_pipeline',
+    'images_per_sec': round(steps * global_batch_size / seconds, 1),
+    'seconds': round(seconds, 3),
+    'steps': steps,
+    'batch_size': global_batch_size,
+    'resize': resize,
+    'crop': crop,
+    'mixup_alpha': mixup_alpha,
+    'folder': None if generated else str(folder),
+    'train_size': info.train_size,
+    'image_size': list(info.image_size),
+    'cpus': os.cpu_count(),
+  }
+
+
+def pipeline_images_per_sec(folder=None, **kwargs) -> float:
+  """The training pipeline's steady-state images/s on `folder`; keyword arguments as `pipeline_benchmark`."""
+  return pipeline_benchmark(folder, **kwargs)['images_per_sec']
+
+
+def main(argv=None):
+  """Command line entry: prints a summary line, then the result as one JSON object on the last line."""
+  p = argparse.ArgumentParser(
+    description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument('--folder', help='image folder ROOT/<split>/<class>/<image> (default: generate JPEGs)')
+  p.add_argument('--split', default='train')
+  p.add_argument('--batch-size', type=int, default=64)
+  p.add_argument('--resize', type=int, default=None, help='default: the training rule for the crop')
+  p.add_argument('--crop', type=int, default=224)
+  p.add_argument('--steps', type=int, default=20, help='timed batches')
+  p.add_argument('--warmup', type=int, default=3, help='untimed batches first')
+  p.add_argument('--mixup-alpha', type=float, default=0.0)
+  p.add_argument('--num-images', type=int, default=256, help='images to generate without --folder')
+  p.add_argument('--image-size', default='375x500', help='HxW of generated images')
+  args = p.parse_args(argv)
+  h, w = (int(x) for x in args.image_size.lower().split('x'))
+  result = pipeline_benchmark(
+    args.folder,
+    split=args.split,
+    global_batch_size=args.batch_size,
+    resize=args.resize,
+    crop=args.crop,
+    steps=args.steps,
+    warmup=args.warmup,
+    mixup_alpha=args.mixup_alpha,
+    num_images=args.num_images,
+    image_size=(h, w),
+  )
+  print(
+    f'input pipeline: {result["images_per_sec"]:.1f} images/s '
+    f'(batch {args.batch_size}, resize {result["resize"]}, crop {result["crop"]}, {result["cpus"]} CPUs)'
+  )
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main()

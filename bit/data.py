@@ -1,0 +1,386 @@
+"""The input pipeline: datasets (TFDS names or image folders), few-shot subsets, preprocessing, MixUp, and
+host batches for one process of a (possibly multi-host) run.
+
+A dataset spec is a TFDS name (`'cifar10'`, `'oxford_flowers102'`, `'name:1.2.0'`) or a path to an image folder
+`ROOT/<split>/<class>/<image>` (class order sorted by name; JPEG/PNG/BMP/GIF; grayscale and RGBA become RGB;
+unreadable files are logged by path and skipped). A dataset without a `test` split (tf_flowers, a folder with
+only `train/`) is divided by a stratified seeded holdout: 10% of each class is `test`, the rest `train`.
+
+Determinism: the example at global position p of the training stream (step s holds positions
+[s*B, (s+1)*B) of the global batch B) is a pure function of (seed, p): epoch e = p // N reads a seeded
+permutation of the N examples (`tf.random.experimental.index_shuffle`, so no shuffle buffer and a resume skips
+for free), and the crop and flip of p come from stateless ops seeded by (seed, p). The MixUp lambda of step s
+comes from (seed, s). So the stream is the same on 1 device or 8, and after a resume from any step. Each of
+several processes computes only its own slice [i*B_local, (i+1)*B_local) of every global batch and never
+decodes the others' images.
+
+TensorFlow is imported lazily (so `import bit` stays light) and kept off the GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+
+from bit import data_sources
+from bit.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# Independent random streams derived from the one seed of a run.
+_SHUFFLE, _CROP, _FLIP, _MIX_A, _MIX_B, _FEW_SHOT = range(1, 7)
+_TF_READY = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the hyper-rule and the model need to know about a dataset.
+
+  `train_size` counts the examples actually trained on (k x classes in a few-shot run); `image_size` is the
+  typical (h, w) of the training images (the median over the split or a sample of it). `holdout` is True when
+  train and test are the seeded 90/10 holdout of a dataset that has no test split.
+  """
+
+  name: str
+  num_classes: int
+  class_names: tuple[str, ...]
+  train_size: int
+  test_size: int
+  image_size: tuple[int, int]
+  holdout: bool = False
+
+
+def tf_hidden():
+  """Returns the tensorflow module, with TensorFlow kept off the GPUs (JAX owns them)."""
+  global _TF_READY
+  import tensorflow as tf
+
+  if not _TF_READY:
+    try:
+      tf.config.set_visible_devices([], 'GPU')
+    except RuntimeError:  # devices already initialized by someone else: nothing more we can do
+      pass
+    _TF_READY = True
+  return tf
+
+
+def few_shot_indices(labels, examples_per_class: int, seed: int = 0, num_classes: int | None = None):
+  """Returns sorted indices of `examples_per_class` examples of every class, drawn without replacement.
+
+  Drawn from the whole split (not from its first images), seeded by `seed`. DataError when a class has
+  fewer examples than asked for.
+  """
+  labels = np.asarray(labels)
+  k = int(examples_per_class)
+  if k <= 0:
+    raise ConfigError(f'examples_per_class must be a positive integer, got {examples_per_class!r}')
+  num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+  rng = np.random.default_rng([_seed(seed), _FEW_SHOT])
+  chosen = []
+  for c in range(num_classes):
+    idx = np.flatnonzero(labels == c)
+    if len(idx) < k:
+      raise DataError(
+        f'class {c} has only {len(idx)} training examples, fewer than examples_per_class={k}; '
+        'lower examples_per_class'
+      )
+    chosen.append(rng.choice(idx, size=k, replace=False))
+  return np.sort(np.concatenate(chosen))
+
+
+def _train_records(dataset, split, data_dir, examples_per_class, seed):
+  records = data_sources.load_split(dataset, split, data_dir)
+  if examples_per_class is not None:
+    records = records.subset(
+      few_shot_indices(records.labels, examples_per_class, seed, len(records.class_names))
+    )
+  return records
+
+
+def get_info(
+  dataset, *, train_split='train', test_split='test', data_dir=None, examples_per_class=None, seed=0
+) -> DatasetInfo:
+  """Returns the DatasetInfo of `dataset` (a TFDS name or an image folder path).
+
+  Sizes come from the data itself (the split as read, after the holdout and the few-shot draw), so the
+  hyper-rule works for any dataset.
+  """
+  train = _train_records(dataset, train_split, data_dir, examples_per_class, seed)
+  test = data_sources.load_split(dataset, test_split, data_dir)
+  return DatasetInfo(
+    name=str(dataset),
+    num_classes=len(train.class_names),
+    class_names=train.class_names,
+    train_size=len(train),
+    test_size=len(test),
+    image_size=train.image_size,
+    holdout=train.holdout or test.holdout,
+  )
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+
+def _seed(seed) -> int:
+  if int(seed) != seed or seed < 0:
+    raise ConfigError(f'seed must be a non-negative integer, got {seed!r}')
+  return int(seed)
+
+
+def _stream_key(seed: int, stream: int) -> int:
+  """A 63-bit key for one random stream of a run: the first half of every stateless seed pair."""
+  return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _local_batch(global_batch_size, process_index, process_count) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ConfigError(f'process_index={process_index} must be in [0, process_count={process_count})')
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ConfigError(
+      f'global_batch_size={global_batch_size} must be a positive multiple of the number of '
+      f'processes ({process_count})'
+    )
+  return global_batch_size // process_count
+
+
+def _decode(tf, raw, min_side: int):
+  """Decodes an encoded image to uint8 RGB (h, w, 3); big JPEGs are downscaled in the DCT while decoding.
+
+  The downscale (by 2, 4 or 8) never takes the short side below `min_side`, the size the image is resized to
+  next, so it only saves time on photos much larger than the model input.
+  """
+
+  def jpeg():
+    shape = tf.image.extract_jpeg_shape(raw)
+    short = tf.minimum(shape[0], shape[1])
+    k = tf.add_n([tf.cast(short // r >= min_side, tf.int32) for r in (2, 4, 8)])
+    branches = [lambda r=r: tf.io.decode_jpeg(raw, channels=3, ratio=r) for r in (1, 2, 4, 8)]
+    return tf.switch_case(k, branches)
+
+  def other():  # PNG, BMP, GIF (first frame); grayscale and RGBA become RGB
+    return tf.io.decode_image(raw, channels=3, expand_animations=False)
+
+  image = tf.cond(tf.io.is_jpeg(raw), jpeg, other)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _tensors(tf, records, num_classes):
+  if len(records) and records.labels.max() >= num_classes:
+    raise DataError(
+      f'{records.name!r} split {records.split!r} has label {records.labels.max()} but '
+      f'num_classes={num_classes}'
+    )
+  # From the object array itself: a fixed-width numpy bytes array would pad every image to the largest one.
+  return tf.constant(records.payload), tf.constant(records.labels)
+
+
+def train_iterator(
+  dataset,
+  *,
+  split,
+  global_batch_size,
+  resize,
+  crop,
+  num_classes,
+  mixup_alpha=0.0,
+  seed=0,
+  start_step=0,
+  examples_per_class=None,
+  data_dir=None,
+  process_index=0,
+  process_count=1,
+  per_example_mixup=False,
+):
+  """Returns an infinite iterator of this process's training batches, starting at step `start_step`.
+
+  Each batch is `{'image': float32 (B_local, crop, crop, 3) in [-1, 1], 'label': float32 (B_local,
+  num_classes)}` with B_local = global_batch_size // process_count. Per example: decode, resize to
+  `resize` x `resize` (bilinear), random crop `crop`, random horizontal flip, values to [-1, 1]. With
+  `mixup_alpha` > 0, one lambda ~ Beta(alpha, alpha) per batch (per example with `per_example_mixup`) mixes
+  each image and label with the batch reversed (the official MixUp; with several processes the pairs are
+  formed within each process's slice). The batch of step s is the same whatever `start_step` was.
+  """
+  seed = _seed(seed)
+  b_local = _local_batch(global_batch_size, process_index, process_count)
+  resize, crop = int(resize), int(crop)
+  if crop > resize:
+    raise ConfigError(
+      f'crop={crop} is larger than resize={resize}; the random crop must fit in the resized image'
+    )
+  if start_step < 0:
+    raise ConfigError(f'start_step must be >= 0, got {start_step}')
+  records = _train_records(dataset, split, data_dir, examples_per_class, seed)
+  tf = tf_hidden()
+  payload, labels = _tensors(tf, records, num_classes)
+  n, g, b = len(records), int(global_batch_size), b_local
+  shuffle_key, crop_key, flip_key = (_stream_key(seed, s) for s in (_SHUFFLE, _CROP, _FLIP))
+  mix_a, mix_b = _stream_key(seed, _MIX_A), _stream_key(seed, _MIX_B)
+  is_path = records.is_path
+
+  def position_index(q):
+    # q counts this process's examples; p is the example's position in the global stream.
+    q = tf.cast(q, tf.int64)
+    p = (q // b) * g + process_index * b + q % b
+    index = tf.random.experimental.index_shuffle(
+      p % n,
+      seed=tf.stack([tf.constant(shuffle_key, tf.int64), p // n]),
+      max_index=tf.constant(n - 1, tf.int64),
+    )
+    return p, index
+
+  def example(q):
+    p, index = position_index(q)
+    raw = tf.gather(payload, index)
+    image = _decode(tf, tf.io.read_file(raw) if is_path else raw, resize)
+    image = tf.image.resize(image, [resize, resize], method='bilinear')
+    image = tf.image.stateless_random_crop(
+      image, [crop, crop, 3], seed=tf.stack([tf.constant(crop_key, tf.int64), p])
+    )
+    image = tf.image.stateless_random_flip_left_right(
+      image, seed=tf.stack([tf.constant(flip_key, tf.int64), p])
+    )
+    return image / 127.5 - 1.0, tf.gather(labels, index), q
+
+  def finish(step, batch):
+    image, label, q = batch
+    label = tf.one_hot(label, num_classes, dtype=tf.float32)
+    if mixup_alpha > 0:
+      shape = [b] if per_example_mixup else []
+      g1 = tf.random.stateless_gamma(
+        shape, seed=tf.stack([tf.constant(mix_a, tf.int64), step]), alpha=float(mixup_alpha), dtype=tf.float64
+      )
+      g2 = tf.random.stateless_gamma(
+        shape, seed=tf.stack([tf.constant(mix_b, tf.int64), step]), alpha=float(mixup_alpha), dtype=tf.float64
+      )
+      # Beta(a, a) = G1 / (G1 + G2); float64 so tiny alphas do not underflow both gammas to zero.
+      lam = tf.cast(tf.where(g1 + g2 > 0, g1 / (g1 + g2), 0.5), tf.float32)
+      lam_image = tf.reshape(lam, [-1, 1, 1, 1]) if per_example_mixup else lam
+      lam_label = tf.reshape(lam, [-1, 1]) if per_example_mixup else lam
+      image = lam_image * image + (1.0 - lam_image) * tf.reverse(image, [0])
+      label = lam_label * label + (1.0 - lam_label) * tf.reverse(label, [0])
+    return {'image': image, 'label': label, 'q': q}
+
+  ds = tf.data.Dataset.counter(start=int(start_step) * b, dtype=tf.int64)
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # A file that passed the header check but fails to decode (truncated) is logged and skipped.
+  ds = ds.ignore_errors(log_warning=True)
+  ds = ds.batch(b, drop_remainder=True).enumerate(start=int(start_step))
+  ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+  first = int(start_step) * b
+  return _reported(_numpy(ds), first, lambda q: int(position_index(q)[1]), records)
+
+
+def eval_iterator(
+  dataset,
+  *,
+  split,
+  global_batch_size,
+  crop,
+  resize=None,
+  data_dir=None,
+  process_index=0,
+  process_count=1,
+  center_crop=False,
+):
+  """Returns a finite iterator over every example of `split` exactly once (over all processes).
+
+  Batches are `{'image': float32 (B_local, crop, crop, 3) in [-1, 1], 'label': int32 (B_local,),
+  'mask': bool (B_local,)}`; the last global batch is padded with zero images and mask False, so every
+  process yields the same number of same-shaped batches. Images are resized straight to `crop` (official);
+  with `center_crop=True` they are resized to `resize` and the central `crop` is taken.
+  """
+  b = _local_batch(global_batch_size, process_index, process_count)
+  crop = int(crop)
+  if center_crop:
+    if resize is None or int(resize) < crop:
+      raise ConfigError(f'center_crop needs resize >= crop, got resize={resize} crop={crop}')
+    resize = int(resize)
+  records = data_sources.load_split(dataset, split, data_dir)
+  tf = tf_hidden()
+  payload, labels = _tensors(tf, records, len(records.class_names))
+  n, g = len(records), int(global_batch_size)
+  num_batches = math.ceil(n / g)
+  is_path = records.is_path
+
+  def load(index):
+    raw = tf.gather(payload, index)
+    if not center_crop:
+      image = _decode(tf, tf.io.read_file(raw) if is_path else raw, crop)
+      return tf.image.resize(image, [crop, crop], method='bilinear')
+    image = _decode(tf, tf.io.read_file(raw) if is_path else raw, resize)
+    image = tf.image.resize(image, [resize, resize], method='bilinear')
+    top = (resize - crop) // 2
+    return image[top : top + crop, top : top + crop]
+
+  def example(q):
+    p = (q // b) * g + process_index * b + q % b
+    mask = p < n
+    index = tf.minimum(p, n - 1)
+    # Padding rows are never decoded: zero images (the middle of the value range) with mask False.
+    image = tf.cond(mask, lambda: load(index) / 127.5 - 1.0, lambda: tf.zeros([crop, crop, 3], tf.float32))
+    image.set_shape([crop, crop, 3])
+    label = tf.cast(tf.where(mask, tf.gather(labels, index), 0), tf.int32)
+    return {'image': image, 'label': label, 'mask': mask, 'q': q}
+
+  ds = tf.data.Dataset.range(num_batches * b)
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(
+    log_warning=True
+  )
+  ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
+
+  def position_index(q):
+    return min((q // b) * g + process_index * b + q % b, n - 1)
+
+  return _padded(_reported(_numpy(ds), 0, position_index, records, num_batches * b), num_batches, b, crop)
+
+
+def _numpy(ds):
+  for batch in ds.as_numpy_iterator():
+    yield batch
+
+
+def _reported(batches, first, position_index, records, end=None):
+  """Drops the bookkeeping field 'q' and logs, by path, every example the pipeline skipped.
+
+  tf.data's ignore_errors drops an image that passed the header check but does not decode (a truncated
+  file) without saying which; the gap in the running example counter q tells.
+  """
+  expected = first
+  for batch in batches:
+    q = batch.pop('q')
+    for missing in np.setdiff1d(np.arange(expected, q[-1] + 1), q):
+      _log_skipped(records, position_index(int(missing)))
+    expected = int(q[-1]) + 1
+    yield batch
+  for missing in range(expected, expected if end is None else end):
+    _log_skipped(records, position_index(missing))
+
+
+def _log_skipped(records, index):
+  where = records.payload[index] if records.is_path else f'record {index} of split {records.split!r}'
+  log.warning('skipped an image that could not be decoded: %s (%s)', where, records.name)
+
+
+def _padded(batches, num_batches, b, crop):
+  """Yields exactly `num_batches` batches of `b` rows: short ones (a skipped corrupt file) are padded."""
+  count = 0
+  for batch in batches:
+    rows = len(batch['mask'])
+    if rows < b:
+      batch = {
+        'image': np.concatenate([batch['image'], np.zeros((b - rows, crop, crop, 3), np.float32)]),
+        'label': np.concatenate([batch['label'], np.zeros(b - rows, np.int32)]),
+        'mask': np.concatenate([batch['mask'], np.zeros(b - rows, bool)]),
+      }
+    count += 1
+    yield batch
+  for _ in range(num_batches - count):
+    yield {
+      'image': np.zeros((b, crop, crop, 3), np.float32),
+      'label': np.zeros(b, np.int32),
+      'mask': np.zeros(b, bool),
+    }

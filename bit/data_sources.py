@@ -1,0 +1,344 @@
+"""Where examples come from: TFDS datasets and image folders, as index-addressable splits.
+
+A split is read once per process into a `Records`: the labels and, per example, either the encoded image
+bytes (TFDS) or the file path (image folders). The input pipeline in `bit.data` then reads any example by
+index, which makes the stream a pure function of (seed, position) and a resume skip free.
+
+Datasets without a `test` split (tf_flowers, a folder with only `train/`) are divided by a stratified,
+seeded holdout: `HOLDOUT_FRACTION` of each class becomes `test`, the rest `train`. The holdout seed is a
+constant so every run sees the same test set.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import pathlib
+import threading
+
+import numpy as np
+
+from bit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_SEED = 0
+# Extensions of the formats tf.io.decode_image reads (MPO is the multi-picture JPEG of many cameras).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+DECODABLE_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'GIF')
+# Images whose header gives the typical size of a dataset with images of varying size.
+SIZE_SAMPLE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+  """One split, addressable by index."""
+
+  name: str
+  split: str
+  labels: np.ndarray  # int64 (N,)
+  payload: np.ndarray  # object (N,): encoded bytes (TFDS) or str paths (folders)
+  is_path: bool
+  class_names: tuple[str, ...]
+  image_size: tuple[int, int]  # typical (h, w): the median over the split or a sample of it
+  holdout: bool = False  # True when this split is one side of the seeded holdout
+
+  def __len__(self):
+    return len(self.labels)
+
+  def subset(self, indices) -> Records:
+    indices = np.asarray(indices, np.int64)
+    return dataclasses.replace(self, labels=self.labels[indices], payload=self.payload[indices])
+
+
+_CACHE: dict = {}
+_LOCK = threading.RLock()
+
+
+def clear_cache():
+  """Forgets the splits read so far (they are kept in memory for the life of the process)."""
+  with _LOCK:
+    _CACHE.clear()
+
+
+def is_folder(dataset: str) -> bool:
+  """True when the dataset spec names an image folder rather than a TFDS dataset."""
+  dataset = os.fspath(dataset)
+  if os.path.isdir(os.path.expanduser(dataset)):
+    return True
+  if dataset.startswith(('/', './', '../', '~')) or os.path.exists(dataset):
+    raise DataError(
+      f'image folder {dataset!r} does not exist or is not a folder; give a folder ROOT/<split>/<class>/<image> '
+      'or a TFDS dataset name such as cifar10'
+    )
+  return False
+
+
+def load_split(dataset, split: str, data_dir=None) -> Records:
+  """Returns the split `split` of `dataset` (TFDS name or folder path), applying the holdout if needed."""
+  dataset = os.fspath(dataset)
+  key = (dataset, split, None if data_dir is None else os.fspath(data_dir))
+  with _LOCK:
+    if key in _CACHE:
+      return _CACHE[key]
+  if is_folder(dataset):
+    splits = _folder_split_names(dataset)
+    reader = lambda s: _read_folder(dataset, s)  # noqa: E731
+  else:
+    builder = _tfds_builder(dataset, data_dir)
+    splits = tfds_split_names(builder)
+    reader = lambda s: _read_tfds(builder, dataset, s)  # noqa: E731
+
+  def read(s):  # both sides of a holdout come from one read of the train split
+    raw_key = ('raw',) + key[:1] + (s,) + key[2:]
+    with _LOCK:
+      if raw_key not in _CACHE:
+        _CACHE[raw_key] = reader(s)
+      return _CACHE[raw_key]
+
+  # TFDS mock data (and unprepared metadata) has no split list: then every split is taken as it is.
+  if split in ('train', 'test') and splits and 'train' in splits and 'test' not in splits:
+    records = _holdout(read('train'), split)
+  else:
+    if splits and _base_split(split) not in splits:
+      raise DataError(f'dataset {dataset!r} has no split {split!r}; its splits are {sorted(splits)}')
+    records = read(split)
+  with _LOCK:
+    _CACHE[key] = records
+  return records
+
+
+def _base_split(split: str) -> str:
+  return split.split('[')[0].split('+')[0].strip()
+
+
+def holdout_indices(labels, fraction=HOLDOUT_FRACTION, seed=HOLDOUT_SEED):
+  """Returns (train_indices, test_indices): a stratified seeded holdout of `fraction` of each class."""
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  train, test = [], []
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    n_test = int(round(len(idx) * fraction))
+    test.append(idx[:n_test])
+    train.append(idx[n_test:])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _holdout(records: Records, split: str) -> Records:
+  train, test = holdout_indices(records.labels)
+  part = records.subset(train if split == 'train' else test)
+  part = dataclasses.replace(part, split=split, holdout=True)
+  if not len(part):
+    raise DataError(
+      f'the seeded {HOLDOUT_FRACTION:.0%} holdout of {records.name!r} split {records.split!r} '
+      f'leaves no {split!r} examples ({len(records)} in all); add a {split}/ split'
+    )
+  log.info(
+    '%s has no test split: its %s split is the seeded %.0f%% holdout side of train (%d train, %d test)',
+    records.name,
+    split,
+    100 * HOLDOUT_FRACTION,
+    len(train),
+    len(test),
+  )
+  return part
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+
+def _folder_split_names(root) -> list[str]:
+  root = pathlib.Path(root).expanduser()
+  return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+
+
+def folder_class_names(root) -> list[str]:
+  """Sorted union of the class folder names over every split of `root` (the TFDS ImageFolder order)."""
+  root = pathlib.Path(root).expanduser()
+  names = set()
+  for split in _folder_split_names(root):
+    names.update(p.name for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith('.'))
+  return sorted(names)
+
+
+def _probe(path):
+  """Returns (h, w) of a decodable image, or the reason it cannot be used (a string)."""
+  from PIL import Image
+
+  try:
+    with Image.open(path) as im:
+      if im.format not in DECODABLE_FORMATS:
+        return f'format {im.format} is not one of JPEG/PNG/BMP/GIF'
+      w, h = im.size
+      return (h, w)
+  except Exception as e:  # noqa: BLE001 - any failure means the file cannot be used
+    return f'{type(e).__name__}: {e}'
+
+
+def _read_folder(root, split: str) -> Records:
+  root = pathlib.Path(root).expanduser()
+  split_dir = root / split
+  if not split_dir.is_dir():
+    raise DataError(
+      f'image folder {str(root)!r} has no split folder {split!r}; its splits are {_folder_split_names(root)}'
+    )
+  class_names = folder_class_names(root)
+  present = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith('.'))
+  if not present:
+    raise DataError(
+      f'split folder {str(split_dir)!r} has no class folders; expected {split_dir}/<class>/<image>'
+    )
+  paths, labels = [], []
+  for name in present:
+    files = sorted(
+      p for p in (split_dir / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+      raise DataError(
+        f'class folder {str(split_dir / name)!r} holds no images ({"/".join(IMAGE_EXTENSIONS)}); '
+        'add images or remove the folder'
+      )
+    paths += [str(f) for f in files]
+    labels += [class_names.index(name)] * len(files)
+  # Reading the headers finds files that are not images (or not a format TensorFlow decodes) before the run
+  # and gives the sizes; threads because this is file I/O.
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    probes = list(pool.map(_probe, paths))
+  keep, sizes = [], []
+  for i, p in enumerate(probes):
+    if isinstance(p, str):
+      log.warning('skipping unreadable image %s (%s)', paths[i], p)
+    else:
+      keep.append(i)
+      sizes.append(p)
+  if not keep:
+    raise DataError(f'split folder {str(split_dir)!r} has no readable images')
+  skipped = len(paths) - len(keep)
+  if skipped:
+    log.warning('%d unreadable file(s) skipped in %s', skipped, split_dir)
+  sizes = np.array(sizes)
+  return Records(
+    name=str(root),
+    split=split,
+    labels=np.array(labels, np.int64)[keep],
+    payload=np.array(paths, dtype=object)[keep],
+    is_path=True,
+    class_names=tuple(class_names),
+    image_size=(int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))),
+  )
+
+
+# ---------------------------------------------------------------------------------------------- TFDS
+
+
+def _tfds_builder(name, data_dir):
+  from bit.data import tf_hidden
+
+  tf_hidden()
+  import tensorflow_datasets as tfds
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # noqa: BLE001 - TFDS raises several types for an unknown name
+    raise DataError(f'{name!r} is neither an image folder nor a TFDS dataset ({e})') from e
+  for key in ('image', 'label'):
+    if key not in builder.info.features:
+      raise DataError(
+        f'TFDS dataset {name!r} has no {key!r} feature (features: {list(builder.info.features)}); '
+        'only image classification datasets with image and label features are supported'
+      )
+  try:
+    # Like tfds.load: prepare on first use (imagenet2012 needs its files in <data_dir>/downloads/manual).
+    builder.download_and_prepare()
+  except Exception as e:  # noqa: BLE001
+    raise DataError(f'could not download and prepare TFDS dataset {name!r} in {builder.data_dir}: {e}') from e
+  return builder
+
+
+def tfds_split_names(builder) -> list[str]:
+  """The splits a TFDS builder declares (empty when its metadata is unknown, as under mock data)."""
+  return list(builder.info.splits.keys())
+
+
+def _read_tfds(builder, name, split: str) -> Records:
+  import tensorflow_datasets as tfds
+
+  features = builder.info.features
+  try:
+    num_bytes = builder.info.splits[split].num_bytes
+  except Exception:  # noqa: BLE001 - no metadata (mock data) or a split string TFDS cannot size
+    num_bytes = 0
+  if num_bytes > 16e9:
+    log.warning(
+      '%s split %s holds %.0f GB of encoded images and is read into memory; make sure the host has '
+      'the RAM (or fine-tune on a subset, e.g. split "train[:20%%]")',
+      name,
+      split,
+      num_bytes / 1e9,
+    )
+  # Keep every image encoded: decoding happens per example in the pipeline (and a segmentation mask
+  # would otherwise be decoded for nothing).
+  decoders = {
+    k: tfds.decode.SkipDecoding() for k, f in features.items() if isinstance(f, tfds.features.Image)
+  }
+  try:
+    ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+  except Exception as e:  # noqa: BLE001
+    raise DataError(f'TFDS dataset {name!r} cannot read split {split!r}: {e}') from e
+  ds = ds.map(lambda ex: (ex['image'], ex['label'])).batch(1024)
+  images, labels = [], []
+  for im, lab in ds.as_numpy_iterator():
+    images.extend(im.tolist())
+    labels.append(lab)
+  if not images:
+    raise DataError(f'split {split!r} of TFDS dataset {name!r} is empty')
+  labels = np.concatenate(labels).astype(np.int64)
+  label_feature = features['label']
+  class_names = tuple(getattr(label_feature, 'names', None) or [str(i) for i in range(labels.max() + 1)])
+  payload = np.empty(len(images), dtype=object)
+  payload[:] = images
+  log.info(
+    'read %s split %s: %d examples, %.1f MB encoded',
+    name,
+    split,
+    len(images),
+    sum(len(b) for b in images) / 1e6,
+  )
+  shape = features['image'].shape
+  if shape[0] is not None and shape[1] is not None:
+    image_size = (int(shape[0]), int(shape[1]))
+  else:
+    image_size = _typical_size_of_bytes(payload)
+  return Records(
+    name=name,
+    split=split,
+    labels=labels,
+    payload=payload,
+    is_path=False,
+    class_names=class_names,
+    image_size=image_size,
+  )
+
+
+def _typical_size_of_bytes(payload) -> tuple[int, int]:
+  import io
+
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  sample = rng.choice(len(payload), size=min(SIZE_SAMPLE, len(payload)), replace=False)
+  sizes = []
+  for i in sample:
+    try:
+      with Image.open(io.BytesIO(payload[i])) as im:
+        sizes.append(im.size[::-1])
+    except Exception:  # noqa: BLE001,S112 - a bad record is reported when the pipeline decodes it
+      continue
+  if not sizes:
+    raise DataError('no image of the dataset sample could be read to find the typical image size')
+  sizes = np.array(sizes)
+  return int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))

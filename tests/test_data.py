@@ -1,0 +1,343 @@
+"""The input pipeline on generated image folders and on tfds.testing.mock_data."""
+
+import io
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bit import data, data_sources
+from bit.errors import DataError
+
+# Created in this order on purpose: the labels must follow the sorted names, not the creation order.
+CLASSES = {'zebra': 2, 'apple': 0, 'mango': 1}
+COLORS = {0: (220, 30, 30), 1: (30, 220, 30), 2: (30, 30, 220)}  # label -> dominant RGB
+TRAIN_PER_CLASS, TEST_PER_CLASS = 6, 5
+
+
+def _photo(rng, label, h, w):
+  base = np.array(COLORS[label], np.int16)
+  noise = rng.integers(-20, 20, (h, w, 3))
+  return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+  data_sources.clear_cache()
+  yield
+  data_sources.clear_cache()
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  """ROOT/{train,test}/<class>/: colored JPEGs of varying size; train also holds the awkward files."""
+  root = tmp_path_factory.mktemp('folder')
+  rng = np.random.default_rng(0)
+  for name, label in CLASSES.items():
+    for split, count in (('train', TRAIN_PER_CLASS), ('test', TEST_PER_CLASS)):
+      (root / split / name).mkdir(parents=True)
+      for i in range(count):
+        _photo(rng, label, 40 + 4 * i, 48).save(root / split / name / f'{i}.jpg')
+  apple = root / 'train' / 'apple'
+  Image.fromarray(np.full((40, 40), 77, np.uint8), 'L').save(apple / 'gray.png')
+  rgba = np.zeros((40, 40, 4), np.uint8)
+  rgba[..., 0], rgba[..., 3] = 200, 255
+  Image.fromarray(rgba, 'RGBA').save(apple / 'rgba.png')
+  _photo(rng, 0, 36, 36).save(apple / 'x.bmp')
+  _photo(rng, 0, 36, 36).save(apple / 'x.gif')
+  (apple / 'corrupt.jpg').write_bytes(b'this is not an image')
+  (apple / 'notes.txt').write_text('ignored: not an image extension')
+  return root
+
+
+TRAIN_READABLE = 3 * TRAIN_PER_CLASS + 4  # the corrupt file is skipped
+
+
+@pytest.fixture(scope='module')
+def asym(tmp_path_factory):
+  """One class of images dark on the left, bright on the right: a flip is visible."""
+  root = tmp_path_factory.mktemp('asym')
+  (root / 'train' / 'only').mkdir(parents=True)
+  for i in range(8):
+    im = np.zeros((32, 32, 3), np.uint8)
+    im[:, 16:] = 250
+    im[:, :16] = 5 + i
+    Image.fromarray(im).save(root / 'train' / 'only' / f'{i}.png')
+  return root
+
+
+def _train(ds, **kw):
+  args = dict(split='train', global_batch_size=8, resize=40, crop=32, num_classes=3)
+  args.update(kw)
+  return data.train_iterator(ds, **args)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_get_info_folder(folder, caplog):
+  with caplog.at_level(logging.WARNING):
+    info = data.get_info(str(folder))
+  assert info.class_names == ('apple', 'mango', 'zebra') and info.num_classes == 3
+  assert info.train_size == TRAIN_READABLE and info.test_size == 3 * TEST_PER_CLASS
+  assert not info.holdout
+  assert 40 <= info.image_size[0] <= 60 and info.image_size[1] in (40, 48)
+  # The corrupt file is reported by its path, and the run goes on.
+  assert str(folder / 'train' / 'apple' / 'corrupt.jpg') in caplog.text
+
+
+def test_train_batches_shape_range_labels(folder):
+  batches = _take(_train(str(folder)), 4)
+  for b in batches:
+    assert b['image'].shape == (8, 32, 32, 3) and b['image'].dtype == np.float32
+    assert b['label'].shape == (8, 3) and b['label'].dtype == np.float32
+    assert b['image'].min() >= -1.0 and b['image'].max() <= 1.0
+    np.testing.assert_array_equal(b['label'].sum(1), 1.0)
+  # 32 examples cover all 22 train images at least once: every class shows up.
+  labels = np.concatenate([b['label'].argmax(1) for b in batches])
+  assert set(labels) == {0, 1, 2}
+
+
+def test_eval_covers_split_labels_follow_sorted_folders(folder):
+  batches = list(data.eval_iterator(str(folder), split='test', global_batch_size=4, crop=32))
+  assert len(batches) == 4  # 15 examples -> 4 batches, the last padded
+  for b in batches:
+    assert b['image'].shape == (4, 32, 32, 3) and b['label'].dtype == np.int32 and b['mask'].dtype == bool
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert mask.sum() == 3 * TEST_PER_CLASS and not mask[-1]
+  labels = np.concatenate([b['label'] for b in batches])[mask]
+  assert np.bincount(labels).tolist() == [TEST_PER_CLASS] * 3
+  # The image content says which folder it came from: its dominant color.
+  images = np.concatenate([b['image'] for b in batches])[mask]
+  np.testing.assert_array_equal(images.mean(axis=(1, 2)).argmax(1), labels)
+  padded = np.concatenate([b['image'] for b in batches])[~mask]
+  assert np.all(padded == 0)
+
+
+def test_eval_decodes_gray_rgba_bmp_gif_as_rgb(folder):
+  batches = list(data.eval_iterator(str(folder), split='train', global_batch_size=8, crop=32))
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert mask.sum() == TRAIN_READABLE
+  images = np.concatenate([b['image'] for b in batches])[mask]
+  gray = 77 / 127.5 - 1
+  assert np.any(np.all(np.abs(images - gray) < 1e-5, axis=(1, 2, 3)))  # the grayscale PNG, on 3 channels
+  red = np.array([200, 0, 0]) / 127.5 - 1
+  assert np.any(np.all(np.abs(images - red) < 1e-5, axis=(1, 2, 3)))  # the RGBA PNG, alpha dropped
+
+
+@pytest.mark.parametrize('global_batch', [4, 8])
+def test_eval_two_processes_cover_every_example_once(folder, global_batch):
+  single = list(data.eval_iterator(str(folder), split='test', global_batch_size=global_batch, crop=32))
+  parts = [
+    list(
+      data.eval_iterator(
+        str(folder), split='test', global_batch_size=global_batch, crop=32, process_index=i, process_count=2
+      )
+    )
+    for i in range(2)
+  ]
+  assert len(parts[0]) == len(parts[1]) == len(single)  # same number of batches on every process
+  union = np.concatenate([b['mask'] for p in parts for b in p])
+  assert union.sum() == 3 * TEST_PER_CLASS
+  for s, b0, b1 in zip(single, *parts, strict=True):
+    assert b0['image'].shape == (global_batch // 2, 32, 32, 3)
+    np.testing.assert_array_equal(np.concatenate([b0['label'], b1['label']]), s['label'])
+    np.testing.assert_array_equal(np.concatenate([b0['mask'], b1['mask']]), s['mask'])
+
+
+def test_eval_center_crop_option(folder):
+  b = next(
+    data.eval_iterator(str(folder), split='test', global_batch_size=4, crop=32, resize=40, center_crop=True)
+  )
+  assert b['image'].shape == (4, 32, 32, 3) and b['mask'].all()
+
+
+def test_resume_gives_the_same_batches(folder):
+  full = _take(_train(str(folder), mixup_alpha=0.2), 5)
+  resumed = _take(_train(str(folder), mixup_alpha=0.2, start_step=3), 2)
+  for a, b in zip(full[3:], resumed, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  other_seed = _take(_train(str(folder), mixup_alpha=0.2, seed=1), 1)[0]
+  assert not np.array_equal(other_seed['image'], full[0]['image'])
+
+
+def test_two_processes_read_their_slices_of_the_global_batch(folder):
+  whole = _take(_train(str(folder), global_batch_size=8, start_step=2), 2)
+  parts = [
+    _take(_train(str(folder), global_batch_size=8, start_step=2, process_index=i, process_count=2), 2)
+    for i in range(2)
+  ]
+  for step in range(2):
+    assert parts[0][step]['image'].shape == (4, 32, 32, 3)
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(
+        np.concatenate([parts[0][step][key], parts[1][step][key]]), whole[step][key]
+      )
+
+
+def test_epoch_is_a_permutation(folder):
+  # 22 examples, 11 batches of 2: the first 22 positions are each train image exactly once.
+  labels = np.concatenate([b['label'].argmax(1) for b in _take(_train(str(folder), global_batch_size=2), 11)])
+  assert np.bincount(labels).tolist() == [TRAIN_PER_CLASS + 4, TRAIN_PER_CLASS, TRAIN_PER_CLASS]
+
+
+def test_flip_is_random(asym):
+  batch = _take(_train(str(asym), global_batch_size=32, resize=32, crop=32, num_classes=1), 1)[0]
+  left, right = batch['image'][:, :, :16].mean((1, 2, 3)), batch['image'][:, :, 16:].mean((1, 2, 3))
+  flipped = int(np.sum(left > right))
+  assert np.all(np.abs(left - right) > 1.0)  # every image is either as stored or mirrored
+  assert 0 < flipped < 32, flipped
+
+
+def test_mixup_mixes_images_and_labels_with_the_batch_reversed(folder):
+  plain = _take(_train(str(folder), global_batch_size=16), 3)
+  mixed = _take(_train(str(folder), global_batch_size=16, mixup_alpha=0.4), 3)
+  fractional = 0
+  for p, m in zip(plain, mixed, strict=True):
+    np.testing.assert_allclose(m['label'].sum(1), 1.0, rtol=1e-6)
+    assert m['image'].min() >= -1.0 and m['image'].max() <= 1.0
+    y, y_rev = p['label'].argmax(1), p['label'][::-1].argmax(1)
+    i = int(np.flatnonzero(y != y_rev)[0])
+    lam = m['label'][i, y[i]]  # one lambda for the whole batch
+    np.testing.assert_allclose(m['label'], lam * p['label'] + (1 - lam) * p['label'][::-1], atol=1e-6)
+    np.testing.assert_allclose(m['image'], lam * p['image'] + (1 - lam) * p['image'][::-1], atol=1e-5)
+    fractional += int(0.001 < lam < 0.999)
+  assert fractional >= 1
+
+
+def test_per_example_mixup(folder):
+  b = _take(_train(str(folder), global_batch_size=16, mixup_alpha=1.0, per_example_mixup=True), 1)[0]
+  np.testing.assert_allclose(b['label'].sum(1), 1.0, rtol=1e-6)
+  top = b['label'].max(1)
+  assert len(np.unique(np.round(top, 5))) > 2  # lambdas differ between examples
+
+
+def test_few_shot_counts_and_determinism(folder):
+  info = data.get_info(str(folder), examples_per_class=2, seed=3)
+  assert info.train_size == 6 and info.test_size == 3 * TEST_PER_CLASS
+  labels = np.array([0] * 10 + [1] * 7 + [2] * 30)
+  a = data.few_shot_indices(labels, 5, seed=1)
+  assert np.bincount(labels[a]).tolist() == [5, 5, 5] and len(set(a)) == 15
+  np.testing.assert_array_equal(a, data.few_shot_indices(labels, 5, seed=1))
+  assert not np.array_equal(a, data.few_shot_indices(labels, 5, seed=2))
+  # Drawn from the whole split, not only its beginning.
+  draws = np.concatenate([data.few_shot_indices(labels, 5, seed=s) for s in range(20)])
+  assert draws[labels[draws] == 2].max() > 40
+  with pytest.raises(DataError, match='class 1 has only 7'):
+    data.few_shot_indices(labels, 8)
+  # The training stream only ever shows the few-shot examples.
+  it = _train(str(folder), examples_per_class=1, seed=3)
+  seen = np.concatenate([b['image'].mean((1, 2, 3)) for b in _take(it, 2)])
+  assert len(np.unique(np.round(seen, 4))) <= 16  # 3 images x (crop, flip) variants at most 16 distinct
+
+
+def test_holdout_when_there_is_no_test_split(tmp_path):
+  rng = np.random.default_rng(1)
+  for name, label in CLASSES.items():
+    (tmp_path / 'train' / name).mkdir(parents=True)
+    for i in range(20):
+      _photo(rng, label, 32, 32).save(tmp_path / 'train' / name / f'{i}.png')
+  info = data.get_info(str(tmp_path))
+  assert info.holdout and info.train_size == 54 and info.test_size == 6
+  train = data_sources.load_split(str(tmp_path), 'train')
+  test = data_sources.load_split(str(tmp_path), 'test')
+  assert not set(train.payload) & set(test.payload)
+  assert np.bincount(test.labels).tolist() == [2, 2, 2]  # stratified
+  data_sources.clear_cache()
+  assert set(data_sources.load_split(str(tmp_path), 'test').payload) == set(test.payload)  # fixed seed
+  mask = np.concatenate(
+    [b['mask'] for b in data.eval_iterator(str(tmp_path), split='test', global_batch_size=4, crop=32)]
+  )
+  assert mask.sum() == 6
+
+
+def test_truncated_image_is_skipped_and_reported(tmp_path, caplog):
+  rng = np.random.default_rng(2)
+  (tmp_path / 'test' / 'a').mkdir(parents=True)
+  for i in range(5):
+    _photo(rng, 0, 40, 40).save(tmp_path / 'test' / 'a' / f'{i}.jpg')
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(buf, 'JPEG')
+  (tmp_path / 'test' / 'a' / 'trunc.jpg').write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+  with caplog.at_level(logging.WARNING):
+    batches = list(data.eval_iterator(str(tmp_path), split='test', global_batch_size=4, crop=32))
+  assert len(batches) == 2 and all(b['image'].shape == (4, 32, 32, 3) for b in batches)
+  assert sum(b['mask'].sum() for b in batches) == 5
+  assert 'trunc.jpg' in caplog.text
+
+
+def test_folder_errors(tmp_path):
+  (tmp_path / 'train' / 'a').mkdir(parents=True)
+  (tmp_path / 'train' / 'empty').mkdir()
+  Image.new('RGB', (32, 32)).save(tmp_path / 'train' / 'a' / '0.png')
+  with pytest.raises(DataError, match=r'train/empty.*holds no images'):
+    data.get_info(str(tmp_path))
+  (tmp_path / 'test').mkdir()
+  (tmp_path / 'train' / 'empty').rmdir()
+  with pytest.raises(DataError, match=r'test.*no class folders'):
+    data.get_info(str(tmp_path))
+  with pytest.raises(DataError, match=r"no split 'validation'.*\['test', 'train'\]"):
+    data_sources.load_split(str(tmp_path), 'validation')
+  with pytest.raises(DataError, match='does not exist'):
+    data.get_info(str(tmp_path / 'missing'))
+
+
+def test_tfds_mock_cifar10():
+  tfds = pytest.importorskip('tensorflow_datasets')
+  with tfds.testing.mock_data(num_examples=10):
+    info = data.get_info('cifar10')
+    assert info.num_classes == 10 and info.image_size == (32, 32)
+    assert info.train_size == 10 and info.test_size == 10
+    b = next(
+      data.train_iterator('cifar10', split='train', global_batch_size=4, resize=40, crop=32, num_classes=10)
+    )
+    assert b['image'].shape == (4, 32, 32, 3) and b['label'].shape == (4, 10)
+    assert b['image'].min() >= -1 and b['image'].max() <= 1
+    batches = list(data.eval_iterator('cifar10', split='test', global_batch_size=4, crop=32))
+    assert len(batches) == 3 and sum(b['mask'].sum() for b in batches) == 10
+
+
+def test_tfds_mock_tf_flowers_single_split_holdout(monkeypatch):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  # Mock data carries no split list; tf_flowers really has only 'train'.
+  monkeypatch.setattr(data_sources, 'tfds_split_names', lambda builder: ['train'])
+  with tfds.testing.mock_data(num_examples=40):
+    info = data.get_info('tf_flowers')
+    assert info.holdout and info.num_classes == 5
+    assert info.train_size + info.test_size == 40 and info.test_size >= 1
+    assert info.image_size[0] > 0 and info.image_size[1] > 0
+    b = next(
+      data.train_iterator('tf_flowers', split='train', global_batch_size=4, resize=48, crop=32, num_classes=5)
+    )
+    assert b['image'].shape == (4, 32, 32, 3)
+    with pytest.raises(DataError, match='no split'):
+      data.get_info('tf_flowers', test_split='validation')
+
+
+def test_benchmark_prints_json_last(capsys):
+  import json
+
+  from bit import benchmark_data
+
+  benchmark_data.main(
+    [
+      '--steps',
+      '2',
+      '--warmup',
+      '1',
+      '--batch-size',
+      '4',
+      '--num-images',
+      '12',
+      '--image-size',
+      '48x64',
+      '--crop',
+      '32',
+    ]
+  )
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  result = json.loads(last)
+  assert result['images_per_sec'] > 0 and result['crop'] == 32 and result['resize'] == 160
