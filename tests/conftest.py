@@ -1,5 +1,6 @@
 """Test set-up: four virtual CPU devices for the whole session (multi-device tests use them; single-device
 tests use the first), TensorFlow kept off accelerators and quiet."""
+
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')

@@ -1,0 +1,378 @@
+"""Evaluation over a whole split: top-1, top-5, per-class accuracy and the confusion matrix.
+
+  result = bit.evaluate(model, params, 'cifar10', split='test', crop=128)
+  result['top1'], result['top5'], result['per_class_accuracy'], result['confusion']
+
+Every example of the split counts exactly once: `bit.data.eval_iterator` pads the last batch and marks the
+padding with mask False, and the batch shape never changes, so the jitted step compiles once.
+`evaluate_batches` is the same computation over any iterable of batches (the training loop can reuse it);
+`write_report` writes the confusion matrix as CSV and PNG into a workdir.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import math
+import os
+import pathlib
+import re
+import tempfile
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bit.errors import BitError, DataError
+
+DEFAULT_BATCH_SIZE = 64
+
+
+@functools.lru_cache(maxsize=8)
+def _step(apply_fn: Callable, k: int):
+  """The jitted per-batch computation for one apply function (cached so repeated evals do not retrace)."""
+
+  @jax.jit
+  def step(params, images, labels):
+    logits = apply_fn(params, images).astype(jnp.float32)
+    _, top = jax.lax.top_k(logits, k)
+    hit = jnp.any(top == labels[:, None], axis=-1)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+    return top[:, 0], hit, nll
+
+  return step
+
+
+def _pad(batch: dict, size: int) -> dict:
+  """Pads a short batch to `size` rows with zero images and mask False, so the step keeps one shape."""
+  rows = len(batch['label'])
+  if rows == size:
+    return batch
+  if rows > size:
+    raise DataError(
+      f'An eval batch has {rows} rows, more than the first batch ({size}): batches must not grow.'
+    )
+  pad = size - rows
+  return {
+    'image': np.concatenate(
+      [batch['image'], np.zeros((pad,) + batch['image'].shape[1:], batch['image'].dtype)]
+    ),
+    'label': np.concatenate([batch['label'], np.zeros(pad, batch['label'].dtype)]),
+    'mask': np.concatenate([batch['mask'], np.zeros(pad, bool)]),
+  }
+
+
+def _placer(devices, batch_size: int):
+  """Returns (put_params, put_batch): shard batches over `devices` when they divide the batch, else one device."""
+  devices = list(devices) if devices is not None else jax.local_devices()
+  if len(devices) > 1 and batch_size % len(devices) == 0:
+    mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    return (lambda p: jax.device_put(p, replicated)), (lambda x: jax.device_put(x, split))
+  one = devices[0]
+  return (lambda p: jax.device_put(p, one)), (lambda x: jax.device_put(x, one))
+
+
+def evaluate_batches(
+  apply_fn: Callable[[Any, jax.Array], jax.Array],
+  params,
+  batches: Iterable[dict],
+  num_classes: int,
+  *,
+  devices=None,
+  progress: Any = None,
+) -> dict:
+  """Evaluates `apply_fn(params, images) -> logits` over `batches` and returns the metrics of `evaluate`.
+
+  Each batch is `{'image': (B, H, W, 3), 'label': int (B,), 'mask': bool (B,)}` ('mask' optional: all
+  valid). Rows with mask False are ignored; a batch shorter than the first is padded to its size so the
+  step never recompiles. Batches are split over `devices` (default: all local devices) when their number
+  divides the batch size. `progress` may be a tqdm-like object with `update(n)`.
+  """
+  k = min(5, int(num_classes))
+  step = _step(apply_fn, k)
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  hits5 = 0
+  loss_sum = 0.0
+  size = None
+  put_params = put = None
+  device_params = None
+  for batch in batches:
+    batch = dict(batch)
+    labels = np.asarray(batch['label'])
+    if labels.ndim != 1:
+      raise DataError(
+        f'Eval labels must be class indices of shape (B,), got shape {labels.shape} (one-hot?).'
+      )
+    batch['label'] = labels.astype(np.int32)
+    batch['mask'] = np.asarray(batch.get('mask', np.ones(len(labels), bool)), bool)
+    if size is None:
+      size = len(labels)
+      put_params, put = _placer(devices, size)
+      device_params = put_params(params)
+    batch = _pad(batch, size)
+    mask = batch['mask']
+    if mask.any() and batch['label'][mask].max() >= num_classes:
+      raise DataError(
+        f"An eval label ({batch['label'][mask].max()}) is outside the model's {num_classes} classes: "
+        'evaluate a model trained on this dataset, or pass the right num_classes.'
+      )
+    pred, hit, nll = jax.device_get(step(device_params, put(np.asarray(batch['image'])), put(batch['label'])))
+    np.add.at(confusion, (batch['label'][mask], pred[mask]), 1)
+    hits5 += int(hit[mask].sum())
+    loss_sum += float(nll[mask].astype(np.float64).sum())
+    if progress is not None:
+      progress.update(1)
+  return _metrics(confusion, hits5, loss_sum)
+
+
+def _metrics(confusion: np.ndarray, hits5: int, loss_sum: float) -> dict:
+  count = int(confusion.sum())
+  class_counts = confusion.sum(axis=1)
+  correct = np.diag(confusion)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    per_class = np.where(class_counts > 0, correct / np.maximum(class_counts, 1), np.nan)
+  present = class_counts > 0
+  return {
+    'top1': float(correct.sum() / count) if count else float('nan'),
+    'top5': float(hits5 / count) if count else float('nan'),
+    'loss': float(loss_sum / count) if count else float('nan'),
+    'count': count,
+    # The mean over the classes present: the headline metric of unbalanced sets such as pets or flowers.
+    'mean_per_class_accuracy': float(per_class[present].mean()) if present.any() else float('nan'),
+    'per_class_accuracy': per_class,
+    'class_counts': class_counts,
+    'confusion': confusion,
+  }
+
+
+def evaluate(
+  model,
+  params,
+  dataset,
+  *,
+  split: str = 'test',
+  batch_size: int = DEFAULT_BATCH_SIZE,
+  crop: int | None = None,
+  resize: int | None = None,
+  center_crop: bool = False,
+  num_classes: int | None = None,
+  data_dir=None,
+  devices=None,
+  progress: bool = False,
+) -> dict:
+  """Evaluates `model` with `params` on every example of `split` of `dataset` (TFDS name or image folder).
+
+  Images are resized to `crop` x `crop` (BiT's evaluation; with `center_crop=True`, to `resize` then the
+  central crop). `crop` defaults to the project's training crop for the split's image size
+  (`hyperrule.train_resolution`); pass the crop the model was trained at (a workdir's config.json has it).
+  `num_classes` defaults to the model's.
+
+  Returns a dict: `top1`, `top5`, `loss` (mean cross-entropy), `count` (the split size),
+  `mean_per_class_accuracy`, `per_class_accuracy` (float array, NaN for a class with no examples),
+  `class_counts`, `confusion` (int array [true, predicted]), `class_names`, `split`, `crop`.
+  """
+  from bit import data, data_sources, hyperrule
+
+  num_classes = int(num_classes if num_classes is not None else model.num_classes)
+  records = data_sources.load_split(dataset, split, data_dir)
+  if len(records.class_names) > num_classes:
+    raise DataError(
+      f'{dataset!r} has {len(records.class_names)} classes but the model has {num_classes} outputs: '
+      'evaluate a model fine-tuned on this dataset (e.g. WORKDIR/model.npz).'
+    )
+  if crop is None:
+    _, crop = hyperrule.train_resolution(records.image_size)
+  if int(batch_size) < 1:
+    raise BitError(f'batch_size must be a positive integer, got {batch_size!r}.')
+  batches = data.eval_iterator(
+    dataset,
+    split=split,
+    global_batch_size=int(batch_size),
+    crop=int(crop),
+    resize=resize,
+    data_dir=data_dir,
+    center_crop=center_crop,
+  )
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=math.ceil(len(records) / int(batch_size)), desc=f'eval {split}', unit='batch')
+  try:
+    result = evaluate_batches(_apply_fn(model), params, batches, num_classes, devices=devices, progress=bar)
+  finally:
+    if bar is not None:
+      bar.close()
+  if result['count'] != len(records):
+    raise DataError(
+      f'Evaluated {result["count"]} of the {len(records)} examples of {dataset!r} split {split!r}: some images '
+      'could not be decoded (see the warnings above); fix or remove them.'
+    )
+  names = list(records.class_names) + [str(i) for i in range(len(records.class_names), num_classes)]
+  result.update(class_names=names, split=split, crop=int(crop))
+  return result
+
+
+@functools.lru_cache(maxsize=8)
+def _apply_fn(model):
+  # One function object per model, so `_step`'s cache recognizes repeated evaluations of the same model.
+  return lambda params, images: model.apply({'params': params}, images)
+
+
+def _safe(split: str) -> str:
+  return re.sub(r'[^A-Za-z0-9_.-]+', '_', split).strip('_') or 'split'
+
+
+def _atomic_text(path: pathlib.Path, text: str) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+  try:
+    with os.fdopen(fd, 'w', newline='') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def confusion_csv(result: dict, class_names) -> str:
+  """The CSV text: one row per true class with its name, example count, accuracy and predicted counts."""
+  m = np.asarray(result['confusion'])
+  names = list(class_names) if class_names is not None else [str(i) for i in range(len(m))]
+  if len(names) != len(m):
+    raise BitError(
+      f'{len(names)} class names for a {len(m)}-class confusion matrix: pass one name per class.'
+    )
+  out = io.StringIO()
+  w = csv.writer(out, lineterminator='\n')
+  w.writerow(['index', 'class', 'examples', 'accuracy'] + [f'pred:{n}' for n in names])
+  for i, row in enumerate(m):
+    acc = result['per_class_accuracy'][i]
+    w.writerow([i, names[i], int(row.sum()), '' if np.isnan(acc) else f'{acc:.6f}'] + [int(x) for x in row])
+  return out.getvalue()
+
+
+def summary(result: dict) -> dict:
+  """The JSON-friendly scalars of a result (no arrays)."""
+  keep = ('top1', 'top5', 'loss', 'count', 'mean_per_class_accuracy', 'split', 'crop')
+  return {k: result[k] for k in keep if k in result}
+
+
+def write_report(
+  result: dict, workdir, class_names=None, split: str | None = None
+) -> dict[str, pathlib.Path]:
+  """Writes `confusion_<split>.csv`, `confusion_<split>.png` and `eval_<split>.json` into `workdir`, atomically.
+
+  Returns {'csv': path, 'png': path, 'json': path}.
+  """
+  from bit import plots
+
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  split = split or result.get('split', 'test')
+  names = list(class_names) if class_names is not None else result.get('class_names')
+  tag = _safe(split)
+  paths = {
+    'csv': workdir / f'confusion_{tag}.csv',
+    'png': workdir / f'confusion_{tag}.png',
+    'json': workdir / f'eval_{tag}.json',
+  }
+  _atomic_text(paths['csv'], confusion_csv(result, names))
+  title = f'Confusion matrix, split {split!r} ({result["count"]} examples, top-1 {100 * result["top1"]:.1f}%)'
+  plots.plot_confusion(result['confusion'], names, paths['png'], title=title)
+  per_class = {
+    (names[i] if names else str(i)): (None if np.isnan(a) else float(a))
+    for i, a in enumerate(result['per_class_accuracy'])
+  }
+  _atomic_text(
+    paths['json'], json.dumps({**summary(result), 'per_class_accuracy': per_class}, indent=2) + '\n'
+  )
+  return paths
+
+
+def read_workdir(workdir) -> tuple[dict, Any, Any, list[str] | None]:
+  """(config, model, params, class_names) of a finished training workdir.
+
+  Reads `config.json`, `model.npz` (with its fine-tuned head) and `labels.txt`; BitError naming the missing
+  file otherwise.
+  """
+  from bit import checkpoints
+
+  workdir = pathlib.Path(workdir).expanduser()
+  if not workdir.is_dir():
+    raise BitError(f'Workdir {workdir} does not exist: give the --workdir of a bit-train run.')
+  config_path, npz = workdir / 'config.json', workdir / 'model.npz'
+  if not config_path.is_file():
+    raise BitError(f'{config_path} is missing: {workdir} is not a bit-train workdir.')
+  try:
+    config = json.loads(config_path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise BitError(f'{config_path} is not readable JSON ({e}).') from e
+  if not npz.is_file():
+    raise BitError(
+      f'{npz} is missing: the run in {workdir} has not finished; rerun bit-train on it to finish.'
+    )
+  model, params = checkpoints.load(npz, keep_head=True)
+  names = checkpoints.label_names(npz)
+  if names is not None and len(names) != model.num_classes:
+    raise BitError(
+      f'{workdir / "labels.txt"} has {len(names)} names but {npz} has {model.num_classes} classes: the two '
+      'files come from different runs.'
+    )
+  return config, model, params, names
+
+
+def evaluate_workdir(
+  workdir, *, split: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False
+) -> tuple[dict, dict[str, pathlib.Path]]:
+  """Evaluates a training workdir's model.npz on `split` (default: its test split) of its dataset, at its crop.
+
+  Writes the report (`write_report`) into the workdir; returns (result, paths).
+  """
+  config, model, params, names = read_workdir(workdir)
+  for key in ('dataset', 'crop'):
+    if config.get(key) is None:
+      raise BitError(
+        f'{pathlib.Path(workdir) / "config.json"} has no {key!r}: it was not written by bit-train.'
+      )
+  split = split or config.get('test_split') or 'test'
+  result = evaluate(
+    model,
+    params,
+    config['dataset'],
+    split=split,
+    batch_size=batch_size,
+    crop=int(config['crop']),
+    data_dir=config.get('data_dir'),
+    progress=progress,
+  )
+  if names is not None:
+    result['class_names'] = names
+  paths = write_report(result, workdir, result['class_names'], split)
+  return result, paths
+
+
+def format_result(result: dict, *, max_classes: int = 100) -> str:
+  """A readable summary: top-1, top-5 and the per-class accuracy table (the worst classes when there are many)."""
+  lines = [
+    f'split {result.get("split", "?")!r}: {result["count"]} examples',
+    f'top-1 {100 * result["top1"]:.2f}%   top-5 {100 * result["top5"]:.2f}%   '
+    f'mean per-class {100 * result["mean_per_class_accuracy"]:.2f}%   loss {result["loss"]:.4f}',
+  ]
+  names = result.get('class_names') or [str(i) for i in range(len(result['per_class_accuracy']))]
+  order = list(range(len(names)))
+  if len(order) > max_classes:
+    order = sorted(order, key=lambda i: np.nan_to_num(result['per_class_accuracy'][i], nan=2.0))[:max_classes]
+    lines.append(f'per-class accuracy (the {max_classes} worst of {len(names)} classes):')
+  else:
+    lines.append('per-class accuracy:')
+  width = min(max(len(names[i]) for i in order), 40) if order else 0
+  for i in order:
+    acc = result['per_class_accuracy'][i]
+    shown = '   n/a' if np.isnan(acc) else f'{100 * acc:5.1f}%'
+    lines.append(f'  {names[i][:40]:<{width}}  {shown}  ({int(result["class_counts"][i])} examples)')
+  return '\n'.join(lines)

@@ -1,0 +1,229 @@
+"""Predictions for arrays and for image files, with class names; bad files are reported by name."""
+
+import functools
+import http.server
+import json
+import sys
+import threading
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from bit import checkpoints, cli, data, models, prediction
+from bit.errors import BitError
+
+CLASSES = ('cat', 'dog', 'emu')
+
+
+def fast_params(model, seed=0):
+  """Random params from the shapes alone (no compiled init): standardized convs make any kernel usable."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name = jax.tree_util.keystr(path)
+    if 'scale' in name:
+      return np.ones(s.shape, np.float32)
+    if 'bias' in name:
+      return np.zeros(s.shape, np.float32)
+    return rng.normal(0, 1, s.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, models.param_shapes(model))
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  model = models.create_model('R26x1', num_classes=len(CLASSES))
+  params = fast_params(model)
+  params['head']['kernel'] = params['head']['kernel'] * 0.05
+  return model, params
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  """ROOT/test/<class>/<i>.png, plus odd files: grayscale, RGBA, a GIF, a text file, a truncated PNG."""
+  root = tmp_path_factory.mktemp('pred')
+  rng = np.random.default_rng(0)
+  for c in CLASSES:
+    (root / 'test' / c).mkdir(parents=True)
+    for i in range(2):
+      Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(root / 'test' / c / f'{i}.png')
+  odd = root / 'odd'
+  odd.mkdir()
+  Image.fromarray(rng.integers(0, 255, (50, 50), np.uint8), 'L').save(odd / 'gray.png')
+  Image.fromarray(rng.integers(0, 255, (33, 70, 4), np.uint8), 'RGBA').save(odd / 'rgba.png')
+  Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(odd / 'anim.gif')
+  (odd / 'notes.txt').write_text('not an image')
+  full = (root / 'test' / 'cat' / '0.png').read_bytes()
+  (odd / 'broken.png').write_bytes(full[: len(full) // 2])
+  return root
+
+
+def test_predict_arrays(tiny):
+  model, params = tiny
+  rng = np.random.default_rng(1)
+  pixels = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  probs = prediction.predict(model, params, pixels)
+  assert probs.shape == (4, 3) and probs.dtype == np.float32
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  # uint8 and the equivalent [-1, 1] floats give the same answer; padding 3 images to 4 changes nothing.
+  floats = pixels.astype(np.float32) / 127.5 - 1
+  np.testing.assert_allclose(prediction.predict(model, params, floats[:3]), probs[:3], rtol=1e-4, atol=1e-6)
+  expected = jax.nn.softmax(jax.jit(model.apply)({'params': params}, floats))
+  np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
+  assert len(np.unique(probs.argmax(-1))) > 1  # the random head separates some images
+  top_p, top_i = prediction.predict(model, params, pixels, top=2)
+  assert top_p.shape == top_i.shape == (4, 2)
+  np.testing.assert_array_equal(top_i[:, 0], probs.argmax(-1))
+  assert np.all(top_p[:, 0] >= top_p[:, 1])
+  single = prediction.predict(model, params, pixels[0])
+  np.testing.assert_allclose(single, probs[0], rtol=1e-4, atol=1e-6)
+
+
+def test_predict_refuses_out_of_range_floats(tiny):
+  model, params = tiny
+  with pytest.raises(BitError, match=r'\[-1, 1\]'):
+    prediction.predict(model, params, np.full((1, 32, 32, 3), 200.0, np.float32))
+  with pytest.raises(BitError, match='NHWC'):
+    prediction.predict(model, params, np.zeros((1, 32, 32), np.uint8))
+
+
+def test_load_image_matches_the_eval_pipeline(folder):
+  # The same file through predict's loader and through data.eval_iterator gives the same pixels.
+  (batch,) = data.eval_iterator(str(folder), split='test', global_batch_size=6, crop=32)
+  files = sorted((folder / 'test').glob('*/*.png'))
+  ours = np.stack([prediction.load_image(f, 32) for f in files])
+  np.testing.assert_allclose(ours, batch['image'], atol=1e-4)
+
+
+def test_predict_files_names_and_errors(folder, tiny):
+  model, params = tiny
+  paths = [
+    folder / 'test' / 'dog',
+    folder / 'odd' / 'gray.png',
+    folder / 'odd' / 'notes.txt',
+    folder / 'odd' / 'rgba.png',
+    folder / 'odd' / 'anim.gif',
+    folder / 'odd' / 'missing.jpg',
+    folder / 'odd' / 'broken.png',
+  ]
+  with pytest.warns(UserWarning) as caught:
+    results = prediction.predict_files(model, params, paths, list(CLASSES), top=2, size=32, batch_size=4)
+  assert [r['path'].split('/')[-1] for r in results] == [
+    '0.png',
+    '1.png',
+    'gray.png',
+    'notes.txt',
+    'rgba.png',
+    'anim.gif',
+    'missing.jpg',
+    'broken.png',
+  ]
+  errors = {r['path'].split('/')[-1]: r['error'] for r in results if 'error' in r}
+  assert set(errors) == {'notes.txt', 'missing.jpg', 'broken.png'}
+  assert 'not an image' in errors['notes.txt'] and 'no such file' in errors['missing.jpg']
+  warned = ' '.join(str(w.message) for w in caught)
+  assert 'notes.txt' in warned and 'missing.jpg' in warned and 'broken.png' in warned
+  good = [r for r in results if 'error' not in r]
+  assert len(good) == 5
+  images = np.stack([prediction.load_image(r['path'], 32) for r in good])
+  probs = prediction.predict(model, params, images)
+  for r, p in zip(good, probs, strict=True):
+    assert len(r['predictions']) == 2
+    best = r['predictions'][0]
+    assert best['label'] == CLASSES[best['index']] == CLASSES[int(p.argmax())]
+    assert best['probability'] == pytest.approx(float(p.max()), rel=1e-4)
+  text = prediction.format_results(results)
+  assert 'notes.txt: error:' in text and '%)' in text
+
+
+def test_predict_files_checks_the_class_names(tiny, folder):
+  model, params = tiny
+  with pytest.raises(BitError, match='2 class names'):
+    prediction.predict_files(model, params, [folder / 'odd' / 'gray.png'], ['a', 'b'], size=32)
+
+
+def run_cli(main, argv, capsys, monkeypatch):
+  """Runs a console-script entry point in this process; returns (exit code, stdout, stderr)."""
+  from absl import flags
+
+  flags.FLAGS.unparse_flags()  # flag values must not leak from one command to the next
+  monkeypatch.setattr(sys, 'argv', [str(a) for a in argv])
+  with pytest.raises(SystemExit) as e:
+    main()
+  out, err = capsys.readouterr()
+  return e.value.code or 0, out, err
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory, tiny):
+  _, params = tiny
+  w = tmp_path_factory.mktemp('work')
+  checkpoints.save_npz(params, w / 'model.npz')
+  (w / 'labels.txt').write_text(''.join(f'{c}\n' for c in CLASSES))
+  (w / 'config.json').write_text(json.dumps({'dataset': 'unused', 'crop': 32, 'model': 'R26x1'}))
+  return w
+
+
+def test_bit_predict_with_a_workdir(workdir, folder, tiny, capsys, monkeypatch):
+  files = [folder / 'test' / 'cat' / '0.png', folder / 'odd' / 'notes.txt', folder / 'odd' / 'gray.png']
+  code, out, err = run_cli(
+    cli.predict_main, ['bit-predict', '--workdir', workdir, '--top', '2', *files], capsys, monkeypatch
+  )
+  assert code == 1  # one file failed; the others were still predicted
+  assert 'Traceback' not in err
+  assert [line for line in err.splitlines() if 'error' in line] == [
+    f'bit-predict: error: {files[1]}: not an image (or a format Pillow cannot read).'
+  ]
+  lines = out.strip().splitlines()
+  assert [line.split(':')[0] for line in lines] == [str(files[0]), str(files[2])]
+  model, params = tiny
+  probs = prediction.predict(model, params, np.stack([prediction.load_image(files[0], 32)]))[0]
+  best = CLASSES[int(probs.argmax())]
+  assert lines[0].split(': ')[1].startswith(f'{best} ({100 * probs.max():.1f}%)')
+  assert lines[0].count('%') == 2
+  code, out, err = run_cli(
+    cli.predict_main, ['bit-predict', f'--workdir={workdir}', '--json', files[0]], capsys, monkeypatch
+  )
+  assert code == 0, err
+  record = json.loads(out)
+  assert record['predictions'][0]['label'] == best and len(record['predictions']) == 3
+
+
+@pytest.fixture
+def model_server(tmp_path, workdir, monkeypatch):
+  """A local stand-in for the checkpoint bucket holding a tiny registry entry and its labels file."""
+  served = tmp_path / 'bucket'
+  served.mkdir()
+  (served / 'tiny.npz').write_bytes((workdir / 'model.npz').read_bytes())
+  (served / 'tiny_labels.txt').write_text('ant\nbee\ncow\n')
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+  handler.log_message = lambda *a: None
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  monkeypatch.setenv('BIT_MODELS_URL', f'http://127.0.0.1:{server.server_address[1]}/')
+  monkeypatch.setenv('BIT_CACHE', str(tmp_path / 'cache'))
+  cfg = checkpoints.PretrainedCfg('BiT-T-R26x1-test', 'tiny.npz', 'R26x1', 3, 'tiny_labels.txt', 32)
+  monkeypatch.setitem(checkpoints.REGISTRY, cfg.name, cfg)
+  yield cfg.name
+  server.shutdown()
+  server.server_close()
+
+
+def test_bit_predict_with_a_registry_model(model_server, folder, capsys, monkeypatch):
+  image = folder / 'test' / 'dog' / '1.png'
+  code, out, err = run_cli(
+    cli.predict_main, ['bit-predict', '--model', model_server, '--top=3', image], capsys, monkeypatch
+  )
+  assert code == 0, err
+  line = out.strip()
+  assert line.startswith(f'{image}: ')
+  assert sorted(p.split(' (')[0] for p in line.split(': ')[1].split(', ')) == ['ant', 'bee', 'cow']
+
+
+def test_bit_predict_usage_errors(workdir, capsys, monkeypatch):
+  code, _, err = run_cli(cli.predict_main, ['bit-predict', '--workdir', workdir], capsys, monkeypatch)
+  assert code != 0 and 'no image files given' in err and 'Traceback' not in err
+  code, _, err = run_cli(cli.predict_main, ['bit-predict', 'x.jpg'], capsys, monkeypatch)
+  assert code != 0 and 'either --workdir' in err
