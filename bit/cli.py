@@ -1,0 +1,303 @@
+"""The command-line entry points; the only module that parses flags.
+
+  bit-train --config configs/<dataset>.py --workdir DIR [--config.key=value ...]
+
+Each `*_main` defines its own flags (so `--help` shows only those) and runs through `_run`, which turns
+bad input (a `BitError`, a flag or config override that does not parse) into one line on stderr and a
+non-zero exit code, without a traceback. To add a command: write `_define_<cmd>_flags()` and
+`_<cmd>(argv)`, then `def <cmd>_main(): _run('bit-<cmd>', _define_<cmd>_flags, _<cmd>)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from bit.errors import BitError
+
+FLAGS = flags.FLAGS
+EXIT_BAD_INPUT = 2
+
+
+def _fail(prog: str, message: str, code: int = EXIT_BAD_INPUT):
+  # One line: the message, collapsed. Tools and people both read the first line of stderr.
+  message = ' '.join(str(message).split())
+  print(f'{prog}: error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _describe_flag_error(e: BaseException) -> str:
+  """A flag/config parsing exception -> what went wrong and what to do."""
+  if isinstance(e, (AttributeError, KeyError)):
+    # An override of a key the (locked) config does not have; ml_collections adds a "Did you mean".
+    text = str(e)
+    key = re.search(r"'([^'\\]+)", text)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    return (
+      f'unknown config key {key.group(1) if key else text!r}'
+      + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+      + '; configs/common.py lists every key.'
+    )
+  if isinstance(e, OSError) and 'config file' in str(e):
+    missing = re.findall(r'\[Errno \d+\] ([^\n]+)', str(e))
+    why = missing[-1] if missing else str(e).splitlines()[0]
+    return f'cannot load the --config file ({why}); give a path such as configs/common.py.'
+  return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _flags_parser(prog: str, config_flag: str | None):
+  def parse(argv):
+    try:
+      rest = FLAGS(argv)
+      if config_flag and FLAGS[config_flag].present:
+        config = getattr(FLAGS, config_flag)
+        if config is not None:
+          config.keys()  # a config file that failed to load only raises when the config is read
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+      _fail(prog, _describe_flag_error(e) + ' (--helpshort lists the flags)')
+    return rest
+
+  return parse
+
+
+def _run(prog: str, define_flags, main, *, positional: bool = False) -> None:
+  """Defines the command's flags, parses them and runs `main(argv)`, reporting bad input in one line.
+
+  `positional=True` lets the command take arguments after the flags (bit-predict's image files).
+  """
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # keep TensorFlow's C++ start-up chatter out
+  main_module = sys.modules.get('__main__')
+  if main_module is not None and not getattr(main_module, '__doc__', None):
+    main_module.__doc__ = main.__doc__ or f'{prog} [flags]'  # absl prints it as the --help usage
+  # orbax logs every save at INFO; warnings and errors are what a user needs (--verbosity=0 shows INFO).
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  define_flags()
+
+  def guarded(argv):
+    if len(argv) > 1 and not positional:
+      _fail(prog, f'unexpected arguments {argv[1:]}: every setting is a flag, e.g. --config.batch_size=64')
+    try:
+      return main(argv)
+    except BitError as e:
+      _fail(prog, str(e))
+    except KeyboardInterrupt:
+      _fail(prog, 'interrupted; rerun the same command to resume from the last checkpoint', code=130)
+
+  app.run(guarded, flags_parser=_flags_parser(prog, 'config' if 'config' in FLAGS else None))
+
+
+def _main_module() -> str:
+  # absl's --help lists the flags of the program's main module; the console script is that module.
+  return sys.argv[0] if sys.argv and sys.argv[0] else __name__
+
+
+def _define(kind: str, name: str, default, help_text: str) -> None:
+  if name not in FLAGS:  # tolerate a second definition when several commands run in one process
+    getattr(flags, f'DEFINE_{kind}')(name, default, help_text, module_name=_main_module())
+
+
+def _define_multihost_flags() -> None:
+  _define(
+    'string',
+    'coordinator_address',
+    None,
+    'Multi-host: host:port of process 0 (or env JAX_COORDINATOR_ADDRESS).',
+  )
+  _define('integer', 'num_processes', None, 'Multi-host: number of processes (or env JAX_NUM_PROCESSES).')
+  _define(
+    'integer', 'process_id', None, 'Multi-host: this process, 0..num_processes-1 (or env JAX_PROCESS_ID).'
+  )
+
+
+def _define_config_flag(default=None) -> None:
+  from ml_collections import config_flags
+
+  if 'config' not in FLAGS:
+    config_flags.DEFINE_config_file(
+      'config',
+      default,
+      'Config file, e.g. configs/cifar10.py (optionally configs/x.py:MODEL); override keys '
+      'with --config.key=value.',
+      lock_config=True,
+    )
+    FLAGS.register_flag_by_module(_main_module(), FLAGS['config'])
+
+
+# --- bit-train -------------------------------------------------------------------------------------------
+
+
+def _define_train_flags() -> None:
+  _define_config_flag()
+  _define('string', 'workdir', None, 'Directory for checkpoints, metrics.jsonl, model.npz; rerun to resume.')
+  _define_multihost_flags()
+
+
+def _train(argv) -> None:
+  """bit-train --config configs/<dataset>.py --workdir DIR [--config.key=value ...]
+
+  Fine-tunes a BiT model (config.model) on config.dataset; rerunning the same command resumes. Every key of
+  configs/common.py can be overridden, e.g. --config.batch_size=64 --config.schedule=[50,100,150,200,250].
+  Several hosts: --coordinator_address=HOST0:PORT --num_processes=N --process_id=I on each host.
+  """
+  if FLAGS.config is None:
+    raise BitError('--config is required, e.g. --config configs/common.py --config.dataset=cifar10.')
+  if not FLAGS.workdir:
+    raise BitError('--workdir is required: the directory that receives checkpoints, metrics and model.npz.')
+  from bit import parallel
+
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from bit.train import train_and_evaluate
+
+  metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  import jax
+
+  if jax.process_index() == 0:
+    print(json.dumps(metrics), flush=True)
+
+
+def train_main() -> None:
+  """bit-train: fine-tune a BiT model; see `bit.train.train_and_evaluate` and configs/common.py."""
+  _run('bit-train', _define_train_flags, _train)
+
+
+# --- bit-eval, bit-predict, bit-probe ----------------------------------------------------------------------
+
+
+def _define_eval_flags() -> None:
+  _define('string', 'workdir', None, 'A finished bit-train workdir (config.json, model.npz, labels.txt).')
+  _define('string', 'split', None, "Split to evaluate (default: the run's test split).")
+  _define('integer', 'batch_size', 64, 'Images per evaluation batch.')
+  _define('boolean', 'json', False, 'Print the metrics as one JSON object instead of a table.')
+
+
+def _eval(argv) -> None:
+  if not FLAGS.workdir:
+    raise BitError('--workdir is required: the directory of a finished bit-train run.')
+  from bit import evaluation
+
+  result, paths = evaluation.evaluate_workdir(
+    FLAGS.workdir, split=FLAGS.split, batch_size=FLAGS.batch_size, progress=not FLAGS.json
+  )
+  if FLAGS.json:
+    print(
+      json.dumps({**evaluation.summary(result), 'files': {k: str(v) for k, v in paths.items()}}), flush=True
+    )
+  else:
+    print(evaluation.format_result(result))
+    print('wrote ' + ', '.join(str(p) for p in paths.values()), flush=True)
+
+
+def eval_main() -> None:
+  """bit-eval: top-1, top-5, per-class accuracy and the confusion matrix (PNG + CSV) of a workdir's model."""
+  _run('bit-eval', _define_eval_flags, _eval)
+
+
+def _define_predict_flags() -> None:
+  _define('string', 'workdir', None, 'A finished bit-train workdir: its model, class names and resolution.')
+  _define(
+    'string', 'model', None, 'Instead of --workdir: a checkpoint with its head, e.g. BiT-M-R50x1-ILSVRC2012.'
+  )
+  _define('integer', 'top', 3, 'How many classes to show per image.')
+  _define(
+    'integer', 'size', None, "Resize images to size x size (default: the model's evaluation resolution)."
+  )
+  _define('integer', 'batch_size', 32, 'Images per batch.')
+  _define('boolean', 'json', False, 'Print one JSON object per image instead of text.')
+
+
+def _predict(argv) -> None:
+  import warnings
+
+  from bit import prediction
+
+  images = argv[1:]
+  if not images:
+    raise BitError(
+      'no image files given: bit-predict --workdir W [--top 3] IMAGE [IMAGE ...] (folders work too).'
+    )
+  if FLAGS.top < 1:
+    raise BitError(f'--top must be at least 1, got {FLAGS.top}.')
+  model, params, names, size = prediction.load_for_prediction(workdir=FLAGS.workdir, model=FLAGS.model)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # bad files are reported below, once
+    results = prediction.predict_files(
+      model, params, images, names, top=FLAGS.top, size=FLAGS.size or size, batch_size=FLAGS.batch_size
+    )
+  if FLAGS.json:
+    for r in results:
+      print(json.dumps(r), flush=True)
+  else:
+    print(prediction.format_results([r for r in results if 'error' not in r]), flush=True)
+  failed = [r for r in results if 'error' in r]
+  for r in failed:
+    print(f'bit-predict: error: {r["error"]}', file=sys.stderr, flush=True)
+  if failed:
+    sys.exit(1)
+
+
+def predict_main() -> None:
+  """bit-predict: the top classes, by name, of image files; a bad file is reported and the rest predicted."""
+  _run('bit-predict', _define_predict_flags, _predict, positional=True)
+
+
+def _define_probe_flags() -> None:
+  _define_config_flag()
+  _define('string', 'workdir', None, 'Directory for the feature cache (features/) and probe.json.')
+  _define('string', 'model', None, 'Model whose frozen features are probed (overrides config.model).')
+  _define('string', 'dataset', None, 'TFDS name or image folder (overrides config.dataset).')
+  _define('string', 'method', 'ridge', "Probe: 'ridge' (closed form, as big_vision's few-shot) or 'logreg'.")
+  _define('float', 'l2_reg', 2.0**10, 'L2 strength of the ridge probe.')
+  _define('list', 'shots', [], 'Also run the few-shot protocol for these k, e.g. --shots=1,5,10,25.')
+  _define('integer', 'seeds', 3, 'Few-shot: number of seeds per k.')
+  _define('integer', 'batch_size', 64, 'Images per feature-extraction batch.')
+
+
+def _probe(argv) -> None:
+  if not FLAGS.workdir:
+    raise BitError('--workdir is required: it caches the extracted features and receives probe.json.')
+  from bit import probe
+
+  config = FLAGS.config.to_dict() if FLAGS.config is not None else {}
+  for key in ('model', 'dataset'):
+    if getattr(FLAGS, key):
+      config[key] = getattr(FLAGS, key)
+  if not config.get('model') or not config.get('dataset'):
+    raise BitError('give the model and the dataset: --config configs/<x>.py, or --model M --dataset D.')
+  try:
+    shots = [int(k) for k in FLAGS.shots]
+  except ValueError:
+    raise BitError(
+      f'--shots must be integers, e.g. --shots=1,5,10,25; got {",".join(FLAGS.shots)}.'
+    ) from None
+  result = probe.run_probe(
+    config,
+    FLAGS.workdir,
+    method=FLAGS.method,
+    l2_reg=FLAGS.l2_reg,
+    shots=shots,
+    seeds=FLAGS.seeds,
+    batch_size=FLAGS.batch_size,
+    progress=True,
+  )
+  print(
+    f'linear probe ({result["method"]}) of {result["model"]} on {result["dataset"]}: top-1 '
+    f'{100 * result["top1"]:.2f}% (train {result["train_size"]}, test {result["test_size"]}, '
+    f'{result["num_features"]} features)'
+  )
+  for row in result.get('few_shot_report', []):
+    print(row)
+  sys.stdout.flush()
+
+
+def probe_main() -> None:
+  """bit-probe: a linear classifier on frozen pre-logits features (and the few-shot protocol)."""
+  _run('bit-probe', _define_probe_flags, _probe)
+
+
+if __name__ == '__main__':
+  train_main()

@@ -1,0 +1,166 @@
+"""Data parallelism: the device mesh, multi-host start-up, and the two ways of running one per-device step.
+
+A step is written once, for one device, and reduces across devices with collectives over the axis named
+`DATA_AXIS` (`lax.pmean`, `lax.psum`). `DataParallel.wrap` runs it on every device:
+
+- `'shard_map'` (default): `jax.shard_map` under `jax.jit` over a 1-D `('data',)` mesh of all devices. The
+  state is a replicated global `jax.Array`, the batch is sharded along its first axis.
+- `'pmap'`: `jax.pmap` over the local devices with the same axis name. The state carries a leading axis
+  of one copy per local device, the batch is reshaped to (local devices, per-device batch, ...).
+
+Either way the caller gives and gets host-side (numpy) trees through `replicate`, `shard` and `unreplicate`,
+so the training loop does not care which one runs. In a multi-process run each process feeds only its slice
+of the global batch (`jax.make_array_from_process_local_data`); collectives span every device of every
+process.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bit.errors import ConfigError
+
+DATA_AXIS = 'data'
+MODES = ('shard_map', 'pmap')
+
+# CPU backends cannot donate buffers; the donation is for accelerators and the warning is noise.
+warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None) -> bool:
+  """Joins a multi-process run with `jax.distributed.initialize`; returns True if one was joined.
+
+  Arguments win over the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`).
+  With neither, this is a single-process run and nothing happens. Must run before anything touches the
+  devices. On CPU the collectives across processes go through gloo.
+  """
+  coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS') or None
+  if num_processes is None and os.environ.get('JAX_NUM_PROCESSES'):
+    num_processes = int(os.environ['JAX_NUM_PROCESSES'])
+  if process_id is None and os.environ.get('JAX_PROCESS_ID'):
+    process_id = int(os.environ['JAX_PROCESS_ID'])
+  if coordinator_address is None and num_processes is None and process_id is None:
+    return False
+  if coordinator_address is None or num_processes is None or process_id is None:
+    raise ConfigError(
+      'A multi-process run needs all three of --coordinator_address (host:port of process 0), '
+      f'--num_processes and --process_id; got coordinator_address={coordinator_address!r}, '
+      f'num_processes={num_processes!r}, process_id={process_id!r}.'
+    )
+  if not 0 <= int(process_id) < int(num_processes):
+    raise ConfigError(f'--process_id must be in [0, {num_processes}), got {process_id}.')
+  if jax.distributed.is_initialized():
+    return True
+  # gloo is jax's CPU default today; set it explicitly so CPU-only clusters keep working if that changes.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=int(num_processes), process_id=int(process_id)
+  )
+  return True
+
+
+def select_devices(num_devices: int = 0) -> list:
+  """All devices (0), or the first `num_devices` of a single-process run (for tests and debugging)."""
+  devices = jax.devices()
+  if not num_devices:
+    return devices
+  if jax.process_count() > 1 and num_devices != len(devices):
+    raise ConfigError(
+      f'config.num_devices={num_devices} cannot pick devices in a {jax.process_count()}-process run; '
+      'set it to 0 to use all devices.'
+    )
+  if not 0 < num_devices <= len(devices):
+    raise ConfigError(
+      f'config.num_devices={num_devices} but {len(devices)} devices are available; '
+      f'set it to 0 (all) or a number in 1..{len(devices)}.'
+    )
+  return devices[:num_devices]
+
+
+class DataParallel:
+  """Runs per-device functions over a 1-D data mesh with `shard_map` (default) or `pmap`."""
+
+  def __init__(self, mode: str = 'shard_map', devices=None):
+    if mode not in MODES:
+      raise ConfigError(
+        f'config.parallelism={mode!r} is not one of {MODES}; use --config.parallelism=shard_map.'
+      )
+    self.mode = mode
+    self.devices = list(devices) if devices is not None else jax.devices()
+    self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
+    self.mesh = Mesh(np.array(self.devices), (DATA_AXIS,))
+    # pmap only ever sees this process's devices; its arrays are stacked along a leading device axis.
+    self._local_mesh = Mesh(np.array(self.local_devices), (DATA_AXIS,))
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  @property
+  def num_local_devices(self) -> int:
+    return len(self.local_devices)
+
+  def check_batch(self, global_batch_size: int, accum_steps: int = 1, key: str = 'batch_size') -> None:
+    """ConfigError unless the global batch splits evenly over processes, devices and micro-batches."""
+    n = self.num_devices * accum_steps
+    if global_batch_size <= 0 or global_batch_size % n:
+      what = f'{self.num_devices} devices' + (f' x accum_steps={accum_steps}' if accum_steps > 1 else '')
+      multiple = n * max(1, round(max(global_batch_size, 1) / n))
+      raise ConfigError(
+        f'config.{key}={global_batch_size} does not divide over {what}; use a multiple of {n}, '
+        f'e.g. --config.{key}={multiple}.'
+      )
+
+  def replicate(self, tree):
+    """A host tree (the same on every process) -> one copy on every device, ready for `wrap`'s functions."""
+    if self.mode == 'pmap':
+      n = self.num_local_devices
+      sharding = NamedSharding(self._local_mesh, P(DATA_AXIS))
+      return jax.tree.map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding), tree
+      )
+    sharding = NamedSharding(self.mesh, P())
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+  def shard(self, local_batch):
+    """This process's slice of a global batch (numpy, leading batch axis) -> the device batch."""
+    if self.mode == 'pmap':
+      n = self.num_local_devices
+      sharding = NamedSharding(self._local_mesh, P(DATA_AXIS))
+      return jax.tree.map(
+        lambda x: jax.device_put(np.reshape(x, (n, x.shape[0] // n) + x.shape[1:]), sharding), local_batch
+      )
+    sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+    return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
+
+  def unreplicate(self, tree):
+    """A replicated device tree -> one host (numpy) copy, read from this process's first device."""
+
+    def get(x):
+      x = np.asarray(x.addressable_shards[0].data)
+      return x[0] if self.mode == 'pmap' else x
+
+    return jax.tree.map(get, tree)
+
+  def wrap(self, fn, *, donate: bool = False):
+    """Runs `fn(replicated, batch) -> replicated outputs` on every device.
+
+    `fn` is written for one device and must reduce its outputs over `DATA_AXIS` itself (pmean/psum), so
+    they are the same on every device. `donate` hands the first argument's buffers to the outputs.
+    """
+    donate_argnums = (0,) if donate else ()
+    if self.mode == 'pmap':
+      # pmap maps over local devices; the axis still spans every device of every process.
+      return jax.pmap(fn, axis_name=DATA_AXIS, devices=self.devices, donate_argnums=donate_argnums)
+    # check_vma=False: fn is also the body of pmap, so it cannot carry shard_map's varying-axis annotations;
+    # replication of the outputs is guaranteed by fn's own collectives.
+    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(), check_vma=False)
+    return jax.jit(mapped, donate_argnums=donate_argnums)

@@ -1,0 +1,88 @@
+"""Two processes on 127.0.0.1, two CPU devices each (gloo collectives): one shard_map run over the four
+devices, each process feeding its half of every batch; both must end with the same params."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = pathlib.Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from test_train import assert_params_close, make_folder, make_npz  # noqa: E402
+
+WORKER = r"""
+import sys, numpy as np
+from bit import parallel
+parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+import jax
+assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+from bit import train
+from configs import common
+c = common.get_config()
+c.model, c.dataset, c.batch_size, c.resize, c.crop = sys.argv[3], sys.argv[4], 8, 40, 32
+c.schedule, c.mixup_alpha, c.checkpoint_every, c.log_every = (1, 2, 3, 4, 6), 0.0, 3, 1
+result = train.fit(c, sys.argv[5])
+flat = {}
+def walk(t, p=''):
+  for k, v in t.items():
+    walk(v, p + k + '/') if isinstance(v, dict) else flat.__setitem__(p + k, np.asarray(v))
+walk(result.params)
+np.savez(f'{sys.argv[5]}/params_{jax.process_index()}.npz', top1=result.metrics['top1'], **flat)
+"""
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_the_same_params(tmp_path):
+  folder = make_folder(tmp_path / 'folder')
+  npz = make_npz(tmp_path / 'm.npz')
+  workdir = tmp_path / 'w'
+  address = f'127.0.0.1:{free_port()}'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', WORKER, address, str(i), str(npz), str(folder), str(workdir)],
+      env=env,
+      cwd=HERE.parent,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    outs = [p.communicate(timeout=420) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-4000:]
+  p0, p1 = (dict(np.load(workdir / f'params_{i}.npz')) for i in range(2))
+  assert p0.keys() == p1.keys()
+  for k in p0:
+    np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
+  assert not np.allclose(p0['head/kernel'], 0)  # it trained
+  # Process 0 wrote the workdir files; its model.npz holds the params both processes ended with.
+  from bit import checkpoints
+
+  _, exported = checkpoints.load(str(workdir / 'model.npz'), keep_head=True)
+  p0.pop('top1')
+  nested = {}
+  for k, v in p0.items():
+    node = nested
+    *parents, leaf = k.split('/')
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = v
+  assert_params_close(exported, nested, atol=0, rtol=0)
+  assert (workdir / 'metrics.jsonl').exists() and (workdir / 'checkpoints' / '6').exists()
