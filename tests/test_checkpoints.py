@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import FileServer, checkpoint_bytes
 from make_checkpoint import random_checkpoint
-from test_download import FileServer, checkpoint_bytes
 
 import bit
 from bit import checkpoints as ck

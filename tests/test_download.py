@@ -2,96 +2,13 @@
 
 import contextlib
 import hashlib
-import http.server
-import io
 import socket
-import threading
 
-import numpy as np
 import pytest
-from make_checkpoint import random_checkpoint
+from helpers import FileServer, checkpoint_bytes
 
 from bit import downloader as dl
 from bit.errors import DownloadError
-
-
-class _QuietServer(http.server.ThreadingHTTPServer):
-  def handle_error(self, request, client_address):
-    pass  # a client that hangs up early (as some tests make it) is expected here, not a failure
-
-
-class FileServer:
-  """Serves `files` (name -> bytes) on 127.0.0.1 and records every request as (path, Range header).
-
-  Misbehaviour on demand: `ranges=False` ignores Range headers (always 200, whole file); `drops=n` cuts the
-  body of the next n responses after `drop_at` bytes and closes the connection (the Content-Length still
-  promises the whole body).
-  """
-
-  def __init__(self, files):
-    self.files = dict(files)
-    self.requests = []
-    self.ranges = True
-    self.drops = 0
-    self.drop_at = 0
-    server = self
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-      def do_GET(self):  # noqa: N802 - the http.server API
-        rng = self.headers.get('Range')
-        server.requests.append((self.path, rng))
-        data = server.files.get(self.path.lstrip('/'))
-        if data is None:
-          self.send_error(404)
-          return
-        start = 0
-        if rng and server.ranges:
-          start = int(rng.split('=')[1].split('-')[0])
-          if start >= len(data):
-            self.send_response(416)
-            self.send_header('Content-Range', f'bytes */{len(data)}')
-            self.send_header('Content-Length', '0')
-            self.end_headers()
-            return
-          self.send_response(206)
-          self.send_header('Content-Range', f'bytes {start}-{len(data) - 1}/{len(data)}')
-        else:
-          self.send_response(200)
-        if server.ranges:
-          self.send_header('Accept-Ranges', 'bytes')
-        body = data[start:]
-        self.send_header('Content-Length', str(len(body)))
-        self.end_headers()
-        if server.drops > 0:
-          server.drops -= 1
-          body = body[: server.drop_at]
-        self.wfile.write(body)
-        self.wfile.flush()
-        self.close_connection = True
-
-      def log_message(self, *args):
-        pass
-
-    self.httpd = _QuietServer(('127.0.0.1', 0), Handler)
-    self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}/'
-    self.thread = threading.Thread(
-      target=self.httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True
-    )
-
-  def __enter__(self):
-    self.thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self.httpd.shutdown()
-    self.httpd.server_close()
-
-
-def checkpoint_bytes(depth=26, classes=10, seed=0) -> bytes:
-  """A generated checkpoint in the official layout, as the bytes of its .npz file."""
-  buf = io.BytesIO()
-  np.savez(buf, **random_checkpoint(depth=depth, width=1, classes=classes, seed=seed))
-  return buf.getvalue()
 
 
 @pytest.fixture(scope='module')

@@ -2,12 +2,12 @@
 
 import csv
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import fast_params, run_cli
 from PIL import Image
 
 from bit import checkpoints, cli, data, evaluation, models
@@ -36,40 +36,12 @@ def folder(tmp_path_factory):
   return make_folder(tmp_path_factory.mktemp('ds'))
 
 
-def fast_params(model, seed=0):
-  """Random params from the shapes alone (no compiled init): standardized convs make any kernel usable."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    if 'scale' in name:
-      return np.ones(s.shape, np.float32)
-    if 'bias' in name:
-      return np.zeros(s.shape, np.float32)
-    return rng.normal(0, 1, s.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, models.param_shapes(model))
-
-
 @pytest.fixture(scope='module')
 def tiny():
   model = models.create_model('R26x1', num_classes=len(CLASSES))
-  params = fast_params(model)
   # A random head, so that predictions differ between images and the confusion matrix is not one column.
-  params['head']['kernel'] = params['head']['kernel'] * 0.1
+  params = fast_params(model, head_std=0.1)
   return model, params
-
-
-def run_cli(main, argv, capsys, monkeypatch):
-  """Runs a console-script entry point in this process; returns (exit code, stdout, stderr)."""
-  from absl import flags
-
-  flags.FLAGS.unparse_flags()  # flag values must not leak from one command to the next
-  monkeypatch.setattr(sys, 'argv', [str(a) for a in argv])
-  with pytest.raises(SystemExit) as e:
-    main()
-  out, err = capsys.readouterr()
-  return e.value.code or 0, out, err
 
 
 def test_evaluate_batches_with_a_known_classifier():

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import fast_params
 
 from bit import freeze, models
 from bit.errors import ConfigError
@@ -14,17 +15,7 @@ from bit.errors import ConfigError
 def tiny():
   """R26x1 with random params built from the shapes alone (no compiled init); a small random head."""
   model = models.create_model('R26x1', num_classes=3)
-  rng = np.random.default_rng(0)
-
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    if 'scale' in name:
-      return np.ones(s.shape, np.float32)
-    if 'bias' in name:
-      return np.zeros(s.shape, np.float32)
-    return rng.normal(0, 0.1 if 'head' in name else 1.0, s.shape).astype(np.float32)
-
-  return model, jax.tree_util.tree_map_with_path(fill, models.param_shapes(model))
+  return model, fast_params(model, head_std=0.1)
 
 
 def _flat(tree):

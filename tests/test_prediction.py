@@ -3,12 +3,12 @@
 import functools
 import http.server
 import json
-import sys
 import threading
 
 import jax
 import numpy as np
 import pytest
+from helpers import fast_params, run_cli
 from PIL import Image
 
 from bit import checkpoints, cli, data, models, prediction
@@ -17,26 +17,10 @@ from bit.errors import BitError
 CLASSES = ('cat', 'dog', 'emu')
 
 
-def fast_params(model, seed=0):
-  """Random params from the shapes alone (no compiled init): standardized convs make any kernel usable."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    if 'scale' in name:
-      return np.ones(s.shape, np.float32)
-    if 'bias' in name:
-      return np.zeros(s.shape, np.float32)
-    return rng.normal(0, 1, s.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, models.param_shapes(model))
-
-
 @pytest.fixture(scope='module')
 def tiny():
   model = models.create_model('R26x1', num_classes=len(CLASSES))
-  params = fast_params(model)
-  params['head']['kernel'] = params['head']['kernel'] * 0.05
+  params = fast_params(model, head_std=0.05)
   return model, params
 
 
@@ -142,18 +126,6 @@ def test_predict_files_checks_the_class_names(tiny, folder):
   model, params = tiny
   with pytest.raises(BitError, match='2 class names'):
     prediction.predict_files(model, params, [folder / 'odd' / 'gray.png'], ['a', 'b'], size=32)
-
-
-def run_cli(main, argv, capsys, monkeypatch):
-  """Runs a console-script entry point in this process; returns (exit code, stdout, stderr)."""
-  from absl import flags
-
-  flags.FLAGS.unparse_flags()  # flag values must not leak from one command to the next
-  monkeypatch.setattr(sys, 'argv', [str(a) for a in argv])
-  with pytest.raises(SystemExit) as e:
-    main()
-  out, err = capsys.readouterr()
-  return e.value.code or 0, out, err
 
 
 @pytest.fixture(scope='module')

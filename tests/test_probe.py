@@ -2,11 +2,10 @@
 
 import json
 import pathlib
-import sys
 
-import jax
 import numpy as np
 import pytest
+from helpers import fast_params, run_cli
 from PIL import Image
 
 from bit import checkpoints, cli, data, models, probe
@@ -82,20 +81,6 @@ def test_few_shot_protocol_and_report():
   assert probe.few_shot_report({10: [0.5]}, ascii_arrows=True) == [' 10-shot: 50.0 <- 50.0 -> 50.0  (1 seed)']
 
 
-def fast_params(model, seed=0):
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    if 'scale' in name:
-      return np.ones(s.shape, np.float32)
-    if 'bias' in name or 'head' in name:
-      return np.zeros(s.shape, np.float32)
-    return rng.normal(0, 1, s.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, models.param_shapes(model))
-
-
 @pytest.fixture(scope='module')
 def workdir_and_folder(tmp_path_factory):
   """A two-class folder (bright vs dark images) and a tiny official-layout model.npz."""
@@ -135,18 +120,6 @@ def test_run_probe_caches_features(workdir_and_folder, monkeypatch):
   r2 = probe.run_probe(config, work, method='ridge', batch_size=4)
   assert r2['top1'] == r['top1']
   assert [p.stat().st_mtime_ns for p in cached] == stamps
-
-
-def run_cli(main, argv, capsys, monkeypatch):
-  """Runs a console-script entry point in this process; returns (exit code, stdout, stderr)."""
-  from absl import flags
-
-  flags.FLAGS.unparse_flags()  # flag values must not leak from one command to the next
-  monkeypatch.setattr(sys, 'argv', [str(a) for a in argv])
-  with pytest.raises(SystemExit) as e:
-    main()
-  out, err = capsys.readouterr()
-  return e.value.code or 0, out, err
 
 
 def test_bit_probe_command(workdir_and_folder, capsys, monkeypatch):
