@@ -23,14 +23,13 @@ import operator
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import models
+from bit import files, models
 from bit.downloader import cache_dir, cache_path, download
 from bit.errors import BitError, CheckpointError, DownloadError
 
@@ -391,18 +390,7 @@ def params_to_npz(params) -> dict[str, np.ndarray]:
 
 def save_npz(params, path) -> pathlib.Path:
   """Writes params in the official .npz layout, atomically (temp file, then rename); returns the path."""
-  arrays = params_to_npz(params)
-  path = pathlib.Path(path).expanduser()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-  return path
+  return files.save_npz(pathlib.Path(path).expanduser(), **params_to_npz(params))
 
 
 # --- the public loader ------------------------------------------------------------------------------------

@@ -16,16 +16,15 @@ import functools
 import io
 import json
 import math
-import os
 import pathlib
 import re
-import tempfile
 from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bit import files
 from bit.errors import BitError, DataError
 
 DEFAULT_BATCH_SIZE = 64
@@ -228,17 +227,6 @@ def _safe(split: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.-]+', '_', split).strip('_') or 'split'
 
 
-def _atomic_text(path: pathlib.Path, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-  try:
-    with os.fdopen(fd, 'w', newline='') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def confusion_csv(result: dict, class_names) -> str:
   """The CSV text: one row per true class with its name, example count, accuracy and predicted counts."""
   m = np.asarray(result['confusion'])
@@ -281,14 +269,14 @@ def write_report(
     'png': workdir / f'confusion_{tag}.png',
     'json': workdir / f'eval_{tag}.json',
   }
-  _atomic_text(paths['csv'], confusion_csv(result, names))
+  files.write_text(paths['csv'], confusion_csv(result, names))
   title = f'Confusion matrix, split {split!r} ({result["count"]} examples, top-1 {100 * result["top1"]:.1f}%)'
   plots.plot_confusion(result['confusion'], names, paths['png'], title=title)
   per_class = {
     (names[i] if names else str(i)): (None if np.isnan(a) else float(a))
     for i, a in enumerate(result['per_class_accuracy'])
   }
-  _atomic_text(
+  files.write_text(
     paths['json'], json.dumps({**summary(result), 'per_class_accuracy': per_class}, indent=2) + '\n'
   )
   return paths

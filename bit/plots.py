@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import tempfile
 import warnings
 
 import numpy as np
 
+from bit import files
 from bit.errors import BitError
 
 # Class names go on the axes up to this many classes; beyond it the axes show indices.
@@ -48,15 +47,10 @@ def _pyplot():
 
 def _save(fig, out_png) -> pathlib.Path:
   out = pathlib.Path(out_png)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{out.name}.', suffix='.png', dir=out.parent)
-  os.close(fd)
   try:
-    fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
-    os.replace(tmp, out)
+    with files.atomic_write(out, 'wb') as f:
+      fig.savefig(f, format='png', dpi=110, bbox_inches='tight')
   finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
     _pyplot().close(fig)
   return out
 

@@ -26,16 +26,15 @@ import hashlib
 import json
 import logging
 import math
-import os
 import pathlib
 import re
-import tempfile
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bit import files
 from bit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -72,18 +71,6 @@ def _fingerprint(params) -> str:
 
 def _tag(text: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.-]+', '_', str(text)).strip('_')[-40:] or 'x'
-
-
-def _atomic_savez(path: pathlib.Path, **arrays) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.npz', dir=path.parent)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def extract_features(
@@ -166,7 +153,7 @@ def extract_features(
       'some images could not be decoded (see the warnings above); fix or remove them.'
     )
   if path is not None:
-    _atomic_savez(path, features=features, labels=labels, key=np.array(json.dumps(key, sort_keys=True)))
+    files.save_npz(path, features=features, labels=labels, key=np.array(json.dumps(key, sort_keys=True)))
   return features, labels
 
 
@@ -489,13 +476,5 @@ def run_probe(
     )
     result['few_shot'] = {str(k): v for k, v in accs.items()}
     result['few_shot_report'] = few_shot_report(accs)
-  text = json.dumps(result, indent=2, ensure_ascii=False) + '\n'
-  fd, tmp = tempfile.mkstemp(prefix=f'.{RESULT_FILE}.', dir=workdir)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-    os.replace(tmp, workdir / RESULT_FILE)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  files.write_json(workdir / RESULT_FILE, result, ensure_ascii=False)
   return result
