@@ -2,7 +2,8 @@
 
 `resolution`, `mixup_alpha`, `schedule` and `learning_rate` follow the official `bit_hyperrule.py`
 (google-research/big_transfer) exactly; the dataset size is the number of training examples actually used
-(k x classes in few-shot runs). `lr_schedule` is the same learning rate as an in-graph optax schedule.
+(k x classes in few-shot runs). `lr_schedule` is the same learning rate as an in-graph optax schedule, for
+the hyper-rule's boundaries or for explicit ones (`supports=`, what the training loop uses).
 
 Two project additions, both explicit:
 - `train_resolution` is the training default of this project: resize 512 / crop 224 for images of 96x96 and
@@ -102,15 +103,34 @@ def learning_rate(step: int, dataset_size: int, base_lr: float = 0.003, *, batch
   return lr
 
 
-def lr_schedule(dataset_size: int, base_lr: float = 0.003, *, batch_size: int | None = None):
+def lr_schedule(
+  dataset_size: int | None = None,
+  base_lr: float = 0.003,
+  *,
+  batch_size: int | None = None,
+  supports=None,
+):
   """Returns an optax-compatible schedule `step -> lr` (jnp, traceable under jit) equal to `learning_rate`.
 
-  At and after the total number of steps, where `learning_rate` returns None, the schedule keeps the last
-  value (base_lr / 1000) instead of ending, because an in-graph schedule must return a number.
+  The boundaries come from `schedule(dataset_size, batch_size=...)`, or are given explicitly as
+  `supports=[warmup, decay1, decay2, decay3, total]` in steps (a config's `schedule`; then `dataset_size` is
+  not used and must be None). Linear warmup from 0 over `warmup` steps (none if it is 0), then `base_lr`
+  divided by 10 for each decay boundary strictly below the step. At and after the total number of steps,
+  where `learning_rate` returns None, the schedule keeps the last value (base_lr / 1000) instead of ending,
+  because an in-graph schedule must return a number.
   """
   import jax.numpy as jnp
 
-  supports = schedule(dataset_size, batch_size=batch_size)
+  if (supports is None) == (dataset_size is None):
+    raise ConfigError(
+      'lr_schedule needs exactly one of dataset_size (the hyper-rule picks the steps) and '
+      f'supports=[warmup, decay1, decay2, decay3, total]; got dataset_size={dataset_size!r}, '
+      f'supports={supports!r}.'
+    )
+  if supports is None:
+    supports = schedule(dataset_size, batch_size=batch_size)
+  else:
+    supports = check_supports(supports)
   lr = base_learning_rate(base_lr, batch_size=batch_size)
   warmup, decays = supports[0], supports[1:-1]
 
@@ -119,9 +139,26 @@ def lr_schedule(dataset_size: int, base_lr: float = 0.003, *, batch_size: int | 
     # Count the decay boundaries strictly below the step, exactly as the official loop does.
     num_decays = sum((step > s).astype(jnp.float32) for s in decays)
     decayed = lr * jnp.power(jnp.float32(0.1), num_decays)
+    if warmup == 0:
+      return decayed
     return jnp.where(step < warmup, lr * step / warmup, decayed)
 
   return fn
+
+
+def check_supports(supports) -> list[int]:
+  """Returns explicit step boundaries as ints; ConfigError unless warmup <= decay1 < decay2 < decay3 < total."""
+  try:
+    s = [int(x) for x in supports]
+    ok = len(s) == 5 and s == [float(x) for x in supports] and 0 <= s[0] <= s[1] < s[2] < s[3] < s[4]
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ConfigError(
+      f'schedule {supports!r} is not [warmup, decay1, decay2, decay3, total] in steps with '
+      'warmup <= decay1 < decay2 < decay3 < total, e.g. [100, 200, 300, 400, 500].'
+    )
+  return s
 
 
 def _check_batch_size(batch_size) -> int:

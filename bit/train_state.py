@@ -17,6 +17,7 @@ from flax import struct
 from flax.training import train_state
 from jax import lax
 
+from bit import freeze, hyperrule
 from bit.errors import ConfigError
 from bit.parallel import DATA_AXIS
 
@@ -35,45 +36,63 @@ class TrainState(train_state.TrainState):
 
 
 def lr_schedule(supports, base_lr: float):
-  """The BiT learning rate for step boundaries [warmup, decay1, decay2, decay3, total], in-graph.
+  """The BiT learning rate for explicit step boundaries [warmup, decay1, decay2, decay3, total], in-graph.
 
-  Linear warmup from 0 over `warmup` steps, then `base_lr` divided by 10 at each decay boundary strictly
-  below the step: the official `get_lr`, and `bit.hyperrule.lr_schedule` for boundaries given explicitly
-  (a config's `schedule`) rather than derived from the dataset size.
+  `bit.hyperrule.lr_schedule(base_lr=base_lr, supports=supports)`: the one implementation of the schedule.
   """
-  supports = [int(s) for s in supports]
-  warmup, decays = supports[0], supports[1:-1]
-  base_lr = float(base_lr)
-
-  def fn(step):
-    step = jnp.asarray(step, jnp.float32)
-    num_decays = sum((step > s).astype(jnp.float32) for s in decays)
-    decayed = base_lr * jnp.power(jnp.float32(0.1), num_decays)
-    if warmup == 0:
-      return decayed
-    return jnp.where(step < warmup, base_lr * step / warmup, decayed)
-
-  return fn
+  return hyperrule.lr_schedule(base_lr=float(base_lr), supports=supports)
 
 
-def make_optimizer(lr_fn, *, trainable_mask=None) -> optax.GradientTransformation:
+def make_optimizer(
+  lr_fn,
+  *,
+  params=None,
+  transfer: str = 'full',
+  unfreeze_stages: int = 0,
+  unfreeze_units: int = 0,
+  backbone_lr_scale: float = 1.0,
+  trainable_mask=None,
+) -> optax.GradientTransformation:
   """The one optimizer of the project: SGD, momentum 0.9, no weight decay, learning rate `lr_fn(step)`.
 
-  `trainable_mask` (a tree of bools shaped like the params, or None for all-trainable) is the hook for
-  freezing: frozen parameters get an update of exactly zero and no momentum state.
+  Transfer learning is a mask over this same optimizer (`bit.freeze.masked_optimizer`): `transfer` is
+  'full' (every parameter), 'head' (the head only) or 'partial' (the head, norm_pre_head and the top
+  `unfreeze_stages` stages or `unfreeze_units` units); frozen parameters get an update of exactly zero and
+  no momentum state. `backbone_lr_scale` scales the learning rate of the trained parameters below the head.
+  `params` (or any tree of the same structure) is needed for every setting but the default.
+  `trainable_mask` (a tree of bools shaped like the params) is an explicit mask instead of a mode.
   """
   tx = optax.chain(optax.trace(decay=MOMENTUM, nesterov=False), optax.scale_by_learning_rate(lr_fn))
   if trainable_mask is not None:
-    labels = jax.tree.map(lambda t: 'train' if t else 'freeze', trainable_mask)
-    tx = optax.multi_transform({'train': tx, 'freeze': optax.set_to_zero()}, labels)
-  return tx
+    if transfer != 'full' or unfreeze_stages or unfreeze_units:
+      raise ConfigError('Give either a trainable_mask or a transfer mode, not both.')
+    labels = jax.tree.map(lambda t: freeze.TRAINABLE if t else freeze.FROZEN, trainable_mask)
+    return optax.multi_transform({freeze.TRAINABLE: tx, freeze.FROZEN: optax.set_to_zero()}, labels)
+  if transfer == 'full' and float(backbone_lr_scale) == 1.0:
+    return tx  # the official optimizer, untouched
+  if params is None:
+    raise ConfigError(f'make_optimizer(transfer={transfer!r}, ...) needs the params to build its mask.')
+  return freeze.masked_optimizer(
+    tx,
+    params,
+    transfer,
+    unfreeze_stages=unfreeze_stages or None,
+    unfreeze_units=unfreeze_units or None,
+    backbone_lr_scale=float(backbone_lr_scale),
+  )
 
 
-def create_state(model, params, lr_fn, *, accum_steps: int = 1, trainable_mask=None) -> TrainState:
-  """A fresh TrainState at step 0 for `model` (a linen module) and its params."""
+def create_state(
+  model, params, lr_fn, *, accum_steps: int = 1, trainable_mask=None, **transfer
+) -> TrainState:
+  """A fresh TrainState at step 0 for `model` (a linen module) and its params.
+
+  `transfer` takes `make_optimizer`'s keywords (`transfer`, `unfreeze_stages`, `unfreeze_units`,
+  `backbone_lr_scale`).
+  """
   if int(accum_steps) < 1:
     raise ConfigError(f'config.accum_steps must be >= 1, got {accum_steps}.')
-  tx = make_optimizer(lr_fn, trainable_mask=trainable_mask)
+  tx = make_optimizer(lr_fn, params=params, trainable_mask=trainable_mask, **transfer)
   return TrainState.create(
     apply_fn=model.apply, params=params, tx=tx, lr_fn=lr_fn, accum_steps=int(accum_steps)
   )
@@ -125,6 +144,9 @@ def train_step(state: TrainState, batch, axis_name: str | None = DATA_AXIS):
 
 def eval_step(state: TrainState, batch, axis_name: str | None = DATA_AXIS):
   """Counts over this device's `batch` {'image', 'label': int (B,), 'mask': bool (B,)}, summed over devices.
+
+  The training loop evaluates with `bit.evaluation.evaluate_batches` (which also gives the confusion
+  matrix); this collective form is kept for callers that evaluate inside a mapped function.
 
   Returns {'correct1', 'correct5', 'count', 'loss_sum'}; padded examples (mask False) count for nothing.
   """

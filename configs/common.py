@@ -8,6 +8,12 @@ Runs on its own with overrides:
 Keys left unset (None) are filled in by the BiT-HyperRule from the data: `resize`/`crop` from the image size,
 `mixup_alpha` and `schedule` from the number of training examples. `get_config('MODEL')` sets the model,
 so `--config configs/common.py:BiT-S-R50x1` works too.
+
+Transfer modes: `--config.transfer=head` trains only the new head on the frozen backbone;
+`--config.transfer=partial --config.unfreeze_stages=1 --config.backbone_lr_scale=0.1` also trains block4 and
+the final norm at a tenth of the learning rate; `--config.model=R50x1` trains the bare architecture from
+scratch (the baseline that shows what pretraining buys). Early stopping:
+`--config.eval_every=50 --config.early_stopping_patience=3`.
 """
 
 import ml_collections
@@ -31,6 +37,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.crop = config_dict.placeholder(int)  # training crop side; eval images are resized to crop x crop
   c.mixup_alpha = config_dict.placeholder(float)  # MixUp Beta(alpha, alpha); 0 = off
   c.schedule = config_dict.placeholder(tuple)  # [warmup, decay1, decay2, decay3, total] steps: [2,4,6,8,10]
+  # Transfer mode: which params train (a mask on the one optimizer; frozen params stay bit-for-bit).
+  c.transfer = 'full'  # 'full' (everything), 'head' (new head only), 'partial' (head + norm_pre_head + top N)
+  c.unfreeze_stages = 0  # transfer='partial': also train the top N stages (1 = block4, 2 = block3+4, ...)
+  c.unfreeze_units = 0  # transfer='partial': or the top N residual units instead (counted down from block4)
+  c.backbone_lr_scale = 1.0  # lr multiplier for the trained params below the head (e.g. 0.1 for 'partial')
+  c.early_stopping_patience = 0  # stop after N evals with no better top-1; export the best (needs eval_every)
   # How it runs.
   c.parallelism = 'shard_map'  # 'shard_map' (jax.shard_map under jit) or 'pmap'
   c.num_devices = 0  # devices to use, 0 = all (single-process runs may pick fewer, e.g. 1 for debugging)

@@ -148,3 +148,34 @@ def test_batch_size_scaling_is_off_by_default_and_scales_when_asked():
     assert float(fn(step)) == pytest.approx(hyperrule.learning_rate(step, 1000, batch_size=256), rel=1e-6)
   with pytest.raises(ConfigError, match='batch_size'):
     hyperrule.schedule(1000, batch_size=0)
+
+
+def _reference_lr(step, supports, base_lr):
+  """The official get_lr's shape for explicit boundaries (no None at the end)."""
+  warmup, decays = supports[0], supports[1:-1]
+  if step < warmup:
+    return base_lr * step / warmup
+  return base_lr * 0.1 ** sum(step > s for s in decays)
+
+
+@pytest.mark.parametrize('supports', [[3, 5, 8, 9, 12], [0, 2, 3, 4, 5], [10, 10, 20, 30, 40]])
+def test_lr_schedule_with_explicit_supports(supports):
+  fn = jax.jit(jax.vmap(hyperrule.lr_schedule(base_lr=0.01, supports=supports)))
+  steps = np.arange(supports[-1] + 3)
+  expected = [_reference_lr(int(s), supports, 0.01) for s in steps]
+  np.testing.assert_allclose(np.asarray(fn(jnp.asarray(steps))), expected, rtol=1e-6, atol=1e-12)
+  # The hyper-rule's own boundaries given explicitly are the same schedule as the dataset size.
+  n = 1000
+  a = hyperrule.lr_schedule(n, 0.003)
+  b = hyperrule.lr_schedule(base_lr=0.003, supports=hyperrule.schedule(n))
+  for step in _probe_steps(hyperrule.schedule(n)):
+    assert float(a(step)) == float(b(step)), step
+
+
+def test_lr_schedule_needs_one_source_of_boundaries():
+  with pytest.raises(ConfigError, match='exactly one'):
+    hyperrule.lr_schedule()
+  with pytest.raises(ConfigError, match='exactly one'):
+    hyperrule.lr_schedule(1000, supports=[1, 2, 3, 4, 5])
+  with pytest.raises(ConfigError, match='warmup <= decay1'):
+    hyperrule.lr_schedule(supports=[5, 4, 3, 2, 1])
