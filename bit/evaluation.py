@@ -126,10 +126,11 @@ def evaluate_batches(
     loss_sum += float(nll[mask].astype(np.float64).sum())
     if progress is not None:
       progress.update(1)
-  return _metrics(confusion, hits5, loss_sum)
+  return metrics_from_counts(confusion, hits5, loss_sum)
 
 
-def _metrics(confusion: np.ndarray, hits5: int, loss_sum: float) -> dict:
+def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> dict:
+  """top1, top5, loss, count, per-class and mean per-class accuracy from a confusion matrix and counts."""
   count = int(confusion.sum())
   class_counts = confusion.sum(axis=1)
   correct = np.diag(confusion)
@@ -203,7 +204,7 @@ def evaluate(
 
     bar = tqdm(total=math.ceil(len(records) / int(batch_size)), desc=f'eval {split}', unit='batch')
   try:
-    result = evaluate_batches(_apply_fn(model), params, batches, num_classes, devices=devices, progress=bar)
+    result = evaluate_batches(apply_fn(model), params, batches, num_classes, devices=devices, progress=bar)
   finally:
     if bar is not None:
       bar.close()
@@ -218,7 +219,8 @@ def evaluate(
 
 
 @functools.lru_cache(maxsize=8)
-def _apply_fn(model):
+def apply_fn(model):
+  """`(params, images) -> logits` for `model`: one function object per model for the compiled-step cache."""
   # One function object per model, so `_step`'s cache recognizes repeated evaluations of the same model.
   return lambda params, images: model.apply({'params': params}, images)
 

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import pathlib
 import re
 import time
@@ -38,13 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import freeze, hyperrule, parallel
+from bit import files, freeze, hyperrule, parallel
 from bit.errors import BitError, ConfigError
 from bit.metrics_log import MetricsWriter
 from bit.train_state import (  # noqa: F401  (re-exported: the documented home of the step functions)
   TrainState,
   create_state,
-  eval_step,
   lr_schedule,
   make_optimizer,
   state_to_tree,
@@ -217,13 +215,7 @@ def _check_workdir_config(workdir: pathlib.Path, resolved: dict, write: bool) ->
         f'{workdir} holds a different run ({details}): use a new --workdir, or delete {workdir} to start over.'
       )
   if write:
-    _atomic_write(path, json.dumps(resolved, indent=2, sort_keys=True) + '\n')
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
+    files.write_json(path, resolved, sort_keys=True)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------
@@ -407,7 +399,7 @@ def _sum_over_processes(result: dict) -> dict:
   gathered = multihost_utils.process_allgather(local)
   confusion = np.asarray(gathered['confusion']).sum(axis=0).astype(np.int64)
   hits5, loss_sum = int(np.sum(gathered['hits5'])), float(np.sum(gathered['loss_sum'], dtype=np.float64))
-  return evaluation._metrics(confusion, hits5, loss_sum)  # noqa: SLF001 - the same metrics as one process
+  return evaluation.metrics_from_counts(confusion, hits5, loss_sum)  # the same metrics as one process
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -493,7 +485,7 @@ def fit(config, workdir) -> FitResult:
   dstate = dp.replicate(state)
   del state, params, restored
 
-  apply_fn = evaluation._apply_fn(model)  # noqa: SLF001 - one function per model: the eval step compiles once
+  apply_fn = evaluation.apply_fn(model)  # one function per model: the eval step compiles once
 
   def evaluate(dstate) -> dict:
     """The whole test split through `evaluation.evaluate_batches`, the same per-batch step as bit-eval."""
@@ -656,7 +648,7 @@ def _export(workdir: pathlib.Path, params, result: dict, info, split: str) -> No
 
   checkpoints.save_npz(params, workdir / 'model.npz')
   names = list(info.class_names or [str(i) for i in range(info.num_classes)])
-  _atomic_write(workdir / 'labels.txt', ''.join(f'{n}\n' for n in names))
+  files.write_text(workdir / 'labels.txt', ''.join(f'{n}\n' for n in names))
   try:
     evaluation.write_report(dict(result, class_names=names, split=split), workdir, names, split)
     plots.plot_curves(workdir / 'metrics.jsonl', workdir / 'curves.png')

@@ -142,31 +142,6 @@ def train_step(state: TrainState, batch, axis_name: str | None = DATA_AXIS):
   return state.apply_gradients(grads=grads), metrics
 
 
-def eval_step(state: TrainState, batch, axis_name: str | None = DATA_AXIS):
-  """Counts over this device's `batch` {'image', 'label': int (B,), 'mask': bool (B,)}, summed over devices.
-
-  The training loop evaluates with `bit.evaluation.evaluate_batches` (which also gives the confusion
-  matrix); this collective form is kept for callers that evaluate inside a mapped function.
-
-  Returns {'correct1', 'correct5', 'count', 'loss_sum'}; padded examples (mask False) count for nothing.
-  """
-  logits = state.apply_fn({'params': state.params}, batch['image']).astype(jnp.float32)
-  labels = batch['label'].astype(jnp.int32)
-  mask = batch['mask'].astype(jnp.float32)
-  k = min(5, logits.shape[-1])
-  _, top = lax.top_k(logits, k)
-  hit1 = (top[:, 0] == labels).astype(jnp.float32)
-  hit5 = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
-  out = {
-    'correct1': jnp.sum(hit1 * mask),
-    'correct5': jnp.sum(hit5 * mask),
-    'count': jnp.sum(mask),
-    'loss_sum': jnp.sum(nll * mask),
-  }
-  return out if axis_name is None else lax.psum(out, axis_name)
-
-
 # --- host-side (numpy) form of the state, as it is checkpointed -----------------------------------------
 
 

@@ -108,7 +108,7 @@ def test_evaluate_rejects_a_model_with_too_few_outputs(folder):
 
 def test_write_report(tmp_path):
   confusion = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
-  result = evaluation._metrics(confusion, hits5=6, loss_sum=3.0)
+  result = evaluation.metrics_from_counts(confusion, hits5=6, loss_sum=3.0)
   result.update(split='test', crop=32)
   paths = evaluation.write_report(result, tmp_path, ['a', 'b, with comma', 'c'], 'test')
   assert {p.name for p in paths.values()} == {'confusion_test.csv', 'confusion_test.png', 'eval_test.json'}

@@ -9,7 +9,7 @@ import pytest
 
 from bit import hyperrule, parallel
 from bit.errors import ConfigError
-from bit.train_state import create_state, eval_step, lr_schedule, train_step
+from bit.train_state import create_state, lr_schedule, train_step
 
 CLASSES = 5
 
@@ -123,23 +123,6 @@ def test_replicate_shard_unreplicate_round_trip(mode):
   sharded = dp.shard({'x': x})['x']
   gathered = np.concatenate([np.asarray(s.data).reshape(-1, 3) for s in sharded.addressable_shards])
   np.testing.assert_array_equal(np.sort(gathered, axis=0), x)
-
-
-def test_eval_step_counts_top1_top5_and_ignores_padding():
-  dp = parallel.DataParallel('shard_map')
-  state = fresh_state()
-  b = batch(0)
-  labels = np.arange(8) % CLASSES
-  mask = np.array([True] * 6 + [False] * 2)
-  out = dp.unreplicate(
-    dp.wrap(eval_step)(
-      dp.replicate(state), dp.shard({'image': b['image'], 'label': labels.astype(np.int32), 'mask': mask})
-    )
-  )
-  logits = np.asarray(state.apply_fn({'params': state.params}, b['image']))
-  top1 = (logits.argmax(-1) == labels)[mask].sum()
-  top5 = np.array([lab in np.argsort(-lg)[:5] for lg, lab in zip(logits, labels, strict=True)])[mask].sum()
-  assert int(out['count']) == 6 and int(out['correct1']) == top1 and int(out['correct5']) == top5 == 6
 
 
 def test_lr_schedule_is_the_hyperrule():
