@@ -96,38 +96,16 @@ def fixed_padding(x: jax.Array, pad: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
 
-def _matmul_1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """A 1x1 convolution (stride already applied) as one (N*H*W, Cin) @ (Cin, Cout) matmul."""
+def conv_1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A stride-1 1x1 convolution of NHWC `x` with a (1, 1, Cin, Cout) kernel, as one matmul.
+
+  Written as a (N*H*W, Cin) @ (Cin, Cout) dot for speed on CPU: XLA runs the weight gradient of a 1x1
+  *convolution* at a small fraction of the matmul peak, while the dot's gradients are plain matmuls
+  (~1.2x on a whole R50 train step). An explicit transpose of x for the weight gradient (behind an
+  optimization barrier) measured ~8% slower than letting XLA fuse it, so autodiff does the backward.
+  """
   y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[-2:]))
   return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
-
-
-@jax.custom_vjp
-def conv_1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """A stride-1 1x1 convolution of NHWC `x` with a (1, 1, Cin, Cout) kernel, as a matmul.
-
-  The custom backward pass exists for speed on CPU: XLA runs the weight gradient of a 1x1 convolution
-  (and of the equivalent dot_general contracting N*H*W in place) at a fraction of the matmul peak; a
-  materialized transpose of the input followed by a plain (Cin, M) @ (M, Cout) matmul runs 3-5x faster.
-  """
-  return _matmul_1x1(x, kernel)
-
-
-def _conv_1x1_fwd(x, kernel):
-  return _matmul_1x1(x, kernel), (x, kernel)
-
-
-def _conv_1x1_bwd(res, dy):
-  x, kernel = res
-  cin, cout = kernel.shape[-2:]
-  dx = _matmul_1x1(dy, jnp.swapaxes(kernel, -1, -2))
-  # The barrier keeps XLA from folding the transpose back into the dot (the slow form).
-  xt = jax.lax.optimization_barrier(jnp.transpose(x.reshape(-1, cin)))
-  dw = jnp.dot(xt, dy.reshape(-1, cout)).reshape(kernel.shape)
-  return dx.astype(x.dtype), dw.astype(kernel.dtype)
-
-
-conv_1x1.defvjp(_conv_1x1_fwd, _conv_1x1_bwd)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1)) -> jax.Array:
@@ -144,8 +122,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1)) -
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """VALID 3x3 max-pool with stride 2 of an NHWC tensor, as the maximum of 9 strided slices.
 
-  Same values as `nn.max_pool(x, (3, 3), (2, 2), 'VALID')`; its gradient is a few cheap selects, where
-  XLA CPU lowers the reduce-window gradient to an argmax over index tensors (~5% of an R50 train step).
+  Same values and gradients as `nn.max_pool(x, (3, 3), (2, 2), 'VALID')`. XLA CPU lowers the reduce-window
+  gradient to an argmax over four int32 index tensors (~5% of the profiled op time of an R50 train step);
+  the slices' gradient is a few selects. End to end the gain was within the noise of a shared CPU.
   """
   ho, wo = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
   out = None

@@ -1,0 +1,154 @@
+"""The speed benchmark (a tiny smoke run, no timing assertions) and the model's fast paths it measures:
+1x1 convolutions as matmuls, the custom-gradient weight standardization, the sliced max-pool and the
+folded inference model must equal their straightforward forms, values and gradients."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bit import benchmark, models
+from bit.errors import BitError
+
+TINY = dict(model='R26x1', size=32, batch=4, steps=2, warmup=1, num_classes=5, matmul_n=128)
+
+
+def _finite_positive(result, key):
+  value = result[key]
+  assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+
+
+def test_cli_prints_one_json_line_last():
+  cmd = [sys.executable, '-m', 'bit.benchmark', '--model', 'R26x1', '--size', '32', '--batch', '2']
+  cmd += ['--steps', '2', '--warmup', '1', '--classes', '3', '--matmul-n', '128']
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  for key in (
+    'train_images_per_sec',
+    'infer_images_per_sec',
+    'infer_unfolded_images_per_sec',
+    'compile_seconds',
+    'train_compile_seconds',
+    'infer_compile_seconds',
+    'peak_rss_mb',
+    'matmul_peak_gflops',
+    'train_peak_fraction',
+    'infer_peak_fraction',
+    'forward_gflops_per_image',
+  ):
+    _finite_positive(result, key)
+  assert (result['model'], result['size'], result['batch'], result['dtype']) == ('R26x1', 32, 2, 'float32')
+  # The fractions are of a peak measured in the same run: far above 1 would mean a wrong FLOP count.
+  assert result['train_peak_fraction'] < 3 and result['infer_peak_fraction'] < 3
+  assert result['compile_seconds'] >= result['train_compile_seconds']
+  assert math.isfinite(result['train_loss'])
+  assert '[bench]' in proc.stderr  # progress goes to stderr, so stdout stays machine-readable
+
+
+def test_data_parallel_run_over_two_devices():
+  if len(jax.devices()) < 2:
+    pytest.skip('needs XLA_FLAGS=--xla_force_host_platform_device_count>=2 (tests/conftest.py sets 4)')
+  result = benchmark.run(**{**TINY, 'devices': 2, 'infer': False})
+  assert result['devices'] == 2
+  _finite_positive(result, 'train_images_per_sec')
+  assert math.isfinite(result['train_loss'])
+
+
+def test_compile_only_allocates_nothing_and_reports_compile_times():
+  result = benchmark.run(**{**TINY, 'compile_only': True})
+  _finite_positive(result, 'train_compile_seconds')
+  _finite_positive(result, 'infer_compile_seconds')
+  assert 'train_images_per_sec' not in result
+
+
+@pytest.mark.parametrize(
+  'kwargs, match',
+  [({'devices': 64}, 'device'), ({'batch': 3, 'devices': 2}, 'split'), ({'dtype': 'float16'}, 'float16')],
+)
+def test_bad_options_are_clear_errors(kwargs, match):
+  with pytest.raises(BitError, match=match):
+    benchmark.run(**{**TINY, **kwargs})
+
+
+def test_cli_bad_option_exits_2_with_message(capsys):
+  assert benchmark.main(['--model', 'R26x1', '--devices', '64']) == 2
+  assert '--devices 64' in capsys.readouterr().err
+
+
+def test_forward_flops_match_published_macs():
+  # ResNet-50 at 224px: 4.1 GMACs; ResNet-101: 7.8 GMACs (the usual published figures).
+  assert benchmark.forward_flops(models.ResNetV2(50, 1, 1000), 224) / 2e9 == pytest.approx(4.09, abs=0.02)
+  assert benchmark.forward_flops(models.ResNetV2(101, 1, 1000), 224) / 2e9 == pytest.approx(7.80, abs=0.03)
+
+
+def _reference_conv(x, kernel, strides):
+  return jax.lax.conv_general_dilated(x, kernel, strides, 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('strides', [(1, 1), (2, 2)])
+def test_conv2d_1x1_as_matmul_equals_convolution(strides):
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (2, 9, 9, 8))
+  w = jax.random.normal(kw, (1, 1, 8, 16))
+  y = models.conv2d(x, w, strides)
+  np.testing.assert_allclose(y, _reference_conv(x, w, strides), atol=1e-5)
+  g = jax.random.normal(kg, y.shape)
+  fast = jax.vjp(lambda x, w: models.conv2d(x, w, strides), x, w)[1](g)
+  ref = jax.vjp(lambda x, w: _reference_conv(x, w, strides), x, w)[1](g)
+  for a, b in zip(fast, ref, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_standardize_custom_gradient_equals_autodiff():
+  def plain(w, eps=1e-10):  # the textbook form, differentiated by JAX
+    w = w - jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+    return w / jnp.sqrt(jnp.mean(jnp.square(w), axis=(0, 1, 2), keepdims=True) + eps)
+
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 8)) * 0.3 + 0.1
+  g = jax.random.normal(jax.random.PRNGKey(2), w.shape)
+  np.testing.assert_allclose(models.standardize(w), plain(w), atol=1e-5)
+  fast = jax.grad(lambda w: jnp.sum(models.standardize(w) * g))(w)
+  ref = jax.grad(lambda w: jnp.sum(plain(w) * g))(w)
+  np.testing.assert_allclose(fast, ref, atol=1e-4, rtol=1e-4)
+  assert np.abs(ref).max() > 1e-2  # the comparison is not between two zeros
+
+
+@pytest.mark.parametrize('shape', [(2, 18, 18, 4), (1, 17, 23, 3)])
+def test_sliced_max_pool_equals_flax_max_pool(shape):
+  x = jax.random.normal(jax.random.PRNGKey(3), shape)
+  ref_fn = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')  # noqa: E731
+  y = models.max_pool_3x3_s2(x)
+  np.testing.assert_array_equal(y, ref_fn(x))
+  g = jax.random.normal(jax.random.PRNGKey(4), y.shape)
+  np.testing.assert_allclose(
+    jax.vjp(models.max_pool_3x3_s2, x)[1](g)[0], jax.vjp(ref_fn, x)[1](g)[0], atol=1e-6
+  )
+
+
+def test_folded_inference_model_equals_the_training_model():
+  model = models.create_model('R26x1', 5)
+  params = models.init_params(model, seed=0, image_size=32)
+  # Random GroupNorm and head params too, so every folded path shows in the output.
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+  params = jax.tree_util.tree_unflatten(
+    tree, [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys, strict=True)]
+  )
+  folded = models.fold_for_inference(params)
+  assert jax.tree_util.tree_structure(folded) == jax.tree_util.tree_structure(params)
+  kernel = np.asarray(folded['block2']['unit01']['conv2']['kernel'])
+  np.testing.assert_allclose(kernel.mean(axis=(0, 1, 2)), 0, atol=1e-5)  # really standardized
+  np.testing.assert_array_equal(folded['head']['kernel'], params['head']['kernel'])  # the rest untouched
+  x = jax.random.uniform(jax.random.PRNGKey(6), (2, 32, 32, 3), minval=-1, maxval=1)
+  ref = jax.jit(model.apply)({'params': params}, x)
+  out = jax.jit(model.clone(folded=True).apply)({'params': folded}, x)
+  assert np.abs(np.asarray(ref)).max() > 1e-2
+  np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
