@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import files
+from bit import files, models
 from bit.errors import BitError, DataError
 
 DEFAULT_BATCH_SIZE = 64
@@ -113,6 +113,8 @@ def evaluate_batches(
       size = len(labels)
       put_params, put = _placer(devices, size)
       device_params = put_params(params)
+      if hasattr(apply_fn, 'prepare'):  # e.g. models.Inference: fold the weights once, not per batch
+        device_params = apply_fn.prepare(device_params)
     batch = _pad(batch, size)
     mask = batch['mask']
     if mask.any() and batch['label'][mask].max() >= num_classes:
@@ -218,11 +220,13 @@ def evaluate(
   return result
 
 
-@functools.lru_cache(maxsize=8)
 def apply_fn(model):
-  """`(params, images) -> logits` for `model`: one function object per model for the compiled-step cache."""
-  # One function object per model, so `_step`'s cache recognizes repeated evaluations of the same model.
-  return lambda params, images: model.apply({'params': params}, images)
+  """`(params, images) -> logits` for `model`, as `evaluate_batches` takes it.
+
+  A `models.Inference`: `evaluate_batches` standardizes the weights once per evaluation (its `prepare`)
+  instead of at every batch. Equal models give equal (hashable) functions, so the compiled step is reused.
+  """
+  return models.Inference(model)
 
 
 def _safe(split: str) -> str:

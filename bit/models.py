@@ -14,6 +14,7 @@ Numerics, as in the official BiT code:
   max-pool after zero padding (flax's padded max_pool pads with -inf, BiT with zeros).
 """
 
+import dataclasses
 import functools
 import re
 from typing import Any
@@ -317,6 +318,24 @@ def fold_for_inference(params):
     return leaf
 
   return jax.jit(lambda p: jax.tree_util.tree_map_with_path(fold, p))(params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inference:
+  """Inference with the weights standardized once rather than at every call.
+
+  `prepared = inf.prepare(params)` once, then `inf(prepared, images)` per batch (jit it); gives the logits
+  (or `pre_logits=True` features) of `model.apply({'params': params}, images)` up to float rounding.
+  Hashable, so compiled functions can be cached per model.
+  """
+
+  model: ResNetV2
+
+  def prepare(self, params):
+    return fold_for_inference(params)
+
+  def __call__(self, prepared, images, pre_logits: bool = False):
+    return self.model.clone(folded=True).apply({'params': prepared}, images, pre_logits=pre_logits)
 
 
 def init_params(model: ResNetV2, seed: int = 0, image_size: int = 64):

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from bit import models
 from bit.errors import BitError
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,10 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.ti
 
 @functools.lru_cache(maxsize=8)
 def _probs_fn(model):
-  # One compiled function per model (and per batch shape): repeated calls do not retrace.
-  return jax.jit(lambda params, images: jax.nn.softmax(model.apply({'params': params}, images), axis=-1))
+  # One compiled function per model (and per batch shape): repeated calls do not retrace. Takes the params
+  # prepared by models.Inference (weights standardized once per predict call, not per batch).
+  inference = models.Inference(model)
+  return jax.jit(lambda prepared, images: jax.nn.softmax(inference(prepared, images), axis=-1))
 
 
 def _to_model_range(images) -> np.ndarray:
@@ -77,13 +80,14 @@ def predict(model, params, images, *, top: int | None = None, batch_size: int = 
   if int(batch_size) < 1:
     raise BitError(f'batch_size must be a positive integer, got {batch_size!r}.')
   fn = _probs_fn(model)
+  prepared = models.Inference(model).prepare(params)
   out = []
   for start in range(0, len(x), batch_size):
     chunk = x[start : start + batch_size]
     pad = _bucket(len(chunk), batch_size) - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
-    out.append(np.asarray(fn(params, chunk))[: len(chunk) - pad])
+    out.append(np.asarray(fn(prepared, chunk))[: len(chunk) - pad])
   probs = np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
   if top is not None:
     k = max(1, min(int(top), probs.shape[-1]))

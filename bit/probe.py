@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import files
+from bit import files, models
 from bit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,8 @@ def extract_features(
       except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         warnings.warn(f'{path} is unreadable ({e}); extracting the features again.', stacklevel=2)
 
-  fn = jax.jit(lambda p, x: model.apply({'params': p}, x, pre_logits=True))
+  inference = models.Inference(model)  # weights standardized once, not per batch
+  fn = jax.jit(lambda p, x: inference(p, x, pre_logits=True))
   batches = data.eval_iterator(
     dataset, split=split, global_batch_size=int(batch_size), crop=crop, data_dir=data_dir
   )
@@ -130,7 +131,7 @@ def extract_features(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=math.ceil(len(records) / int(batch_size)), desc=f'features {split}', unit='batch')
-  device_params = jax.device_put(params, jax.local_devices()[0])
+  device_params = inference.prepare(jax.device_put(params, jax.local_devices()[0]))
   feats, labels = [], []
   try:
     for batch in batches:

@@ -127,3 +127,14 @@ def test_bfloat16_compute_keeps_float32_params_and_stays_close(data_dir):
   # bfloat16 has 8 bits of mantissa: close, not equal; the ranking of the classes survives.
   assert np.abs(np.asarray(logits) - golden).max() < 0.25
   assert np.array_equal(np.argmax(logits, -1), np.argmax(golden, -1))
+
+
+def test_inference_with_folded_weights_matches_golden_logits(data_dir):
+  model, params, path = _parity_case(data_dir, *PARITY_CASES[0])
+  inference = models.Inference(model)
+  prepared = inference.prepare(params)
+  # The prepared kernels are standardized: zero mean over H, W, I for every output channel.
+  k = np.asarray(prepared['block1']['unit01']['conv2']['kernel'])
+  np.testing.assert_allclose(k.mean(axis=(0, 1, 2)), 0, atol=1e-5)
+  logits = jax.jit(inference)(prepared, np.load(path / 'images.npy'))
+  np.testing.assert_allclose(np.asarray(logits), np.load(path / 'logits.npy'), atol=1e-4, rtol=0)
