@@ -7,6 +7,12 @@ The public API, re-exported lazily so `import bit` stays fast and does not pull 
 """
 
 import importlib
+import os
+
+# bit uses TensorFlow only for tf.data: keep its start-up chatter (C++ INFO lines, the oneDNN notice) out of
+# the output. setdefault: a user's own setting wins.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 __version__ = '0.1.0'
 
