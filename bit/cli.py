@@ -151,6 +151,11 @@ def _train(argv) -> None:
   from bit import parallel
 
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if 'demo' in FLAGS.config:  # configs/demo.py: the offline demo's stages (pretrain, fine-tune, scratch)
+    from bit.demo import run_demo
+
+    run_demo(FLAGS.config, FLAGS.workdir)
+    return
   from bit.train import train_and_evaluate
 
   metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -297,6 +302,42 @@ def _probe(argv) -> None:
 def probe_main() -> None:
   """bit-probe: a linear classifier on frozen pre-logits features (and the few-shot protocol)."""
   _run('bit-probe', _define_probe_flags, _probe)
+
+
+# --- bit-bench ---------------------------------------------------------------------------------------------
+
+
+def _define_bench_flags() -> None:
+  _define_config_flag()
+  _define(
+    'string',
+    'workdir',
+    None,
+    'Directory for the cells (one workdir each) and results.md/results.csv; rerun to resume.',
+  )
+
+
+def _bench(argv) -> None:
+  """bit-bench --config configs/bench_demo.py --workdir DIR [--config.key=value ...]
+
+  Runs a grid of fine-tunes (model x dataset x examples per class x seed), each cell in DIR/cells/<cell>,
+  and writes DIR/results.md and DIR/results.csv: measured top-1 next to the official figures. Rerunning skips
+  finished cells and resumes an interrupted one; cells that cannot run here are marked, never filled in.
+  """
+  if FLAGS.config is None:
+    raise BitError(
+      '--config is required, e.g. --config configs/bench_demo.py (offline) or configs/bench_paper.py.'
+    )
+  if not FLAGS.workdir:
+    raise BitError('--workdir is required: the directory that receives the cells and results.md.')
+  from bit.bench import run_bench
+
+  run_bench(FLAGS.config, FLAGS.workdir)
+
+
+def bench_main() -> None:
+  """bit-bench: a grid of fine-tunes against the official figures; see `bit.bench` and configs/bench_*.py."""
+  _run('bit-bench', _define_bench_flags, _bench)
 
 
 if __name__ == '__main__':
