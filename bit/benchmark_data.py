@@ -3,6 +3,8 @@ MixUp), without any model.
 
   python -m bit.benchmark_data --folder ROOT        # an image folder ROOT/<split>/<class>/<image>
   python -m bit.benchmark_data                      # generates real-size JPEGs in a temporary folder
+  python -m bit.benchmark_data --format png --image-size 32x32 --crop 32 --decoded-cache-gb 0   # no cache
+  python -m bit.benchmark_data --dataset cifar10 --mock-examples 2000 --crop 32    # TFDS (here mock data)
 
 The last line printed is one JSON object with the result. `pipeline_images_per_sec(...)` is the same
 measurement as a number for other benchmark modules (`pipeline_benchmark(...)` gives the whole record).
@@ -20,8 +22,8 @@ import time
 import numpy as np
 
 
-def make_jpeg_folder(root, *, num_images=256, num_classes=4, size=(375, 500), seed=0):
-  """Writes `num_images` photo-like JPEGs of `size` (h, w) into root/train/<class>/ and returns root.
+def make_jpeg_folder(root, *, num_images=256, num_classes=4, size=(375, 500), seed=0, image_format='jpeg'):
+  """Writes `num_images` photo-like JPEGs (or PNGs) of `size` (h, w) into root/train/<class>/; returns root.
 
   The images are smooth color fields with fine noise, so their file size and decode cost are close to real
   photos (pure noise would compress far worse; flat colors far better).
@@ -37,7 +39,10 @@ def make_jpeg_folder(root, *, num_images=256, num_classes=4, size=(375, 500), se
     coarse = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
     field = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
     photo = np.clip(field + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(photo).save(folder / f'{i:05d}.jpg', quality=90)
+    if image_format == 'png':
+      Image.fromarray(photo).save(folder / f'{i:05d}.png')
+    else:
+      Image.fromarray(photo).save(folder / f'{i:05d}.jpg', quality=90)
   return root
 
 
@@ -54,22 +59,42 @@ def pipeline_benchmark(
   num_images=256,
   image_size=(375, 500),
   seed=0,
+  image_format='jpeg',
+  dataset=None,
+  mock_examples=0,
+  decoded_cache_gb=None,
+  max_memory_gb=None,
 ) -> dict:
-  """Measures the training pipeline on `folder` (generated in a temporary folder when None).
+  """Measures the training pipeline on `folder` (generated in a temporary folder when None), or on the TFDS
+  `dataset` (with `mock_examples` > 0, on `tfds.testing.mock_data` of that many examples).
 
-  `resize` defaults to the project's training rule for the folder's typical image size and `crop`
+  `decoded_cache_gb` and `max_memory_gb` are the pipeline's decoded-cache and streaming budgets (None: the
+  defaults). `resize` defaults to the project's training rule for the folder's typical image size and `crop`
   (`hyperrule.train_resolution`). Returns a dict with `images_per_sec` (steady state, after `warmup`
   batches) and the settings used.
   """
-  from bit import data, hyperrule
+  import contextlib
 
-  with tempfile.TemporaryDirectory(prefix='bit_bench_data_') as tmp:
-    generated = folder is None
-    if generated:
-      folder = make_jpeg_folder(tmp, num_images=num_images, size=image_size, seed=seed)
-    info = data.get_info(str(folder), train_split=split, test_split=split)
+  from bit import data, data_sources, hyperrule
+
+  with contextlib.ExitStack() as stack:
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix='bit_bench_data_'))
+    generated = folder is None and dataset is None
+    if dataset is not None:
+      folder = dataset
+      if mock_examples:
+        import tensorflow_datasets as tfds
+
+        stack.enter_context(tfds.testing.mock_data(num_examples=int(mock_examples)))
+    elif generated:
+      folder = make_jpeg_folder(
+        tmp, num_images=num_images, size=image_size, seed=seed, image_format=image_format
+      )
+    data_sources.clear_cache()  # the decoded cache (and its one-time cost) is part of what is measured
+    info = data.get_info(str(folder), train_split=split, test_split=split, max_memory_gb=max_memory_gb)
     if resize is None:
       resize, crop = hyperrule.train_resolution(info.image_size, crop=crop)
+    first = time.perf_counter()
     it = data.train_iterator(
       str(folder),
       split=split,
@@ -79,10 +104,13 @@ def pipeline_benchmark(
       num_classes=info.num_classes,
       mixup_alpha=mixup_alpha,
       seed=seed,
+      max_memory_gb=max_memory_gb,
+      decoded_cache_gb=decoded_cache_gb,
     )
     for _ in range(warmup):
       next(it)
     start = time.perf_counter()
+    setup = start - first
     for _ in range(steps):
       batch = next(it)
     seconds = time.perf_counter() - start
@@ -91,12 +119,15 @@ def pipeline_benchmark(
     'benchmark': 'input_pipeline',
     'images_per_sec': round(steps * global_batch_size / seconds, 1),
     'seconds': round(seconds, 3),
+    'setup_seconds': round(setup, 3),  # iterator creation + warmup batches (includes any one-time decode)
     'steps': steps,
     'batch_size': global_batch_size,
     'resize': resize,
     'crop': crop,
     'mixup_alpha': mixup_alpha,
     'folder': None if generated else str(folder),
+    'image_format': image_format if generated else None,
+    'decoded_cache_gb': data_sources.decoded_cache_bytes(decoded_cache_gb) / 1e9,
     'train_size': info.train_size,
     'image_size': list(info.image_size),
     'cpus': os.cpu_count(),
@@ -123,6 +154,13 @@ def main(argv=None):
   p.add_argument('--mixup-alpha', type=float, default=0.0)
   p.add_argument('--num-images', type=int, default=256, help='images to generate without --folder')
   p.add_argument('--image-size', default='375x500', help='HxW of generated images')
+  p.add_argument('--format', default='jpeg', choices=['jpeg', 'png'], help='format of generated images')
+  p.add_argument('--dataset', help='a TFDS dataset name instead of a folder')
+  p.add_argument(
+    '--mock-examples', type=int, default=0, help='with --dataset: use TFDS mock data of N examples'
+  )
+  p.add_argument('--decoded-cache-gb', type=float, default=None, help='decoded-cache budget (0 = off)')
+  p.add_argument('--max-memory-gb', type=float, default=None, help='streaming budget (0 = stream TFDS)')
   args = p.parse_args(argv)
   h, w = (int(x) for x in args.image_size.lower().split('x'))
   result = pipeline_benchmark(
@@ -136,6 +174,11 @@ def main(argv=None):
     mixup_alpha=args.mixup_alpha,
     num_images=args.num_images,
     image_size=(h, w),
+    image_format=args.format,
+    dataset=args.dataset,
+    mock_examples=args.mock_examples,
+    decoded_cache_gb=args.decoded_cache_gb,
+    max_memory_gb=args.max_memory_gb,
   )
   print(
     f'input pipeline: {result["images_per_sec"]:.1f} images/s '

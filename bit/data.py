@@ -14,6 +14,19 @@ comes from (seed, s). So the stream is the same on 1 device or 8, and after a re
 several processes computes only its own slice [i*B_local, (i+1)*B_local) of every global batch and never
 decodes the others' images.
 
+Memory: a split is kept in memory encoded (TFDS bytes, folder paths). When its decoded pixels at the stored size
+fit `data_sources.DECODED_CACHE_GB` (`$BIT_DECODED_CACHE_GB`, or `decoded_cache_gb=`; 0 = off), it is decoded
+once and kept as uint8, so a small PNG/JPEG is not decoded at every step; the batches are the same either way
+(a JPEG that the pipeline would have downscaled while decoding is not served from the cache).
+
+Streaming: a TFDS split whose encoded size is above `data_sources.MAX_MEMORY_GB` (`$BIT_MAX_MEMORY_GB`, or
+`max_memory_gb=`), e.g. imagenet2012, is read with TFDS's tf.data reader instead: a deterministic seeded file
+order and a seeded shuffle buffer (`SHUFFLE_BUFFER` records), both reshuffled per epoch, give the order;
+everything per position (crop, flip, MixUp) is as above, so the batch of step s is still a function of
+(seed, s) alone, but the order is not the in-memory path's (each epoch holds the same examples). A resume reads
+and skips the records before `start_step` without decoding them. Few-shot on a streamed split reads its labels
+once (decoding only the labels), then keeps the chosen examples in memory.
+
 TensorFlow is imported lazily (so `import bit` stays light) and kept off the GPUs.
 """
 
@@ -31,8 +44,10 @@ from bit.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 # Independent random streams derived from the one seed of a run.
-_SHUFFLE, _CROP, _FLIP, _MIX_A, _MIX_B, _FEW_SHOT = range(1, 7)
+_SHUFFLE, _CROP, _FLIP, _MIX_A, _MIX_B, _FEW_SHOT, _FILES, _BUFFER = range(1, 9)
 _TF_READY = False
+# Records in the shuffle buffer of a streamed split (encoded: ~110 KB each for imagenet2012, so ~1 GB).
+SHUFFLE_BUFFER = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,30 +106,49 @@ def few_shot_indices(labels, examples_per_class: int, seed: int = 0, num_classes
   return np.sort(np.concatenate(chosen))
 
 
-def _train_records(dataset, split, data_dir, examples_per_class, seed):
-  records = data_sources.load_split(dataset, split, data_dir)
+def _train_records(dataset, split, data_dir, examples_per_class, seed, max_memory_gb=None):
+  records = data_sources.load_split(dataset, split, data_dir, max_memory_gb=max_memory_gb)
   if examples_per_class is not None:
-    records = records.subset(
-      few_shot_indices(records.labels, examples_per_class, seed, len(records.class_names))
-    )
+    num_classes = len(records.class_names)
+    if records.streaming:  # one label-only pass, then the k x classes chosen examples are held in memory
+      labels = data_sources.streamed_labels(records)
+      return data_sources.gather_streamed(
+        records, few_shot_indices(labels, examples_per_class, seed, num_classes)
+      )
+    records = records.subset(few_shot_indices(records.labels, examples_per_class, seed, num_classes))
   return records
 
 
 def get_info(
-  dataset, *, train_split='train', test_split='test', data_dir=None, examples_per_class=None, seed=0
+  dataset,
+  *,
+  train_split='train',
+  test_split='test',
+  data_dir=None,
+  examples_per_class=None,
+  seed=0,
+  max_memory_gb=None,
 ) -> DatasetInfo:
   """Returns the DatasetInfo of `dataset` (a TFDS name or an image folder path).
 
   Sizes come from the data itself (the split as read, after the holdout and the few-shot draw), so the
-  hyper-rule works for any dataset.
+  hyper-rule works for any dataset. A streamed split (above the memory budget) is not read: its size comes
+  from the TFDS metadata, its image size from a small sample, and a few-shot size is k x classes.
   """
-  train = _train_records(dataset, train_split, data_dir, examples_per_class, seed)
-  test = data_sources.load_split(dataset, test_split, data_dir)
+  train = data_sources.load_split(dataset, train_split, data_dir, max_memory_gb=max_memory_gb)
+  if train.streaming and examples_per_class is not None:
+    k = int(examples_per_class)
+    if k <= 0 or k != examples_per_class:
+      raise ConfigError(f'examples_per_class must be a positive integer, got {examples_per_class!r}')
+    train_size = k * len(train.class_names)  # checked against the labels when training starts
+  else:
+    train_size = len(_train_records(dataset, train_split, data_dir, examples_per_class, seed, max_memory_gb))
+  test = data_sources.load_split(dataset, test_split, data_dir, max_memory_gb=max_memory_gb)
   return DatasetInfo(
     name=str(dataset),
     num_classes=len(train.class_names),
     class_names=train.class_names,
-    train_size=len(train),
+    train_size=train_size,
     test_size=len(test),
     image_size=train.image_size,
     holdout=train.holdout or test.holdout,
@@ -168,14 +202,139 @@ def _decode(tf, raw, min_side: int):
   return image
 
 
-def _tensors(tf, records, num_classes):
-  if len(records) and records.labels.max() >= num_classes:
+def _check_labels(records, num_classes):
+  top = len(records.class_names) - 1 if records.streaming else (records.labels.max() if len(records) else -1)
+  if top >= num_classes:
     raise DataError(
-      f'{records.name!r} split {records.split!r} has label {records.labels.max()} but '
-      f'num_classes={num_classes}'
+      f'{records.name!r} split {records.split!r} has label {top} but num_classes={num_classes}; '
+      "pass the dataset's number of classes (get_info(...).num_classes)"
     )
-  # From the object array itself: a fixed-width numpy bytes array would pad every image to the largest one.
-  return tf.constant(records.payload), tf.constant(records.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoded:
+  """Every image of a split decoded at its stored size, end to end in one uint8 buffer."""
+
+  flat: np.ndarray  # uint8, all pixels
+  offsets: np.ndarray  # int64 (N,): where image i starts in flat
+  shapes: np.ndarray  # int64 (N, 2): (h, w); (0, 0) for an image that does not decode
+  jpeg_short_side: int  # the largest short side of a JPEG (0 if none): decides if the cache is exact
+
+
+def _decoded(tf, records, decoded_cache_gb) -> _Decoded | None:
+  """The split decoded once (memoized), or None when its pixels do not fit the decoded-cache budget."""
+  budget = data_sources.decoded_cache_bytes(decoded_cache_gb)
+  if budget <= 0 or records.streaming or not len(records):
+    return None
+  if records.sizes is not None:
+    estimate = int((records.sizes[:, 0] * records.sizes[:, 1]).sum()) * 3
+  else:
+    estimate = len(records) * records.image_size[0] * records.image_size[1] * 3
+  if estimate > budget:
+    return None
+
+  def build():
+    payload, is_path = tf.constant(records.payload), records.is_path
+
+    def decode(i):
+      raw = tf.gather(payload, i)
+      raw = tf.io.read_file(raw) if is_path else raw
+      return i, _decode(tf, raw, 1 << 30), tf.io.is_jpeg(raw)  # min_side that large: never downscaled
+
+    ds = tf.data.Dataset.range(len(records))
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
+    images, total, jpeg_short = [None] * len(records), 0, 0
+    for i, image, is_jpeg in ds.prefetch(64).as_numpy_iterator():
+      images[i] = image
+      total += image.nbytes
+      if total > 1.25 * budget:  # the estimate (median size x N) was far off: stay encoded
+        log.info('%s split %s: decoded pixels exceed the decoded-cache budget', records.name, records.split)
+        return records, None
+      if is_jpeg:
+        jpeg_short = max(jpeg_short, min(image.shape[:2]))
+    shapes = np.array([im.shape[:2] if im is not None else (0, 0) for im in images], np.int64)
+    sizes = shapes[:, 0] * shapes[:, 1] * 3
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    flat = np.concatenate([im.reshape(-1) for im in images if im is not None] or [np.zeros(0, np.uint8)])
+    log.info(
+      'decoded %s split %s once: %d images, %.1f MB of pixels',
+      records.name,
+      records.split,
+      len(records),
+      flat.nbytes / 1e6,
+    )
+    return records, _Decoded(flat, offsets, shapes, jpeg_short)
+
+  return data_sources.memoized(('decoded', id(records), budget), build)
+
+
+def _image_loader(tf, records, min_side, decoded_cache_gb):
+  """Returns `load(index) -> uint8 (h, w, 3)` for an in-memory split.
+
+  From the decoded cache when the split fits its budget and the cache gives the very same pixels: a JPEG that
+  `_decode` would downscale in the DCT for this `min_side` makes the loader decode from the encoded data.
+  """
+  cache = _decoded(tf, records, decoded_cache_gb)
+  if cache is not None and cache.jpeg_short_side // 2 < min_side:
+    flat, offsets, shapes = (tf.constant(a) for a in (cache.flat, cache.offsets, cache.shapes))
+
+    def load(index):
+      h, w = shapes[index, 0], shapes[index, 1]
+      size = h * w * 3
+      # An image that did not decode fails here too, and tf.data's ignore_errors skips it, as without cache.
+      check = tf.debugging.assert_positive(size, message='image could not be decoded')
+      with tf.control_dependencies([check]):
+        offset = offsets[index]
+        return tf.reshape(flat[offset : offset + size], tf.stack([h, w, 3]))
+
+    return load
+  payload, is_path = tf.constant(records.payload), records.is_path
+
+  def load(index):  # noqa: F811 - the uncached loader
+    raw = tf.gather(payload, index)
+    return _decode(tf, tf.io.read_file(raw) if is_path else raw, min_side)
+
+  return load
+
+
+def _train_augment(tf, image, p, resize, crop, crop_key, flip_key):
+  """Resize, random crop, random flip (both seeded by the stream position p), values to [-1, 1]."""
+  image = tf.image.resize(image, [resize, resize], method='bilinear')
+  image = tf.image.stateless_random_crop(
+    image, [crop, crop, 3], seed=tf.stack([tf.constant(crop_key, tf.int64), p])
+  )
+  image = tf.image.stateless_random_flip_left_right(
+    image, seed=tf.stack([tf.constant(flip_key, tf.int64), p])
+  )
+  return image / 127.5 - 1.0
+
+
+def _own_slice(tf, g, b, process_index):
+  """A tf.data filter on (p, ...) keeping this process's positions of every global batch."""
+  return lambda p, *_: tf.equal((p % g) // b, process_index)
+
+
+def _local_counter(p, g, b, process_index):
+  """q, the number of this process's positions before position p (the inverse of p(q))."""
+  return (p // g) * b + p % g - process_index * b
+
+
+def _streamed_train_records(tf, records, *, g, b, process_index, seed, start_step):
+  """(p, (encoded image, label)) of this process's positions of the endless, epoch-shuffled stream."""
+  import tensorflow_datasets as tfds
+
+  read_config = tfds.ReadConfig(
+    shuffle_seed=_stream_key(seed, _FILES), shuffle_reshuffle_each_iteration=True, try_autocache=False
+  )
+  ds = data_sources.as_encoded_dataset(
+    records.builder, records.name, records.split, shuffle_files=True, read_config=read_config
+  )
+  # Shuffled before repeat: every epoch holds each example once; both shuffles draw a new, seeded order per
+  # epoch (reshuffle_each_iteration with a fixed seed is deterministic across runs).
+  ds = ds.shuffle(SHUFFLE_BUFFER, seed=_stream_key(seed, _BUFFER), reshuffle_each_iteration=True).repeat()
+  # The skipped records of a resume are read but never decoded: the decode comes later.
+  ds = ds.enumerate().skip(int(start_step) * g)
+  return ds.filter(_own_slice(tf, g, b, process_index))
 
 
 def train_iterator(
@@ -194,6 +353,8 @@ def train_iterator(
   process_index=0,
   process_count=1,
   per_example_mixup=False,
+  max_memory_gb=None,
+  decoded_cache_gb=None,
 ):
   """Returns an infinite iterator of this process's training batches, starting at step `start_step`.
 
@@ -203,6 +364,10 @@ def train_iterator(
   `mixup_alpha` > 0, one lambda ~ Beta(alpha, alpha) per batch (per example with `per_example_mixup`) mixes
   each image and label with the batch reversed (the official MixUp; with several processes the pairs are
   formed within each process's slice). The batch of step s is the same whatever `start_step` was.
+
+  A TFDS split above the memory budget (`max_memory_gb`, see `data_sources.max_memory_bytes`) is streamed:
+  resuming at `start_step` then reads (but does not decode) the start_step x global_batch_size records
+  before it. A split whose decoded pixels fit `decoded_cache_gb` is decoded once and kept (same batches).
   """
   seed = _seed(seed)
   b_local = _local_batch(global_batch_size, process_index, process_count)
@@ -213,37 +378,48 @@ def train_iterator(
     )
   if start_step < 0:
     raise ConfigError(f'start_step must be >= 0, got {start_step}')
-  records = _train_records(dataset, split, data_dir, examples_per_class, seed)
+  records = _train_records(dataset, split, data_dir, examples_per_class, seed, max_memory_gb)
+  _check_labels(records, num_classes)
   tf = tf_hidden()
-  payload, labels = _tensors(tf, records, num_classes)
   n, g, b = len(records), int(global_batch_size), b_local
   shuffle_key, crop_key, flip_key = (_stream_key(seed, s) for s in (_SHUFFLE, _CROP, _FLIP))
   mix_a, mix_b = _stream_key(seed, _MIX_A), _stream_key(seed, _MIX_B)
-  is_path = records.is_path
 
-  def position_index(q):
+  def position(q):
     # q counts this process's examples; p is the example's position in the global stream.
     q = tf.cast(q, tf.int64)
-    p = (q // b) * g + process_index * b + q % b
-    index = tf.random.experimental.index_shuffle(
-      p % n,
-      seed=tf.stack([tf.constant(shuffle_key, tf.int64), p // n]),
-      max_index=tf.constant(n - 1, tf.int64),
-    )
-    return p, index
+    return (q // b) * g + process_index * b + q % b
 
-  def example(q):
-    p, index = position_index(q)
-    raw = tf.gather(payload, index)
-    image = _decode(tf, tf.io.read_file(raw) if is_path else raw, resize)
-    image = tf.image.resize(image, [resize, resize], method='bilinear')
-    image = tf.image.stateless_random_crop(
-      image, [crop, crop, 3], seed=tf.stack([tf.constant(crop_key, tf.int64), p])
+  if records.streaming:
+
+    def example(p, record):
+      raw, label = record
+      image = _train_augment(tf, _decode(tf, raw, resize), p, resize, crop, crop_key, flip_key)
+      return image, label, _local_counter(p, g, b, process_index)
+
+    ds = _streamed_train_records(
+      tf, records, g=g, b=b, process_index=process_index, seed=seed, start_step=start_step
     )
-    image = tf.image.stateless_random_flip_left_right(
-      image, seed=tf.stack([tf.constant(flip_key, tf.int64), p])
-    )
-    return image / 127.5 - 1.0, tf.gather(labels, index), q
+    where = lambda q: int(position(q))  # noqa: E731 - a skipped record is named by its stream position
+  else:
+    labels = tf.constant(records.labels)
+    load = _image_loader(tf, records, resize, decoded_cache_gb)
+
+    def index_of(p):
+      return tf.random.experimental.index_shuffle(
+        p % n,
+        seed=tf.stack([tf.constant(shuffle_key, tf.int64), p // n]),
+        max_index=tf.constant(n - 1, tf.int64),
+      )
+
+    def example(q):
+      p = position(q)
+      index = index_of(p)
+      image = _train_augment(tf, load(index), p, resize, crop, crop_key, flip_key)
+      return image, tf.gather(labels, index), q
+
+    ds = tf.data.Dataset.counter(start=int(start_step) * b, dtype=tf.int64)
+    where = lambda q: int(index_of(position(q)))  # noqa: E731
 
   def finish(step, batch):
     image, label, q = batch
@@ -264,14 +440,12 @@ def train_iterator(
       label = lam_label * label + (1.0 - lam_label) * tf.reverse(label, [0])
     return {'image': image, 'label': label, 'q': q}
 
-  ds = tf.data.Dataset.counter(start=int(start_step) * b, dtype=tf.int64)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   # A file that passed the header check but fails to decode (truncated) is logged and skipped.
   ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(b, drop_remainder=True).enumerate(start=int(start_step))
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
-  first = int(start_step) * b
-  return _reported(_numpy(ds), first, lambda q: int(position_index(q)[1]), records)
+  return _reported(_numpy(ds), int(start_step) * b, where, records)
 
 
 def eval_iterator(
@@ -285,13 +459,16 @@ def eval_iterator(
   process_index=0,
   process_count=1,
   center_crop=False,
+  max_memory_gb=None,
+  decoded_cache_gb=None,
 ):
   """Returns a finite iterator over every example of `split` exactly once (over all processes).
 
   Batches are `{'image': float32 (B_local, crop, crop, 3) in [-1, 1], 'label': int32 (B_local,),
   'mask': bool (B_local,)}`; the last global batch is padded with zero images and mask False, so every
   process yields the same number of same-shaped batches. Images are resized straight to `crop` (official);
-  with `center_crop=True` they are resized to `resize` and the central `crop` is taken.
+  with `center_crop=True` they are resized to `resize` and the central `crop` is taken. A streamed split
+  (above `max_memory_gb`) is read once in file order, with the same contract.
   """
   b = _local_batch(global_batch_size, process_index, process_count)
   crop = int(crop)
@@ -299,43 +476,60 @@ def eval_iterator(
     if resize is None or int(resize) < crop:
       raise ConfigError(f'center_crop needs resize >= crop, got resize={resize} crop={crop}')
     resize = int(resize)
-  records = data_sources.load_split(dataset, split, data_dir)
+  records = data_sources.load_split(dataset, split, data_dir, max_memory_gb=max_memory_gb)
   tf = tf_hidden()
-  payload, labels = _tensors(tf, records, len(records.class_names))
   n, g = len(records), int(global_batch_size)
   num_batches = math.ceil(n / g)
-  is_path = records.is_path
+  size = resize if center_crop else crop
 
-  def load(index):
-    raw = tf.gather(payload, index)
-    if not center_crop:
-      image = _decode(tf, tf.io.read_file(raw) if is_path else raw, crop)
-      return tf.image.resize(image, [crop, crop], method='bilinear')
-    image = _decode(tf, tf.io.read_file(raw) if is_path else raw, resize)
-    image = tf.image.resize(image, [resize, resize], method='bilinear')
-    top = (resize - crop) // 2
-    return image[top : top + crop, top : top + crop]
+  def preprocess(image):
+    image = tf.image.resize(image, [size, size], method='bilinear')
+    if center_crop:
+      top = (resize - crop) // 2
+      image = image[top : top + crop, top : top + crop]
+    return image / 127.5 - 1.0
 
-  def example(q):
-    p = (q // b) * g + process_index * b + q % b
-    mask = p < n
-    index = tf.minimum(p, n - 1)
+  def row(q, mask, label, load):
     # Padding rows are never decoded: zero images (the middle of the value range) with mask False.
-    image = tf.cond(mask, lambda: load(index) / 127.5 - 1.0, lambda: tf.zeros([crop, crop, 3], tf.float32))
+    image = tf.cond(mask, lambda: preprocess(load()), lambda: tf.zeros([crop, crop, 3], tf.float32))
     image.set_shape([crop, crop, 3])
-    label = tf.cast(tf.where(mask, tf.gather(labels, index), 0), tf.int32)
+    label = tf.cast(tf.where(mask, label, 0), tf.int32)
     return {'image': image, 'label': label, 'mask': mask, 'q': q}
 
-  ds = tf.data.Dataset.range(num_batches * b)
+  if records.streaming:
+    real = data_sources.as_encoded_dataset(records.builder, records.name, records.split).take(n)
+    real = real.map(lambda raw, label: (raw, label, True))
+    pad = tf.data.Dataset.range(num_batches * g - n).map(
+      lambda _: (tf.constant(b''), tf.constant(0, tf.int64), False)
+    )
+    ds = real.concatenate(pad).enumerate().filter(_own_slice(tf, g, b, process_index))
+
+    def example(p, record):
+      raw, label, mask = record
+      return row(_local_counter(p, g, b, process_index), mask, label, lambda: _decode(tf, raw, size))
+
+    def where(q):
+      return (q // b) * g + process_index * b + q % b
+
+  else:
+    _check_labels(records, len(records.class_names))
+    labels = tf.constant(records.labels)
+    load = _image_loader(tf, records, size, decoded_cache_gb)
+
+    def example(q):
+      p = (q // b) * g + process_index * b + q % b
+      index = tf.minimum(p, n - 1)
+      return row(q, p < n, tf.gather(labels, index), lambda: load(index))
+
+    def where(q):
+      return min((q // b) * g + process_index * b + q % b, n - 1)
+
+    ds = tf.data.Dataset.range(num_batches * b)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(
     log_warning=True
   )
   ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
-
-  def position_index(q):
-    return min((q // b) * g + process_index * b + q % b, n - 1)
-
-  return _padded(_reported(_numpy(ds), 0, position_index, records, num_batches * b), num_batches, b, crop)
+  return _padded(_reported(_numpy(ds), 0, where, records, num_batches * b), num_batches, b, crop)
 
 
 def _numpy(ds):
@@ -361,7 +555,10 @@ def _reported(batches, first, position_index, records, end=None):
 
 
 def _log_skipped(records, index):
-  where = records.payload[index] if records.is_path else f'record {index} of split {records.split!r}'
+  if records.streaming:
+    where = f'stream position {index} of split {records.split!r}'
+  else:
+    where = records.payload[index] if records.is_path else f'record {index} of split {records.split!r}'
   log.warning('skipped an image that could not be decoded: %s (%s)', where, records.name)
 
 

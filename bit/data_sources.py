@@ -1,8 +1,14 @@
-"""Where examples come from: TFDS datasets and image folders, as index-addressable splits.
+"""Where examples come from: TFDS datasets and image folders, as index-addressable or streamed splits.
 
-A split is read once per process into a `Records`: the labels and, per example, either the encoded image
-bytes (TFDS) or the file path (image folders). The input pipeline in `bit.data` then reads any example by
-index, which makes the stream a pure function of (seed, position) and a resume skip free.
+A split that fits in memory is read once per process into a `Records`: the labels and, per example, either
+the encoded image bytes (TFDS) or the file path (image folders). The input pipeline in `bit.data` then reads
+any example by index, which makes the stream a pure function of (seed, position) and a resume skip free.
+
+A TFDS split whose encoded size (TFDS metadata) is above the memory budget (`MAX_MEMORY_GB`, the environment
+variable `BIT_MAX_MEMORY_GB`, or a `max_memory_gb` argument; 0 streams every TFDS split) is not read: its
+`Records` is `streaming`, holds only the metadata (size, class names, the typical image size from a small
+sample) and the TFDS builder, and `bit.data` reads it with TFDS's own tf.data reader. Image folders hold only
+paths, so they are always index-addressable.
 
 Datasets without a `test` split (tf_flowers, a folder with only `train/`) are divided by a stratified,
 seeded holdout: `HOLDOUT_FRACTION` of each class becomes `test`, the rest `train`. The holdout seed is a
@@ -20,7 +26,7 @@ import threading
 
 import numpy as np
 
-from bit.errors import DataError
+from bit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +37,62 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 DECODABLE_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'GIF')
 # Images whose header gives the typical size of a dataset with images of varying size.
 SIZE_SAMPLE = 256
+# A TFDS split with more encoded bytes than this is streamed from its files instead of read into memory.
+MAX_MEMORY_GB = 8.0
+# A split whose decoded uint8 pixels (at the stored size) fit in this many GB is decoded once and kept.
+DECODED_CACHE_GB = 1.0
 
 
-@dataclasses.dataclass(frozen=True)
+def _budget_bytes(value, env: str, default: float) -> float:
+  if value is None:
+    value = os.environ.get(env, '').strip() or default
+  try:
+    gb = float(value)
+  except ValueError:
+    gb = -1.0
+  if not gb >= 0:  # also catches NaN
+    raise ConfigError(f'{env} (or the matching argument) must be a number of GB >= 0, got {value!r}')
+  return gb * 1e9
+
+
+def max_memory_bytes(max_memory_gb=None) -> float:
+  """The encoded-size budget above which a TFDS split is streamed: the argument, else `$BIT_MAX_MEMORY_GB`,
+  else `MAX_MEMORY_GB`. 0 streams every TFDS split."""
+  return _budget_bytes(max_memory_gb, 'BIT_MAX_MEMORY_GB', MAX_MEMORY_GB)
+
+
+def decoded_cache_bytes(decoded_cache_gb=None) -> float:
+  """The decoded-pixels budget under which a split is decoded once and kept as uint8: the argument, else
+  `$BIT_DECODED_CACHE_GB`, else `DECODED_CACHE_GB`. 0 turns the decoded cache off."""
+  return _budget_bytes(decoded_cache_gb, 'BIT_DECODED_CACHE_GB', DECODED_CACHE_GB)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Records:
-  """One split, addressable by index."""
+  """One split: addressable by index, or (`streaming`) only metadata and the TFDS builder to read it with."""
 
   name: str
   split: str
-  labels: np.ndarray  # int64 (N,)
-  payload: np.ndarray  # object (N,): encoded bytes (TFDS) or str paths (folders)
+  labels: np.ndarray | None  # int64 (N,); None when streaming
+  payload: np.ndarray | None  # object (N,): encoded bytes (TFDS) or str paths (folders); None when streaming
   is_path: bool
   class_names: tuple[str, ...]
   image_size: tuple[int, int]  # typical (h, w): the median over the split or a sample of it
   holdout: bool = False  # True when this split is one side of the seeded holdout
+  sizes: np.ndarray | None = None  # int64 (N, 2) (h, w) of every image, when known (folders)
+  streaming: bool = False
+  num_examples: int = 0  # the split size when streaming (from the metadata)
+  builder: object = dataclasses.field(default=None, repr=False)  # the TFDS builder when streaming
 
   def __len__(self):
-    return len(self.labels)
+    return self.num_examples if self.streaming else len(self.labels)
 
   def subset(self, indices) -> Records:
+    if self.streaming:
+      raise DataError(f'{self.name!r} split {self.split!r} is streamed; use gather_streamed() for a subset')
     indices = np.asarray(indices, np.int64)
-    return dataclasses.replace(self, labels=self.labels[indices], payload=self.payload[indices])
+    sizes = None if self.sizes is None else self.sizes[indices]
+    return dataclasses.replace(self, labels=self.labels[indices], payload=self.payload[indices], sizes=sizes)
 
 
 _CACHE: dict = {}
@@ -77,10 +118,15 @@ def is_folder(dataset: str) -> bool:
   return False
 
 
-def load_split(dataset, split: str, data_dir=None) -> Records:
-  """Returns the split `split` of `dataset` (TFDS name or folder path), applying the holdout if needed."""
+def load_split(dataset, split: str, data_dir=None, *, max_memory_gb=None) -> Records:
+  """Returns the split `split` of `dataset` (TFDS name or folder path), applying the holdout if needed.
+
+  A TFDS split whose encoded size is above `max_memory_bytes(max_memory_gb)` comes back `streaming`
+  (metadata only, nothing read but a small sample).
+  """
   dataset = os.fspath(dataset)
-  key = (dataset, split, None if data_dir is None else os.fspath(data_dir))
+  budget = max_memory_bytes(max_memory_gb)
+  key = (dataset, split, None if data_dir is None else os.fspath(data_dir), budget)
   with _LOCK:
     if key in _CACHE:
       return _CACHE[key]
@@ -90,7 +136,7 @@ def load_split(dataset, split: str, data_dir=None) -> Records:
   else:
     builder = _tfds_builder(dataset, data_dir)
     splits = tfds_split_names(builder)
-    reader = lambda s: _read_tfds(builder, dataset, s)  # noqa: E731
+    reader = lambda s: _read_tfds(builder, dataset, s, budget)  # noqa: E731
 
   def read(s):  # both sides of a holdout come from one read of the train split
     raw_key = ('raw',) + key[:1] + (s,) + key[2:]
@@ -129,6 +175,12 @@ def holdout_indices(labels, fraction=HOLDOUT_FRACTION, seed=HOLDOUT_SEED):
 
 
 def _holdout(records: Records, split: str) -> Records:
+  if records.streaming:
+    raise DataError(
+      f'{records.name!r} has no test split and its train split is streamed (larger than the memory budget), '
+      'so it cannot be divided by the seeded holdout; give an explicit test split (e.g. "train[:5%]" as test '
+      'and "train[5%:]" as train) or raise BIT_MAX_MEMORY_GB'
+    )
   train, test = holdout_indices(records.labels)
   part = records.subset(train if split == 'train' else test)
   part = dataclasses.replace(part, split=split, holdout=True)
@@ -229,6 +281,7 @@ def _read_folder(root, split: str) -> Records:
     is_path=True,
     class_names=tuple(class_names),
     image_size=(int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))),
+    sizes=sizes.astype(np.int64),
   )
 
 
@@ -264,32 +317,63 @@ def tfds_split_names(builder) -> list[str]:
   return list(builder.info.splits.keys())
 
 
-def _read_tfds(builder, name, split: str) -> Records:
+def _split_metadata(builder, split: str) -> tuple[int | None, int | None]:
+  """(num_bytes, num_examples) of a split (slices too) from the TFDS metadata; None where unknown."""
+  try:
+    info = builder.info.splits[split]
+  except Exception:  # noqa: BLE001 - no metadata (mock data) or a split string TFDS cannot size
+    return None, None
+  return int(info.num_bytes or 0) or None, int(info.num_examples)
+
+
+def as_encoded_dataset(builder, name, split: str, *, shuffle_files=False, read_config=None):
+  """TFDS's tf.data reader of `split` with every image kept encoded: elements `(image_bytes, label)`."""
   import tensorflow_datasets as tfds
 
-  features = builder.info.features
-  try:
-    num_bytes = builder.info.splits[split].num_bytes
-  except Exception:  # noqa: BLE001 - no metadata (mock data) or a split string TFDS cannot size
-    num_bytes = 0
-  if num_bytes > 16e9:
-    log.warning(
-      '%s split %s holds %.0f GB of encoded images and is read into memory; make sure the host has '
-      'the RAM (or fine-tune on a subset, e.g. split "train[:20%%]")',
-      name,
-      split,
-      num_bytes / 1e9,
-    )
   # Keep every image encoded: decoding happens per example in the pipeline (and a segmentation mask
   # would otherwise be decoded for nothing).
   decoders = {
-    k: tfds.decode.SkipDecoding() for k, f in features.items() if isinstance(f, tfds.features.Image)
+    k: tfds.decode.SkipDecoding()
+    for k, f in builder.info.features.items()
+    if isinstance(f, tfds.features.Image)
   }
+  kwargs = {} if read_config is None else {'read_config': read_config}
   try:
-    ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+    ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=shuffle_files, **kwargs)
   except Exception as e:  # noqa: BLE001
     raise DataError(f'TFDS dataset {name!r} cannot read split {split!r}: {e}') from e
-  ds = ds.map(lambda ex: (ex['image'], ex['label'])).batch(1024)
+  return ds.map(lambda ex: (ex['image'], ex['label']))
+
+
+def _class_names(builder, labels=None) -> tuple[str, ...]:
+  label_feature = builder.info.features['label']
+  names = getattr(label_feature, 'names', None)
+  if names:
+    return tuple(names)
+  if labels is not None:
+    return tuple(str(i) for i in range(int(labels.max()) + 1))
+  count = getattr(label_feature, 'num_classes', None)
+  if not count:
+    raise DataError(
+      f'TFDS dataset {builder.name!r} does not declare its classes (label feature {label_feature}); '
+      'it cannot be streamed: raise BIT_MAX_MEMORY_GB so it is read into memory'
+    )
+  return tuple(str(i) for i in range(int(count)))
+
+
+def _fixed_image_size(builder) -> tuple[int, int] | None:
+  shape = builder.info.features['image'].shape
+  if shape[0] is not None and shape[1] is not None:
+    return int(shape[0]), int(shape[1])
+  return None
+
+
+def _read_tfds(builder, name, split: str, budget: float) -> Records:
+  num_bytes, _ = _split_metadata(builder, split)
+  # Budget 0 streams every split, also those whose size the metadata does not give (mock data).
+  if budget <= 0 or (num_bytes or 0) > budget:
+    return _stream_tfds(builder, name, split, num_bytes)
+  ds = as_encoded_dataset(builder, name, split).batch(1024)
   images, labels = [], []
   for im, lab in ds.as_numpy_iterator():
     images.extend(im.tolist())
@@ -297,8 +381,6 @@ def _read_tfds(builder, name, split: str) -> Records:
   if not images:
     raise DataError(f'split {split!r} of TFDS dataset {name!r} is empty')
   labels = np.concatenate(labels).astype(np.int64)
-  label_feature = features['label']
-  class_names = tuple(getattr(label_feature, 'names', None) or [str(i) for i in range(labels.max() + 1)])
   payload = np.empty(len(images), dtype=object)
   payload[:] = images
   log.info(
@@ -308,20 +390,102 @@ def _read_tfds(builder, name, split: str) -> Records:
     len(images),
     sum(len(b) for b in images) / 1e6,
   )
-  shape = features['image'].shape
-  if shape[0] is not None and shape[1] is not None:
-    image_size = (int(shape[0]), int(shape[1]))
-  else:
-    image_size = _typical_size_of_bytes(payload)
   return Records(
     name=name,
     split=split,
     labels=labels,
     payload=payload,
     is_path=False,
-    class_names=class_names,
-    image_size=image_size,
+    class_names=_class_names(builder, labels),
+    image_size=_fixed_image_size(builder) or _typical_size_of_bytes(payload),
   )
+
+
+def _stream_tfds(builder, name, split: str, num_bytes) -> Records:
+  """The metadata of a split too large for memory: size, classes, typical image size from a small sample."""
+  _, n = _split_metadata(builder, split)
+  ds = as_encoded_dataset(builder, name, split)
+  if n is None:
+    n = int(ds.cardinality())
+  if n < 0:  # neither metadata nor a known cardinality: count the records (read, never decoded)
+    n = int(ds.reduce(np.int64(0), lambda count, _: count + 1))
+  if n == 0:
+    raise DataError(f'split {split!r} of TFDS dataset {name!r} is empty')
+  image_size = _fixed_image_size(builder)
+  if image_size is None:
+    sample = np.empty(min(SIZE_SAMPLE, n), dtype=object)
+    sample[:] = [im for im, _ in ds.take(SIZE_SAMPLE).as_numpy_iterator()]
+    image_size = _typical_size_of_bytes(sample)
+  log.info(
+    '%s split %s is streamed from its files (%d examples, %s encoded, above the memory budget)',
+    name,
+    split,
+    n,
+    'unknown size' if num_bytes is None else f'{num_bytes / 1e9:.1f} GB',
+  )
+  return Records(
+    name=name,
+    split=split,
+    labels=None,
+    payload=None,
+    is_path=False,
+    class_names=_class_names(builder),
+    image_size=image_size,
+    streaming=True,
+    num_examples=n,
+    builder=builder,
+  )
+
+
+def streamed_labels(records: Records) -> np.ndarray:
+  """The labels (N,) of a streamed split in its file order: one pass that reads every record and decodes only
+  the labels (cached for the life of the process)."""
+
+  def read():
+    log.info(
+      'reading the labels of streamed %s split %s (images are not decoded)', records.name, records.split
+    )
+    ds = as_encoded_dataset(records.builder, records.name, records.split).map(lambda im, lab: lab)
+    return records, np.concatenate(list(ds.batch(8192).as_numpy_iterator())).astype(np.int64)
+
+  return memoized(('labels', id(records)), read)
+
+
+def gather_streamed(records: Records, indices) -> Records:
+  """An in-memory Records of the examples at `indices` (positions in file order) of a streamed split: one
+  pass that reads every record and keeps only the chosen ones encoded (for few-shot subsets)."""
+  tf = _tf()
+  indices = np.unique(np.asarray(indices, np.int64))
+  keep = np.zeros(len(records), bool)
+  keep[indices] = True
+  keep_t = tf.constant(keep)
+  ds = as_encoded_dataset(records.builder, records.name, records.split).enumerate()
+  ds = ds.filter(lambda i, ex: tf.gather(keep_t, tf.minimum(i, len(records) - 1)) & (i < len(records)))
+  images, labels = [], []
+  for _, (im, lab) in ds.as_numpy_iterator():
+    images.append(im)
+    labels.append(lab)
+  if len(images) != len(indices):
+    raise DataError(
+      f'{records.name!r} split {records.split!r}: read {len(images)} of the {len(indices)} chosen examples; '
+      'the split changed since its labels were read'
+    )
+  payload = np.empty(len(images), dtype=object)
+  payload[:] = images
+  return dataclasses.replace(
+    records,
+    labels=np.array(labels, np.int64),
+    payload=payload,
+    streaming=False,
+    num_examples=0,
+    builder=None,
+  )
+
+
+def _tf():
+  from bit.data import tf_hidden
+
+  return tf_hidden()
 
 
 def _typical_size_of_bytes(payload) -> tuple[int, int]:
@@ -342,3 +506,15 @@ def _typical_size_of_bytes(payload) -> tuple[int, int]:
     raise DataError('no image of the dataset sample could be read to find the typical image size')
   sizes = np.array(sizes)
   return int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))
+
+
+def memoized(key, make):
+  """`make()` once per `key` for the life of the process (until clear_cache); `make` returns (keep, value),
+  `keep` an object held so that an id() inside `key` stays unique."""
+  with _LOCK:
+    if key in _CACHE:
+      return _CACHE[key][1]
+  keep, value = make()
+  with _LOCK:
+    _CACHE[key] = (keep, value)
+  return value

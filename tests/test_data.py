@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from bit import data, data_sources
-from bit.errors import DataError
+from bit.errors import ConfigError, DataError
 
 # Created in this order on purpose: the labels must follow the sorted names, not the creation order.
 CLASSES = {'zebra': 2, 'apple': 0, 'mango': 1}
@@ -254,7 +254,9 @@ def test_holdout_when_there_is_no_test_split(tmp_path):
   assert mask.sum() == 6
 
 
-def test_truncated_image_is_skipped_and_reported(tmp_path, caplog):
+@pytest.mark.parametrize('cache_gb', ['0', '1'])
+def test_truncated_image_is_skipped_and_reported(tmp_path, caplog, monkeypatch, cache_gb):
+  monkeypatch.setenv('BIT_DECODED_CACHE_GB', cache_gb)  # skipped the same way with the decoded cache
   rng = np.random.default_rng(2)
   (tmp_path / 'test' / 'a').mkdir(parents=True)
   for i in range(5):
@@ -267,6 +269,8 @@ def test_truncated_image_is_skipped_and_reported(tmp_path, caplog):
   assert len(batches) == 2 and all(b['image'].shape == (4, 32, 32, 3) for b in batches)
   assert sum(b['mask'].sum() for b in batches) == 5
   assert 'trunc.jpg' in caplog.text
+  if cache_gb == '1':  # the one undecodable image has an empty slot in the cache
+    assert (_decoded_entries()[0].shapes == 0).all(axis=1).sum() == 1
 
 
 def test_folder_errors(tmp_path):
@@ -341,3 +345,219 @@ def test_benchmark_prints_json_last(capsys):
   last = capsys.readouterr().out.strip().splitlines()[-1]
   result = json.loads(last)
   assert result['images_per_sec'] > 0 and result['crop'] == 32 and result['resize'] == 160
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+def _cifar(**kw):
+  args = dict(split='train', global_batch_size=4, resize=32, crop=32, num_classes=10)
+  args.update(kw)
+  return data.train_iterator('cifar10', **args)
+
+
+def _row_means(images):
+  """Per-row color sums: a fingerprint of an image that a horizontal flip does not change."""
+  pixels = np.rint((np.asarray(images) + 1) * 127.5).astype(np.int64)  # back to the exact stored values
+  return sorted(im.sum(axis=1).tobytes() for im in pixels)
+
+
+def test_streaming_tfds_split_train(monkeypatch):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  monkeypatch.setenv('BIT_MAX_MEMORY_GB', '0')  # every TFDS split is over budget: the streaming path
+  with tfds.testing.mock_data(num_examples=20):
+    records = data_sources.load_split('cifar10', 'train')
+    assert records.streaming and len(records) == 20 and records.labels is None
+    info = data.get_info('cifar10')
+    assert info.train_size == 20 and info.test_size == 20 and info.image_size == (32, 32)
+    full = _take(_cifar(mixup_alpha=0.3, seed=5), 7)
+    for b in full:
+      assert b['image'].shape == (4, 32, 32, 3) and b['label'].shape == (4, 10)
+      assert b['image'].min() >= -1 and b['image'].max() <= 1
+      np.testing.assert_allclose(b['label'].sum(1), 1.0, rtol=1e-6)
+    # The batch of step s is a function of (seed, s): the same when started at s.
+    resumed = _take(_cifar(mixup_alpha=0.3, seed=5, start_step=5), 2)
+    for a, b in zip(full[5:], resumed, strict=True):
+      np.testing.assert_array_equal(a['image'], b['image'])
+      np.testing.assert_array_equal(a['label'], b['label'])
+    assert not np.array_equal(_take(_cifar(mixup_alpha=0.3, seed=6), 1)[0]['image'], full[0]['image'])
+    # Two processes: each its own slice of the global batch.
+    parts = [_take(_cifar(start_step=3, process_index=i, process_count=2), 2) for i in range(2)]
+    whole = _take(_cifar(start_step=3), 2)
+    for step in range(2):
+      assert parts[0][step]['image'].shape == (2, 32, 32, 3)
+      np.testing.assert_array_equal(
+        np.concatenate([parts[0][step]['image'], parts[1][step]['image']]), whole[step]['image']
+      )
+    # Each epoch (5 steps of 4) is the split once, as in memory; only the order differs.
+    streamed = [np.concatenate([b['image'] for b in _take(_cifar(start_step=e * 5), 5)]) for e in (0, 1)]
+    monkeypatch.setenv('BIT_MAX_MEMORY_GB', '8')
+    data_sources.clear_cache()
+    assert not data_sources.load_split('cifar10', 'train').streaming
+    in_memory = np.concatenate([b['image'] for b in _take(_cifar(), 5)])
+    assert _row_means(streamed[0]) == _row_means(in_memory) == _row_means(streamed[1])
+    assert not np.array_equal(streamed[0], streamed[1])  # a new order every epoch
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_streaming_tfds_split_eval_covers_every_example_once(monkeypatch, process_count):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  with tfds.testing.mock_data(num_examples=10):
+    expected = list(data.eval_iterator('cifar10', split='test', global_batch_size=4, crop=32))
+    data_sources.clear_cache()
+    monkeypatch.setenv('BIT_MAX_MEMORY_GB', '0')
+    parts = [
+      list(
+        data.eval_iterator(
+          'cifar10', split='test', global_batch_size=4, crop=32, process_index=i, process_count=process_count
+        )
+      )
+      for i in range(process_count)
+    ]
+    assert data_sources.load_split('cifar10', 'test').streaming
+  assert all(len(p) == 3 for p in parts)  # ceil(10 / 4) batches on every process, the last one padded
+  for step, e in enumerate(expected):
+    got = {k: np.concatenate([p[step][k] for p in parts]) for k in ('image', 'label', 'mask')}
+    assert got['image'].shape == (4, 32, 32, 3)
+    for k in ('image', 'label', 'mask'):  # file order: the same rows as the in-memory path
+      np.testing.assert_array_equal(got[k], e[k])
+  assert sum(b['mask'].sum() for p in parts for b in p) == 10
+
+
+def test_streaming_few_shot_reads_labels_and_matches_in_memory(monkeypatch):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  kw = dict(examples_per_class=1, seed=2, mixup_alpha=0.2)
+  with tfds.testing.mock_data(num_examples=80):
+    in_memory = _take(_cifar(**kw), 3)
+    data_sources.clear_cache()
+    monkeypatch.setenv('BIT_MAX_MEMORY_GB', '0')
+    assert data.get_info('cifar10', examples_per_class=1).train_size == 10  # not read: k x classes
+    streamed = _take(_cifar(**kw), 3)
+    with pytest.raises(DataError, match='fewer than examples_per_class=50'):
+      _cifar(examples_per_class=50)
+  # The same k per class drawn from the same labels in the same file order: the same batches.
+  for a, b in zip(in_memory, streamed, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_streaming_holdout_and_budget_errors(monkeypatch):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  monkeypatch.setattr(data_sources, 'tfds_split_names', lambda builder: ['train'])
+  monkeypatch.setenv('BIT_MAX_MEMORY_GB', '0')
+  with tfds.testing.mock_data(num_examples=20):
+    with pytest.raises(DataError, match='explicit test split'):
+      data.get_info('tf_flowers')
+  monkeypatch.setenv('BIT_MAX_MEMORY_GB', 'lots')
+  with pytest.raises(ConfigError, match="BIT_MAX_MEMORY_GB.*'lots'"):
+    data_sources.max_memory_bytes()
+  assert data_sources.max_memory_bytes(2) == 2e9  # the argument wins over the environment
+
+
+# ---------------------------------------------------------------------------------------------- decoded cache
+
+
+def _decoded_entries():
+  return [v[1] for k, v in data_sources._CACHE.items() if k[0] == 'decoded']
+
+
+def test_decoded_cache_gives_the_same_batches(folder, monkeypatch):
+  kw = dict(global_batch_size=8, mixup_alpha=0.3, seed=4)
+  monkeypatch.setenv('BIT_DECODED_CACHE_GB', '0')
+  plain = _take(_train(str(folder), **kw), 4)
+  plain_eval = list(data.eval_iterator(str(folder), split='train', global_batch_size=8, crop=32))
+  assert not _decoded_entries()
+  data_sources.clear_cache()
+  monkeypatch.setenv('BIT_DECODED_CACHE_GB', '1')
+  cached = _take(_train(str(folder), **kw), 4)
+  cached_eval = list(data.eval_iterator(str(folder), split='train', global_batch_size=8, crop=32))
+  (entry,) = _decoded_entries()  # decoded once, shared by training and evaluation
+  assert entry is not None and entry.flat.dtype == np.uint8
+  for a, b in zip(plain + plain_eval, cached + cached_eval, strict=True):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_decoded_cache_skips_jpegs_that_would_be_downscaled(tmp_path, monkeypatch):
+  rng = np.random.default_rng(5)
+  (tmp_path / 'train' / 'a').mkdir(parents=True)
+  for i in range(4):
+    _photo(rng, 0, 96, 96).save(tmp_path / 'train' / 'a' / f'{i}.jpg')
+  kw = dict(global_batch_size=4, resize=40, crop=32, num_classes=1)
+  monkeypatch.setenv('BIT_DECODED_CACHE_GB', '0')
+  plain = _take(_train(str(tmp_path), **kw), 2)
+  data_sources.clear_cache()
+  monkeypatch.setenv('BIT_DECODED_CACHE_GB', '1')
+  # 96 px JPEGs are decoded at half size for a 40 px resize: the full-size cache would change the pixels.
+  cached = _take(_train(str(tmp_path), **kw), 2)
+  assert _decoded_entries()[0].jpeg_short_side == 96
+  for a, b in zip(plain, cached, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  # With a resize the JPEGs are decoded at full size for, the cache serves them, and still the same pixels.
+  big = dict(kw, resize=96)
+  data_sources.clear_cache()
+  with_cache = _take(_train(str(tmp_path), **big), 1)[0]
+  monkeypatch.setenv('BIT_DECODED_CACHE_GB', '0')
+  data_sources.clear_cache()
+  np.testing.assert_array_equal(with_cache['image'], _take(_train(str(tmp_path), **big), 1)[0]['image'])
+
+
+def test_streaming_with_the_real_tfds_reader_and_size_metadata(tmp_path):
+  """A tiny dataset prepared on disk: the real TFDS metadata (num_bytes) and file reader, not mock data."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+
+  class BitTinyShapes(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      features = {
+        'image': tfds.features.Image(shape=(16, 16, 3)),
+        'label': tfds.features.ClassLabel(num_classes=3),
+      }
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(30, 0), 'test': self._generate_examples(7, 1)}
+
+    def _generate_examples(self, n, seed):
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        yield i, {'image': rng.integers(0, 255, (16, 16, 3), np.uint8), 'label': i % 3}
+
+  BitTinyShapes(data_dir=str(tmp_path)).download_and_prepare()
+  num_bytes = data_sources._tfds_builder('bit_tiny_shapes', str(tmp_path)).info.splits['train'].num_bytes
+  kw = dict(
+    split='train', global_batch_size=6, resize=16, crop=16, num_classes=3, data_dir=str(tmp_path), seed=1
+  )
+  small, large = num_bytes / 2 / 1e9, num_bytes * 2 / 1e9  # budgets in GB either side of the split's size
+  assert data_sources.load_split('bit_tiny_shapes', 'train', str(tmp_path), max_memory_gb=small).streaming
+  assert not data_sources.load_split('bit_tiny_shapes', 'train', str(tmp_path), max_memory_gb=large).streaming
+  info = data.get_info('bit_tiny_shapes', data_dir=str(tmp_path), max_memory_gb=small)
+  assert (info.train_size, info.test_size, info.image_size) == (30, 7, (16, 16))
+  streamed = _take(data.train_iterator('bit_tiny_shapes', max_memory_gb=small, **kw), 12)
+  resumed = _take(data.train_iterator('bit_tiny_shapes', max_memory_gb=small, start_step=10, **kw), 2)
+  for a, b in zip(streamed[10:], resumed, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  in_memory = np.concatenate(
+    [b['image'] for b in _take(data.train_iterator('bit_tiny_shapes', max_memory_gb=large, **kw), 5)]
+  )
+  for epoch in range(2):
+    images = np.concatenate([b['image'] for b in streamed[5 * epoch : 5 * epoch + 5]])
+    assert _row_means(images) == _row_means(in_memory)
+  parts = [
+    list(
+      data.eval_iterator(
+        'bit_tiny_shapes',
+        split='test',
+        global_batch_size=4,
+        crop=16,
+        data_dir=str(tmp_path),
+        max_memory_gb=small,
+        process_index=i,
+        process_count=2,
+      )
+    )
+    for i in range(2)
+  ]
+  assert [len(p) for p in parts] == [2, 2] and sum(b['mask'].sum() for p in parts for b in p) == 7
