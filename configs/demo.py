@@ -1,16 +1,19 @@
-"""The offline demo: transfer learning that pays off, on scikit-learn's digits, in a few minutes on a CPU.
+"""The offline demo: transfer learning that pays off, on scikit-learn's digits, on a CPU with no network.
 
   bit-train --config configs/demo.py --workdir /tmp/bit_demo
 
-Pretrains a small BiT ResNet (R26x1) from scratch on digits 0-4, saves it as an official-layout .npz, then
-fine-tunes it on digits 5-9 with 10 examples per class and trains the same architecture from scratch on the
-same examples, for each of 3 seeds; prints both test accuracies side by side (demo.md, demo.json). Expect
-the fine-tuned model to win clearly on every seed (see README, "The offline demo"). No network needed.
+Pretrains a small BiT ResNet (R26x1) from scratch on digits 0-4 (task: which digit and which way up, 20
+classes), saves it as an official-layout .npz, then fine-tunes it on digits 5-9 with 1 example per class and
+trains the same architecture from scratch on the same examples with the same recipe, for 3 seeds; prints
+both test accuracies side by side (WORKDIR/demo.md, demo.json). Measured on a shared 2-core CPU (about 5
+minutes): seeds 0, 1, 2 fine-tuned 63.5 / 61.9 / 54.8% vs scratch 52.8 / 53.2 / 46.8% top-1; but seeds 3, 4, 5
+gave 46.8 / 56.5 / 50.5% vs 33.1 / 63.5 / 67.2%: at one shot the gain is not yet robust across seeds.
 
 The top-level keys (those of configs/common.py) are the few-shot stage's recipe, shared by the fine-tune and
-the scratch baseline; `demo.*` sets the data and the pretraining stage. E.g. 5 shots, other seeds:
+the scratch baseline; `demo.*` sets the data and the pretraining stage. E.g. 5 shots, other seeds (the
+pretraining in the same workdir is reused):
 
-  bit-train --config configs/demo.py --workdir /tmp/bit_demo5 --config.examples_per_class=5 --config.seed=10
+  bit-train --config configs/demo.py --workdir /tmp/bit_demo --config.examples_per_class=5 --config.seed=10
 """
 
 import ml_collections
@@ -22,26 +25,27 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   """The demo config; `arg` is unused."""
   c = common.get_config()
   c.model = 'R26x1'  # the architecture of every stage; pretrain/ trains it from scratch
-  c.examples_per_class = 10  # shots per digit in the transfer stage (drawn from the train split, per seed)
-  c.batch_size = 50
+  c.examples_per_class = 1  # shots per digit in the transfer stage (drawn from the train split, per seed)
+  c.batch_size = 10
   c.base_lr = 0.01
-  c.schedule = (10, 20, 30, 40, 50)  # the hyper-rule's [warmup, decays, total] shape, shortened
+  c.schedule = (20, 40, 60, 80, 100)  # the hyper-rule's [warmup, decays, total] shape, shortened
   c.resize = 36  # train images 32 -> 36 px, random 32 px crops (eval: straight to 32)
   c.crop = 32
   c.mixup_alpha = 0.0  # the hyper-rule's value below 20k examples
   c.seed = 0  # the first seed of the few-shot stage (few-shot draw, head init, crops, flips)
   c.eval_every = 0
-  c.checkpoint_every = 50
+  c.checkpoint_every = 100  # pretraining: every 100 steps; the few-shot runs: at the end
   c.log_every = 10
   d = ml_collections.ConfigDict()
   d.num_seeds = 3  # few-shot stages for seeds seed, seed+1, ...: the claim is "every seed"
   d.image_size = 32  # the 8x8 scans are upsampled to this many pixels (bicubic PNGs)
   d.test_fraction = 1 / 3  # per digit, this share of the scans is the fixed test split
   d.split_seed = 0  # seeds the train/test split of the export (not the runs)
+  d.pretrain_rotations = True  # pretraining task: digit and orientation (20 classes); False = the 5 digits
   d.data_dir = ''  # where the image folders go; '' = WORKDIR/data
-  d.pretrain_steps = 150  # pretraining on digits 0-4 (all ~600 train scans)
+  d.pretrain_steps = 300  # pretraining on digits 0-4 (~600 train scans x 4 orientations)
   d.pretrain_batch_size = 50
-  d.pretrain_lr = 0.03
+  d.pretrain_lr = 0.01
   d.pretrain_seed = 0
   with c.unlocked():
     c.demo = d
