@@ -3,11 +3,16 @@
   bit-train --config configs/demo.py --workdir /tmp/bit_demo
 
 Pretrains a small BiT ResNet (R26x1) from scratch on digits 0-4 (task: which digit and which way up, 20
-classes), saves it as an official-layout .npz, then fine-tunes it on digits 5-9 with 1 example per class and
-trains the same architecture from scratch on the same examples with the same recipe, for 3 seeds; prints
-both test accuracies side by side (WORKDIR/demo.md, demo.json). Measured on a shared 2-core CPU (about 5
-minutes): seeds 0, 1, 2 fine-tuned 63.5 / 61.9 / 54.8% vs scratch 52.8 / 53.2 / 46.8% top-1; but seeds 3, 4, 5
-gave 46.8 / 56.5 / 50.5% vs 33.1 / 63.5 / 67.2%: at one shot the gain is not yet robust across seeds.
+classes), saves it as an official-layout .npz, then fine-tunes it on digits 5-9 with 10 examples per class and
+trains the same architecture from scratch on the same examples with the same recipe (100 steps of batch 10 at
+the hyper-rule's lr 0.003), for 3 seeds (about 5.5 minutes here, 170 s of it pretraining); prints both test
+accuracies side by side (WORKDIR/demo.md, demo.json). Measured here on a shared 2-core CPU over seeds 0-5,
+with the same pretrained checkpoint: fine-tuned 89.3 / 83.9 / 90.3 / 87.6 / 87.3 / 84.9% vs scratch 76.9 /
+72.9 / 69.2 / 81.9 / 71.6 / 80.6% top-1 (median 87.5 vs 74.9%). Scratch is no better at lr 0.01 (71.9 / 73.6 /
+83.3 / 75.6 / 65.2 / 77.3%, median 74.6%; the fine-tune still wins every seed against its best of the two),
+while the fine-tune gets worse there (81.6 / 89.6 / 84.3 / 87.6 / 81.9 / 76.3%: a large lr overwrites the
+pretrained features). At 1 shot per class the gain is not robust across seeds (fine-tuned 46.8-63.5% vs
+scratch 33.1-67.2%): the classifier is then decided by which one scan per digit was drawn.
 
 The top-level keys (those of configs/common.py) are the few-shot stage's recipe, shared by the fine-tune and
 the scratch baseline; `demo.*` sets the data and the pretraining stage. E.g. 5 shots, other seeds (the
@@ -25,9 +30,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   """The demo config; `arg` is unused."""
   c = common.get_config()
   c.model = 'R26x1'  # the architecture of every stage; pretrain/ trains it from scratch
-  c.examples_per_class = 1  # shots per digit in the transfer stage (drawn from the train split, per seed)
+  c.examples_per_class = 10  # shots per digit in the transfer stage (drawn from the train split, per seed)
   c.batch_size = 10
-  c.base_lr = 0.01
+  c.base_lr = 0.003  # the hyper-rule's lr; 0.01 overwrites the pretrained features (see the docstring)
   c.schedule = (20, 40, 60, 80, 100)  # the hyper-rule's [warmup, decays, total] shape, shortened
   c.resize = 36  # train images 32 -> 36 px, random 32 px crops (eval: straight to 32)
   c.crop = 32
