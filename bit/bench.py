@@ -34,7 +34,7 @@ import statistics
 import time
 import traceback
 
-from bit import demo
+from bit import demo, files
 from bit.errors import ConfigError, DataError, DownloadError
 
 CELLS_DIR = 'cells'
@@ -186,18 +186,7 @@ def _unavailable_reason(e: BaseException) -> str | None:
 def run_cell(config, cell: Cell, workdir: pathlib.Path, resolver: _Resolver) -> dict:
   """Runs (or skips, or marks) one cell; returns its row for results.csv."""
   cdir = workdir / CELLS_DIR / cell.name
-  ref = official(cell.model, cell.dataset, cell.examples_per_class)
-  row = {
-    **dataclasses.asdict(cell),
-    'status': '',
-    'top1': '',
-    'top5': '',
-    'official_top1': ref[0] if ref else '',
-    'official_source': ref[1] if ref else '',
-    'seconds': '',
-    'reason': '',
-    'workdir': str(cdir),
-  }
+  row = {**_pending_row(cell, workdir), 'status': '', 'reason': ''}
   try:
     c = cell_config(config, cell, resolver)
     result = demo.run_stage(c, cdir, name=cell.name)
@@ -289,12 +278,6 @@ CSV_FIELDS = [
 ]
 
 
-def _atomic_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def write_results(rows: list[dict], workdir) -> None:
   """Writes results.csv (one row per cell) and results.md (one row per setting), atomically."""
   workdir = pathlib.Path(workdir)
@@ -303,8 +286,8 @@ def write_results(rows: list[dict], workdir) -> None:
   writer.writeheader()
   for r in rows:
     writer.writerow({k: r.get(k, '') for k in CSV_FIELDS})
-  _atomic_text(workdir / 'results.csv', buf.getvalue())
-  _atomic_text(workdir / 'results.md', format_markdown(rows))
+  files.write_text(workdir / 'results.csv', buf.getvalue())
+  files.write_text(workdir / 'results.md', format_markdown(rows))
 
 
 def _spread(values: list[float]) -> str:

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from bit import files
 from bit.errors import ConfigError, DataError
 
 PRETRAIN_DIGITS = (0, 1, 2, 3, 4)
@@ -163,9 +164,7 @@ def finished_result(workdir, config=None) -> dict | None:
 
 
 def _atomic_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
-  os.replace(tmp, path)
+  files.write_json(path, obj, sort_keys=True)
 
 
 def run_stage(config, workdir, *, name: str = '') -> dict:
@@ -322,9 +321,7 @@ def run_demo(config, workdir) -> dict:
   summary = _summary(config, workdir, results, time.perf_counter() - start)
   _atomic_json(workdir / SUMMARY_JSON, summary)
   text = format_summary(summary)
-  tmp = workdir / f'.{SUMMARY_MD}.{os.getpid()}.tmp'
-  tmp.write_text(text)
-  os.replace(tmp, workdir / SUMMARY_MD)
+  files.write_text(workdir / SUMMARY_MD, text)
   print('\n' + text, flush=True)
   return summary
 
