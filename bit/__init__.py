@@ -14,6 +14,11 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
+# XLA's CPU settings for BiT's convolutions (see bit/xla.py); a user's own XLA flag wins.
+from bit import xla as _xla  # noqa: E402
+
+_xla.configure_environment()
+
 __version__ = '0.1.0'
 
 # name -> module that defines it. The modules behind bit.evaluate and bit.predict are named

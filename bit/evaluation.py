@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import files, models
+from bit import files, models, xla
 from bit.errors import BitError, DataError
 
 DEFAULT_BATCH_SIZE = 64
@@ -34,7 +34,7 @@ DEFAULT_BATCH_SIZE = 64
 def _step(apply_fn: Callable, k: int):
   """The jitted per-batch computation for one apply function (cached so repeated evals do not retrace)."""
 
-  @jax.jit
+  @xla.jit
   def step(params, images, labels):
     logits = apply_fn(params, images).astype(jnp.float32)
     _, top = jax.lax.top_k(logits, k)

@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bit import xla
 from bit.errors import ConfigError
 
 DATA_AXIS = 'data'
@@ -163,4 +164,4 @@ class DataParallel:
     # check_vma=False: fn is also the body of pmap, so it cannot carry shard_map's varying-axis annotations;
     # replication of the outputs is guaranteed by fn's own collectives.
     mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(), check_vma=False)
-    return jax.jit(mapped, donate_argnums=donate_argnums)
+    return xla.jit(mapped, donate_argnums=donate_argnums)

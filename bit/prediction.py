@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bit import models
+from bit import models, xla
 from bit.errors import BitError
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def _probs_fn(model):
   # One compiled function per model (and per batch shape): repeated calls do not retrace. Takes the params
   # prepared by models.Inference (weights standardized once per predict call, not per batch).
   inference = models.Inference(model)
-  return jax.jit(lambda prepared, images: jax.nn.softmax(inference(prepared, images), axis=-1))
+  return xla.jit(lambda prepared, images: jax.nn.softmax(inference(prepared, images), axis=-1))
 
 
 def _to_model_range(images) -> np.ndarray:

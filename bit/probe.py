@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import files, models
+from bit import files, models, xla
 from bit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def extract_features(
         warnings.warn(f'{path} is unreadable ({e}); extracting the features again.', stacklevel=2)
 
   inference = models.Inference(model)  # weights standardized once, not per batch
-  fn = jax.jit(lambda p, x: inference(p, x, pre_logits=True))
+  fn = xla.jit(lambda p, x: inference(p, x, pre_logits=True))
   batches = data.eval_iterator(
     dataset, split=split, global_batch_size=int(batch_size), crop=crop, data_dir=data_dir
   )
