@@ -112,15 +112,15 @@ def conv_1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1)) -> jax.Array:
   """VALID NHWC x HWIO convolution; 1x1 kernels go through `conv_1x1` (a matmul).
 
-  The forward pass is always XLA's convolution. On CPU, a convolution whose output has at most
-  `MATMUL_BACKWARD_MAX_PIXELS` pixels per image takes its gradients from `conv_matmul_backward` instead.
+  On CPU, a convolution whose output has at most `MATMUL_MAX_PIXELS` pixels per image runs as an im2col
+  matmul (`conv_matmul`), forward and backward.
   """
   if kernel.shape[:2] == (1, 1):
     if strides != (1, 1):
       x = x[:, :: strides[0], :: strides[1]]
     return conv_1x1(x, kernel)
-  if _matmul_backward_wanted(x.shape, kernel.shape, strides):
-    return conv_matmul_backward(x, kernel, tuple(strides))
+  if _matmul_wanted(x.shape, kernel.shape, strides):
+    return conv_matmul(x, kernel, tuple(strides))
   return _conv_xla(x, kernel, strides)
 
 
@@ -130,16 +130,17 @@ def _conv_xla(x, kernel, strides):
   )
 
 
-# XLA's CPU backward of a convolution over few output pixels runs at 1-16 GFLOP/s (it swaps the batch and
-# feature dimensions of tiny images): 3x3 convolutions at 1x1-8x8 outputs were 2/3 of an R26x1 train step at
-# 32 px. As im2col matmuls the same gradients take a tenth of that; at 16x16 and more XLA's own is faster.
-MATMUL_BACKWARD_MAX_PIXELS = 64
+# XLA's CPU convolution over few output pixels, forward and backward, can run at 1-16 GFLOP/s (its layout
+# assignment swaps the batch and feature dimensions of tiny images): the 3x3 convolutions at 1x1-8x8 outputs
+# were 2/3 of an R26x1 train step at 32 px. As im2col matmuls they take a tenth of that; at 16x16 and more
+# XLA's own convolution is faster.
+MATMUL_MAX_PIXELS = 64
 
 
-def _matmul_backward_wanted(x_shape, k_shape, strides) -> bool:
+def _matmul_wanted(x_shape, k_shape, strides) -> bool:
   ho = (x_shape[1] - k_shape[0]) // strides[0] + 1
   wo = (x_shape[2] - k_shape[1]) // strides[1] + 1
-  return ho * wo <= MATMUL_BACKWARD_MAX_PIXELS and jax.default_backend() == 'cpu'
+  return ho * wo <= MATMUL_MAX_PIXELS and jax.default_backend() == 'cpu'
 
 
 def _im2col(x, kh, kw, strides):
@@ -153,13 +154,16 @@ def _im2col(x, kh, kw, strides):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_matmul_backward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
-  """XLA's VALID convolution forward; its input and kernel gradients as im2col matmuls (same values)."""
-  return _conv_xla(x, kernel, strides)
+def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+  """A VALID NHWC x HWIO convolution as an im2col matmul, forward and backward (patches are not kept)."""
+  return _conv_mm_fwd(x, kernel, strides)[0]
 
 
 def _conv_mm_fwd(x, kernel, strides):
-  return _conv_xla(x, kernel, strides), (x, kernel)
+  kh, kw, cin, cout = kernel.shape
+  patches = _im2col(x, kh, kw, strides)
+  y = jnp.dot(patches.reshape(-1, kh * kw * cin), kernel.reshape(-1, cout))
+  return y.reshape(patches.shape[:3] + (cout,)), (x, kernel)
 
 
 def _conv_mm_bwd(strides, res, g):
@@ -188,7 +192,7 @@ def _conv_mm_bwd(strides, res, g):
   return dx.astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
-conv_matmul_backward.defvjp(_conv_mm_fwd, _conv_mm_bwd)
+conv_matmul.defvjp(_conv_mm_fwd, _conv_mm_bwd)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:

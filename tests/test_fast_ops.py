@@ -63,7 +63,7 @@ def test_group_norm_keeps_bfloat16_inputs_and_float32_statistics():
     ((1, 9, 9, 3), 7, (2, 2)),
   ],
 )
-def test_conv_matmul_backward_equals_xla_gradients(x_shape, k, strides):
+def test_conv_matmul_equals_xla_convolution_and_gradients(x_shape, k, strides):
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, x_shape[-1], 5)), jnp.float32)
@@ -73,23 +73,23 @@ def test_conv_matmul_backward_equals_xla_gradients(x_shape, k, strides):
     return jnp.sum(y * jnp.cos(y))  # a non-trivial cotangent
 
   want = jax.grad(lambda a, b: loss(models._conv_xla, a, b), argnums=(0, 1))(x, w)
-  got = jax.grad(lambda a, b: loss(models.conv_matmul_backward, a, b), argnums=(0, 1))(x, w)
+  got = jax.grad(lambda a, b: loss(models.conv_matmul, a, b), argnums=(0, 1))(x, w)
   for g, t in zip(got, want, strict=True):
     np.testing.assert_allclose(g, t, rtol=1e-4, atol=1e-4)
-  np.testing.assert_array_equal(
-    models.conv_matmul_backward(x, w, strides), models._conv_xla(x, w, strides)
-  )  # the forward pass is XLA's own
+  np.testing.assert_allclose(
+    models.conv_matmul(x, w, strides), models._conv_xla(x, w, strides), rtol=1e-5, atol=1e-5
+  )
 
 
-def test_matmul_backward_only_for_small_outputs_on_cpu():
+def test_matmul_convolution_only_for_small_outputs_on_cpu():
   assert jax.default_backend() == 'cpu'
-  small = models._matmul_backward_wanted((4, 10, 10, 256), (3, 3, 256, 256), (1, 1))  # 8x8 out
-  large = models._matmul_backward_wanted((4, 18, 18, 128), (3, 3, 128, 128), (1, 1))  # 16x16 out
+  small = models._matmul_wanted((4, 10, 10, 256), (3, 3, 256, 256), (1, 1))  # 8x8 out
+  large = models._matmul_wanted((4, 18, 18, 128), (3, 3, 128, 128), (1, 1))  # 16x16 out
   assert small and not large
 
 
 def test_model_gradients_unchanged_by_the_fast_paths():
-  """A whole R26 at 32 px (all its 3x3 convs take the matmul backward) against the plain formulas."""
+  """A whole R26 at 32 px (all its 3x3 convs take the matmul path) against the plain formulas."""
   model = models.create_model('R26x1', 3)
   params = models.init_params(model, seed=0, image_size=32)
   params['head']['kernel'] = jnp.asarray(np.random.default_rng(3).normal(0, 0.01, (2048, 3)), jnp.float32)
@@ -99,13 +99,13 @@ def test_model_gradients_unchanged_by_the_fast_paths():
     return jnp.sum(jax.nn.log_softmax(model.apply({'params': p}, images))[:, 0])
 
   got = jax.grad(loss)(params)
-  saved = (models.group_norm, models.MATMUL_BACKWARD_MAX_PIXELS)
+  saved = (models.group_norm, models.MATMUL_MAX_PIXELS)
   try:
     models.group_norm = _plain_group_norm
-    models.MATMUL_BACKWARD_MAX_PIXELS = 0
+    models.MATMUL_MAX_PIXELS = 0
     want = jax.grad(loss)(params)
   finally:
-    models.group_norm, models.MATMUL_BACKWARD_MAX_PIXELS = saved
+    models.group_norm, models.MATMUL_MAX_PIXELS = saved
   for (path, g), t in zip(
     jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want), strict=True
   ):

@@ -1,4 +1,5 @@
 """Atomic writes: the old file survives a failed write, and no temporary file is left behind."""
+
 import numpy as np
 import pytest
 
