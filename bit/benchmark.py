@@ -22,6 +22,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -135,7 +136,8 @@ def run(
   host that needs XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX starts. 0 means all.
   `pipeline`: a folder of JPEGs (ROOT/train/<class>/*.jpg) whose train-pipeline throughput is measured
   with bit.benchmark_data and compared with the train step's consumption ('generate': a temporary folder
-  of generated real-size JPEGs).
+  of generated real-size JPEGs); with `train`, the train step is also run on that pipeline's batches and
+  compared with the same loop on synthetic batches (`_real_data_runs`).
   `compile_only`: compile the train step and the forward pass from shapes alone (nothing is allocated or
   run, so even R152x4 fits in memory) and report only the compile times.
   """
@@ -214,6 +216,10 @@ def run(
     result['train_peak_fraction'] = round(3 * flops * batch / t / 1e9 / peak, 3)
     result['train_loss'] = round(float(metrics['loss']), 4)
     _log(f'[bench] train {result["train_images_per_sec"]} img/s (median step {t:.3f} s of {steps})')
+    if pipeline:
+      state = _real_data_runs(
+        step, state, data, pipeline, result, batch, size, steps, warmup, put, batch_sharding
+      )
     del state, step
 
   if infer:
@@ -249,6 +255,73 @@ def run(
   result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
   result['load_avg_1m_end'] = round(os.getloadavg()[0], 2)
   return result
+
+
+def _real_data_runs(step, state, synthetic, pipeline, result, batch, size, steps, warmup, put, sharding):
+  """The same compiled train step fed by the real input pipeline, against the same loop on one synthetic batch.
+
+  Like a real run (bit.train), steps are dispatched without waiting, so decoding overlaps the step. The
+  pipeline reads `pipeline` (ROOT/train/<class>/*.jpg) or, with 'generate', 256 generated real-size JPEGs
+  (375x500); images are resized by the training rule for their size and cropped to `size`. Measured twice: with
+  the decoded-image cache as configured (default: on for splits under 1 GB decoded) and with it off, when every
+  step decodes its JPEGs. Records train_real[_nocache]_images_per_sec and their ratios to the synthetic loop.
+  """
+  from bit import benchmark_data, data, data_sources, hyperrule  # imported late: TensorFlow
+
+  num_classes = synthetic['label'].shape[-1]
+
+  def loop(next_batch):
+    nonlocal state
+    for _ in range(warmup + 1):
+      state, metrics = step(state, next_batch())
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step(state, next_batch())
+    jax.block_until_ready((state, metrics))
+    return steps * batch / (time.perf_counter() - t0)
+
+  with tempfile.TemporaryDirectory(prefix='bit_bench_real_') as tmp:
+    folder = benchmark_data.make_jpeg_folder(tmp) if pipeline == 'generate' else pipeline
+    info = data.get_info(str(folder), train_split='train', test_split='train')
+    resize, crop = hyperrule.train_resolution(info.image_size, crop=size)
+    if info.num_classes > num_classes:
+      raise BitError(f'{folder} has {info.num_classes} classes; use --classes {info.num_classes} or more.')
+    synthetic_ips = loop(lambda: synthetic)
+    result['train_synthetic_loop_images_per_sec'] = round(synthetic_ips, 2)
+    for key, cache_gb in (('train_real', None), ('train_real_nocache', 0.0)):
+      data_sources.clear_cache()
+      batches = data.train_iterator(
+        str(folder),
+        split='train',
+        global_batch_size=batch,
+        resize=resize,
+        crop=crop,
+        num_classes=info.num_classes,
+        decoded_cache_gb=cache_gb,
+      )
+
+      def next_batch(batches=batches):
+        b = next(batches)
+        labels = np.zeros((batch, num_classes), np.float32)
+        labels[:, : b['label'].shape[-1]] = b['label']
+        return {'image': put(b['image'], sharding), 'label': put(labels, sharding)}
+
+      ips = loop(next_batch)
+      result[f'{key}_images_per_sec'] = round(ips, 2)
+      result[f'{key}_over_synthetic'] = round(ips / synthetic_ips, 3)
+      _log(
+        f'[bench] train on {folder} ({resize}->{crop} px, cache {cache_gb}): {ips:.2f} img/s, '
+        f'{ips / synthetic_ips:.3f} of the synthetic loop'
+      )
+  result['real_data'] = {
+    'folder': None if pipeline == 'generate' else str(pipeline),
+    'resize': resize,
+    'crop': crop,
+    'train_size': info.train_size,
+    'image_size': list(info.image_size),
+  }
+  return state
 
 
 def _compile_only(net: models.ResNetV2, size: int, batch: int, result: dict) -> dict:

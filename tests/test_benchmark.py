@@ -62,6 +62,28 @@ def test_data_parallel_run_over_two_devices():
   assert math.isfinite(result['train_loss'])
 
 
+def test_train_step_on_real_jpegs_against_synthetic_batches(tmp_path):
+  from bit import benchmark_data
+
+  folder = benchmark_data.make_jpeg_folder(tmp_path, num_images=12, num_classes=3, size=(60, 80))
+  result = benchmark.run(**{**TINY, 'infer': False, 'pipeline': str(folder)})
+  for key in (
+    'pipeline_images_per_sec',
+    'train_synthetic_loop_images_per_sec',
+    'train_real_images_per_sec',
+    'train_real_nocache_images_per_sec',
+  ):
+    _finite_positive(result, key)
+  for key in ('train_real_over_synthetic', 'train_real_nocache_over_synthetic'):
+    assert result[key] == pytest.approx(
+      result[key.replace('over_synthetic', 'images_per_sec')] / result['train_synthetic_loop_images_per_sec'],
+      rel=0.01,
+    )
+  assert result['real_data']['crop'] == 32 and result['real_data']['train_size'] == 12
+  with pytest.raises(BitError, match='--classes 3'):
+    benchmark.run(**{**TINY, 'infer': False, 'pipeline': str(folder), 'num_classes': 2})
+
+
 def test_compile_only_allocates_nothing_and_reports_compile_times():
   result = benchmark.run(**{**TINY, 'compile_only': True})
   _finite_positive(result, 'train_compile_seconds')
