@@ -183,6 +183,15 @@ def _unavailable_reason(e: BaseException) -> str | None:
   return None
 
 
+def _shorten(text: str, limit: int) -> str:
+  """`text` cut in the middle to at most `limit` characters: its start says what failed and its end (e.g. a
+  download error's 'fetch it on a machine that has it ... put it at PATH') what to do."""
+  if len(text) <= limit:
+    return text
+  head = (limit - 5) // 2
+  return f'{text[:head]} ... {text[len(text) - (limit - 5 - head) :]}'
+
+
 def run_cell(config, cell: Cell, workdir: pathlib.Path, resolver: _Resolver) -> dict:
   """Runs (or skips, or marks) one cell; returns its row for results.csv."""
   cdir = workdir / CELLS_DIR / cell.name
@@ -196,11 +205,11 @@ def run_cell(config, cell: Cell, workdir: pathlib.Path, resolver: _Resolver) -> 
     reason = _unavailable_reason(e)
     row['status'] = 'unavailable' if reason else 'failed'
     first = (str(e).splitlines() or [''])[0]
-    row['reason'] = ' '.join((reason or f'{type(e).__name__}: {first}').split())[:500]
+    row['reason'] = _shorten(' '.join((reason or f'{type(e).__name__}: {first}').split()), 500)
     cdir.mkdir(parents=True, exist_ok=True)
     (cdir / 'error.txt').write_text(traceback.format_exc())
     demo._atomic_json(cdir / STATUS_FILE, {'status': row['status'], 'reason': row['reason']})
-    print(f'[{cell.name}] {row["status"]}: {row["reason"][:200]}', flush=True)
+    print(f'[{cell.name}] {row["status"]}: {_shorten(row["reason"], 200)}', flush=True)
     return row
   (cdir / STATUS_FILE).unlink(missing_ok=True)
   row.update(

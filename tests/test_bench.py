@@ -122,6 +122,7 @@ def test_bench_demo_tiny(tmp_path, offline):
   unreachable = by[('digits', 'BiT-M-R50x1')]
   assert unreachable['status'] == 'unavailable' and unreachable['top1'] == ''
   assert '127.0.0.1' in unreachable['reason'] and 'download' in unreachable['reason']
+  assert 'BIT_CACHE' in unreachable['reason']  # what to do survives the shortening
   missing = by[('missing', 'R26x1')]
   assert missing['status'] == 'unavailable' and 'no_such_dataset_xyz' in missing['reason']
 
@@ -151,3 +152,10 @@ def test_bench_demo_tiny(tmp_path, offline):
   assert [(r['model'], r['status'], r['top1']) for r in read_csv(workdir / 'results.csv')] == [
     (r['model'], r['status'], str(r['top1'])) for r in table
   ]
+
+
+def test_long_reasons_are_cut_in_the_middle():
+  text = 'Cannot download URL: ' + 'x' * 1000 + ' put it at /cache/file.npz (set $BIT_CACHE)'
+  short = bench._shorten(text, 200)
+  assert len(short) <= 200 and short.startswith('Cannot download') and short.endswith('(set $BIT_CACHE)')
+  assert bench._shorten('short', 200) == 'short'
