@@ -142,3 +142,10 @@ for fn in (jax.jit(f), xla.jit(f)):
     [sys.executable, '-c', code], capture_output=True, text=True, check=True
   ).stdout.split()
   assert out == ['True', 'False']  # XLA's default sends the convolution to YNNPACK; bit's settings do not
+
+
+def test_gradient_barrier_is_the_identity_both_ways():
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 3)), jnp.float32)
+  np.testing.assert_array_equal(models.gradient_barrier(x), x)
+  g = jax.grad(lambda a: jnp.sum(jnp.sin(models.gradient_barrier(a))))(x)
+  np.testing.assert_allclose(g, jnp.cos(x), rtol=1e-6)
