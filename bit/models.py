@@ -212,6 +212,37 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   return out
 
 
+def _zero_padded_pool_axis(x: jax.Array, axis: int) -> jax.Array:
+  """Max over 3 taps with stride 2 along `axis` of `x` zero-padded by 1 on both sides, without the padded copy.
+
+  Output i covers unpadded positions 2i-1, 2i, 2i+1; the even and odd positions are strided slices, and the
+  taps that fall outside are zero rows padded onto those (half-size) slices, which XLA fuses into the maximum.
+  """
+  n = x.shape[axis]
+  out = (n - 1) // 2 + 1
+
+  def take(start, stop):
+    idx = [slice(None)] * x.ndim
+    idx[axis] = slice(start, stop, 2)
+    return x[tuple(idx)]
+
+  def pad(a, lo, hi):
+    config = [(0, 0, 0)] * a.ndim
+    config[axis] = (lo, hi, 0)
+    return jax.lax.pad(a, jnp.zeros((), a.dtype), config)
+
+  even = take(0, 2 * out - 1)  # positions 2i
+  odd = take(1, n)  # positions 2i+1, n // 2 of them
+  after = odd if odd.shape[axis] == out else pad(odd, 0, out - odd.shape[axis])
+  before = pad(take(1, 2 * out - 2), 1, 0)  # positions 2i-1; i = 0 is the padding
+  return jnp.maximum(jnp.maximum(before, even), after)
+
+
+def max_pool_3x3_s2_zero_padded(x: jax.Array) -> jax.Array:
+  """`max_pool_3x3_s2(fixed_padding(x, 1))`, BiT's root pooling, without materializing the padded tensor."""
+  return _zero_padded_pool_axis(_zero_padded_pool_axis(x, 1), 2)
+
+
 @jax.custom_vjp
 def gradient_barrier(x):
   """The identity, whose gradient is materialized before it flows on (an XLA optimization barrier).
@@ -440,7 +471,7 @@ class RootBlock(nn.Module):
     x = StdConv(self.features, (7, 7), (2, 2), dtype=self.dtype, folded=self.folded, name='conv_root')(
       fixed_padding(x, 3)
     )
-    return max_pool_3x3_s2(fixed_padding(gradient_barrier(x), 1))
+    return max_pool_3x3_s2_zero_padded(gradient_barrier(x))
 
 
 def create_model(arch: str, num_classes: int, dtype: Any = jnp.float32) -> ResNetV2:

@@ -149,3 +149,16 @@ def test_gradient_barrier_is_the_identity_both_ways():
   np.testing.assert_array_equal(models.gradient_barrier(x), x)
   g = jax.grad(lambda a: jnp.sum(jnp.sin(models.gradient_barrier(a))))(x)
   np.testing.assert_allclose(g, jnp.cos(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize('hw', [(8, 8), (9, 7), (5, 6), (32, 32)])
+def test_zero_padded_pool_equals_pool_of_the_padded_tensor(hw):
+  # Mostly negative values, so that the zero padding wins at the borders and a wrong tap shows.
+  x = jnp.asarray(np.random.default_rng(6).normal(-1.0, 1.0, (2,) + hw + (3,)), jnp.float32)
+  want_fn = lambda a: models.max_pool_3x3_s2(models.fixed_padding(a, 1))  # noqa: E731
+  got, want = models.max_pool_3x3_s2_zero_padded(x), want_fn(x)
+  np.testing.assert_array_equal(got, want)
+  cot = jnp.asarray(np.random.default_rng(7).normal(size=want.shape), jnp.float32)
+  g_got = jax.grad(lambda a: jnp.sum(models.max_pool_3x3_s2_zero_padded(a) * cot))(x)
+  g_want = jax.grad(lambda a: jnp.sum(want_fn(a) * cot))(x)
+  np.testing.assert_allclose(g_got, g_want, rtol=1e-6, atol=1e-6)
