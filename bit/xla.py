@@ -9,6 +9,7 @@ A user's own `--xla_cpu_experimental_ynn_fusion_type` in `XLA_FLAGS` always wins
 """
 
 import functools
+import importlib.metadata
 import os
 
 FLAG = 'xla_cpu_experimental_ynn_fusion_type'
@@ -18,6 +19,20 @@ _OPTION_VALUE = 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSI
 
 
 _OURS = f'--{FLAG}={_ENV_VALUE}'
+# The jaxlib releases whose XLA has the flag and where it was measured (an XLA that does not know a flag in
+# XLA_FLAGS aborts the process, so other versions are left alone).
+KNOWN_JAXLIB = ((0, 10), (0, 11))
+
+
+def _jaxlib_known() -> bool:
+  try:
+    version = importlib.metadata.version('jaxlib')
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  try:
+    return tuple(int(v) for v in version.split('.')[:2]) in KNOWN_JAXLIB
+  except ValueError:
+    return False
 
 
 def user_has_set() -> bool:
@@ -31,7 +46,7 @@ def configure_environment() -> None:
   Takes effect only if JAX's CPU backend has not started yet; `jit` below covers bit's own functions anyway.
   """
   flags = os.environ.get('XLA_FLAGS', '')
-  if FLAG not in flags:
+  if FLAG not in flags and _jaxlib_known():
     os.environ['XLA_FLAGS'] = f'{flags} {_OURS}'.strip()
 
 
@@ -39,9 +54,22 @@ def compiler_options() -> dict | None:
   """The per-compilation form of the same setting, or None off CPU or when the user set the flag."""
   import jax  # here, so that `import bit` (which calls configure_environment) does not load JAX
 
-  if user_has_set() or jax.default_backend() != 'cpu':
+  if user_has_set() or not _jaxlib_known() or jax.default_backend() != 'cpu' or not _options_accepted():
     return None
   return {FLAG: _OPTION_VALUE}
+
+
+@functools.lru_cache(maxsize=1)
+def _options_accepted() -> bool:
+  """Whether this XLA takes the option (one tiny compilation, once per process)."""
+  import jax
+  import jax.numpy as jnp
+
+  try:
+    jax.jit(lambda x: x + 1, compiler_options={FLAG: _OPTION_VALUE}).lower(jnp.zeros(2)).compile()
+  except Exception:  # noqa: BLE001 - an XLA without the option: compile without it
+    return False
+  return True
 
 
 def jit(fn=None, **kwargs):

@@ -125,6 +125,14 @@ def test_compiler_options_respect_a_users_flag(monkeypatch):
   assert xla.FLAG in os.environ['XLA_FLAGS'] and not xla.user_has_set()
 
 
+def test_other_jaxlib_versions_are_left_alone(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+  monkeypatch.setattr(xla.importlib.metadata, 'version', lambda name: '0.7.1')
+  xla.configure_environment()
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=4'
+  assert xla.compiler_options() is None
+
+
 def test_bit_jit_keeps_convolutions_out_of_ynnpack_even_after_jax_started():
   # A fresh process whose JAX backend starts before bit is imported (so XLA_FLAGS can no longer act).
   code = """
