@@ -195,23 +195,6 @@ def _conv_mm_bwd(strides, res, g):
 conv_matmul.defvjp(_conv_mm_fwd, _conv_mm_bwd)
 
 
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-  """VALID 3x3 max-pool with stride 2 of an NHWC tensor, as separable maxima of 3 strided slices per axis.
-
-  Same values and gradients as `nn.max_pool(x, (3, 3), (2, 2), 'VALID')` (ties aside).
-  """
-  ho, wo = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
-  rows = None
-  for i in range(3):
-    tap = x[:, i : i + 2 * ho - 1 : 2]
-    rows = tap if rows is None else jnp.maximum(rows, tap)
-  out = None
-  for j in range(3):
-    tap = rows[:, :, j : j + 2 * wo - 1 : 2]
-    out = tap if out is None else jnp.maximum(out, tap)
-  return out
-
-
 def _zero_padded_pool_axis(x: jax.Array, axis: int) -> jax.Array:
   """Max over 3 taps with stride 2 along `axis` of `x` zero-padded by 1 on both sides, without the padded copy.
 
@@ -239,7 +222,9 @@ def _zero_padded_pool_axis(x: jax.Array, axis: int) -> jax.Array:
 
 
 def max_pool_3x3_s2_zero_padded(x: jax.Array) -> jax.Array:
-  """`max_pool_3x3_s2(fixed_padding(x, 1))`, BiT's root pooling, without materializing the padded tensor."""
+  """BiT's root pooling: a VALID 3x3 max-pool with stride 2 of `x` zero-padded by 1, separable (rows, then
+  columns) and without materializing the padded tensor. Equals `nn.max_pool(fixed_padding(x, 1), (3, 3),
+  (2, 2), 'VALID')`, values and gradients (ties aside)."""
   return _zero_padded_pool_axis(_zero_padded_pool_axis(x, 1), 2)
 
 

@@ -24,6 +24,7 @@ _OURS = f'--{FLAG}={_ENV_VALUE}'
 KNOWN_JAXLIB = ((0, 10), (0, 11))
 
 
+@functools.lru_cache(maxsize=1)
 def _jaxlib_known() -> bool:
   try:
     version = importlib.metadata.version('jaxlib')

@@ -1,5 +1,5 @@
 """The speed benchmark (a tiny smoke run, no timing assertions) and the model's fast paths it measures:
-1x1 convolutions as matmuls, the custom-gradient weight standardization, the sliced max-pool and the
+1x1 convolutions as matmuls, the custom-gradient weight standardization and the
 folded inference model must equal their straightforward forms, values and gradients."""
 
 import json
@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,18 +140,6 @@ def test_standardize_custom_gradient_equals_autodiff():
   ref = jax.grad(lambda w: jnp.sum(plain(w) * g))(w)
   np.testing.assert_allclose(fast, ref, atol=1e-4, rtol=1e-4)
   assert np.abs(ref).max() > 1e-2  # the comparison is not between two zeros
-
-
-@pytest.mark.parametrize('shape', [(2, 18, 18, 4), (1, 17, 23, 3)])
-def test_sliced_max_pool_equals_flax_max_pool(shape):
-  x = jax.random.normal(jax.random.PRNGKey(3), shape)
-  ref_fn = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')  # noqa: E731
-  y = models.max_pool_3x3_s2(x)
-  np.testing.assert_array_equal(y, ref_fn(x))
-  g = jax.random.normal(jax.random.PRNGKey(4), y.shape)
-  np.testing.assert_allclose(
-    jax.vjp(models.max_pool_3x3_s2, x)[1](g)[0], jax.vjp(ref_fn, x)[1](g)[0], atol=1e-6
-  )
 
 
 def test_folded_inference_model_equals_the_training_model():
