@@ -1,6 +1,7 @@
 """bit: Big Transfer (BiT) ResNets in JAX/Flax.
 
-The public API, re-exported lazily so `import bit` stays fast and does not pull in TensorFlow:
+The public API, re-exported lazily so `import bit` stays fast and does not pull in TensorFlow (it does import
+JAX, to set its CPU dispatch before the backend starts: see bit/malloc.py):
 
   model, params = bit.load('BiT-M-R50x1', num_classes=10)
   logits = model.apply({'params': params}, images)     # NHWC float32 in [-1, 1]
@@ -18,6 +19,12 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 from bit import xla as _xla  # noqa: E402
 
 _xla.configure_environment()
+
+# Let XLA's CPU runtime reuse its per-step buffers instead of faulting them in anew (see bit/malloc.py); after
+# the XLA flags, which JAX reads only when its backend starts.
+from bit import malloc as _malloc  # noqa: E402
+
+_malloc.configure()
 
 __version__ = '0.1.0'
 

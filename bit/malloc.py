@@ -1,0 +1,85 @@
+"""Host-memory settings that let XLA's CPU runtime reuse its buffers instead of faulting them in every step.
+
+XLA's CPU runtime mallocs each computation's temporary buffers at every call and frees them after it: for a
+train step of R50x1 at 128 px, batch 16, some 650 MB. glibc serves blocks that large with a fresh `mmap` and
+gives them back with `munmap`, so at every step the kernel faults in and zeroes every page again. Measured on
+this project's 2-core reference CPU: 160,000 page faults and about 250 ms of system time in a 600 ms step.
+
+`configure()` runs at `import bit` and makes two settings:
+- glibc's `mallopt`: M_MMAP_MAX 0 (large blocks come from the heap, not from `mmap`) and M_TRIM_THRESHOLD
+  2**31-1 (memory freed at the top of the heap stays there for the next step). This holds for the calling
+  thread's heap (glibc's main arena); other threads have arenas of their own, which `mmap` large blocks anyway.
+- JAX's `jax_cpu_enable_async_dispatch` off: JAX runs single-device CPU computations in the calling thread,
+  so their buffers come from that heap. A jitted call on CPU then returns when its result is ready (on a
+  2-core CPU the computation had both cores anyway). Computations over several CPU devices stay asynchronous.
+  JAX reads the setting when its CPU backend starts, so `import bit` imports JAX (0.3 s) to set it; if the
+  backend already runs, it stays as it is. A later `jax.config.update('jax_cpu_enable_async_dispatch', True)`
+  wins.
+
+Measured, R50x1, 128 px, batch 16: no page faults, the train step 20% faster, compile time and peak memory
+unchanged (README, Performance). The cost: the process keeps its peak heap until it exits, as tcmalloc and
+jemalloc do too.
+
+Nothing is changed when `BIT_MALLOC=system`, off glibc (macOS, musl), or when the user set glibc's malloc
+themselves (`MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`, `glibc.malloc.*` in `GLIBC_TUNABLES`, `LD_PRELOAD`):
+the dispatch setting is only worth it together with the heap's.
+"""
+
+import ctypes
+import os
+import platform
+import sys
+
+ENV = 'BIT_MALLOC'
+# mallopt's parameter numbers (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+_USER_SETTINGS = ('MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_TOP_PAD_', 'MALLOC_MMAP_THRESHOLD_')
+
+# What `configure` did: whether the mallopt settings are in force, and whether it turned JAX's CPU async
+# dispatch off.
+state = {'malloc': False, 'dispatch': False}
+
+
+def reason_to_skip() -> str | None:
+  """Why `configure` leaves everything alone, or None."""
+  value = os.environ.get(ENV, '')
+  if value == 'system':
+    return f'{ENV}=system'
+  if value not in ('', 'reuse'):
+    return f'{ENV}={value!r} is not one of "reuse" (the default) or "system"'
+  return None
+
+
+def _malloc_reason_to_skip() -> str | None:
+  if not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc':
+    return 'the C library is not glibc'
+  for name in _USER_SETTINGS:
+    if name in os.environ:
+      return f'{name} is set'
+  if 'glibc.malloc.' in os.environ.get('GLIBC_TUNABLES', ''):
+    return 'GLIBC_TUNABLES sets glibc.malloc'
+  if os.environ.get('LD_PRELOAD', ''):
+    return 'LD_PRELOAD is set (possibly another allocator)'
+  return None
+
+
+def configure() -> dict:
+  """Applies the settings above unless told not to; returns `state`. Safe to call again."""
+  if reason_to_skip() is not None:
+    return state
+  if not state['malloc'] and _malloc_reason_to_skip() is None:
+    try:
+      mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+      mallopt = None
+    if mallopt is not None:
+      mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+      state['malloc'] = all([mallopt(param, value) == 1 for param, value in SETTINGS])
+  if state['malloc'] and not state['dispatch']:
+    import jax  # noqa: PLC0415 - only when the heap settings hold
+
+    jax.config.update('jax_cpu_enable_async_dispatch', False)
+    state['dispatch'] = True
+  return state
