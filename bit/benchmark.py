@@ -13,7 +13,9 @@ default on weights standardized once (`models.fold_for_inference`, what evaluati
 per-call standardization figure is reported too as `infer_unfolded_images_per_sec`.
 
 The CPU is often shared: every figure is the median over `--steps` timed steps, and the matmul peak is
-measured in the same process so that ratios stay comparable between runs.
+measured in the same process so that ratios stay comparable between runs. `host_malloc` and
+`train_page_faults_per_step` show whether XLA's buffers are reused between steps (bit/malloc.py; compare
+`BIT_MALLOC=system`).
 """
 
 import argparse
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bit import models, xla
+from bit import malloc, models, xla
 from bit.errors import BitError
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -165,6 +167,7 @@ def run(
     'jax': jax.__version__,
     'cpu_count': os.cpu_count(),
     'load_avg_1m': round(os.getloadavg()[0], 2),
+    'host_malloc': dict(malloc.state),
   }
   _log(
     f'[bench] {net.architecture} {size}px batch {batch} {dtype} on {n_dev} {jax.default_backend()} device(s)'
@@ -202,11 +205,15 @@ def run(
       state, metrics = step(state, data)
     jax.block_until_ready(state)
     times = []
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
       t0 = time.perf_counter()
       state, metrics = step(state, data)
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - t0)
+    # Pages the kernel had to map (and zero) per step: near 0 when XLA's buffers are reused (bit/malloc.py).
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    result['train_page_faults_per_step'] = round(faults / steps)
     if not np.isfinite(float(metrics['loss'])):
       raise BitError(f'The benchmark train step produced a non-finite loss ({float(metrics["loss"])}).')
     t = statistics.median(times)
@@ -260,7 +267,8 @@ def run(
 def _real_data_runs(step, state, synthetic, pipeline, result, batch, size, steps, warmup, put, sharding):
   """The same compiled train step fed by the real input pipeline, against the same loop on one synthetic batch.
 
-  Like a real run (bit.train), steps are dispatched without waiting, so decoding overlaps the step. The
+  Like a real run (bit.train), nothing waits for a step but the next step, and tf.data decodes and prefetches
+  in its own threads, so decoding overlaps the step. The
   pipeline reads `pipeline` (ROOT/train/<class>/*.jpg) or, with 'generate', 256 generated real-size JPEGs
   (375x500); images are resized by the training rule for their size and cropped to `size`. Measured twice: with
   the decoded-image cache as configured (default: on for splits under 1 GB decoded) and with it off, when every

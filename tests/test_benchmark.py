@@ -50,6 +50,8 @@ def test_cli_prints_one_json_line_last():
   assert result['compile_seconds'] >= result['train_compile_seconds']
   assert math.isfinite(result['train_loss'])
   assert '[bench]' in proc.stderr  # progress goes to stderr, so stdout stays machine-readable
+  assert set(result['host_malloc']) == {'malloc', 'dispatch'}
+  assert isinstance(result['train_page_faults_per_step'], int) and result['train_page_faults_per_step'] >= 0
 
 
 def test_data_parallel_run_over_two_devices():
