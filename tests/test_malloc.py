@@ -58,6 +58,20 @@ def test_buffers_are_reused_instead_of_faulted_in_every_call():
 
 
 @glibc_only
+def test_dispatch_is_left_alone_once_jax_runs():
+  code = """
+import jax
+jax.devices()  # the backend starts before bit is imported
+import bit
+from jax._src import xla_bridge
+print(bit.malloc.state['malloc'], bit.malloc.state['dispatch'], xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)
+"""
+  env = {k: v for k, v in os.environ.items() if k not in ('BIT_MALLOC', 'LD_PRELOAD')}
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, check=True)
+  assert out.stdout.split() == ['True', 'False', 'True']
+
+
+@glibc_only
 def test_a_users_own_malloc_setting_wins():
   out = _run(MALLOC_MMAP_MAX_='65536')
   assert out['state'] == {'malloc': False, 'dispatch': False} and out['async'] is True
