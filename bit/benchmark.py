@@ -267,10 +267,9 @@ def run(
 def _real_data_runs(step, state, synthetic, pipeline, result, batch, size, steps, warmup, put, sharding):
   """The same compiled train step fed by the real input pipeline, against the same loop on one synthetic batch.
 
-  Like a real run (bit.train), nothing waits for a step but the next step, and tf.data decodes and prefetches
-  in its own threads, so decoding overlaps the step. The
-  pipeline reads `pipeline` (ROOT/train/<class>/*.jpg) or, with 'generate', 256 generated real-size JPEGs
-  (375x500); images are resized by the training rule for their size and cropped to `size`. Measured twice: with
+  Like a real run (bit.train), the loop never fetches a step's results, and tf.data decodes and prefetches in
+  its own threads while a step runs. The pipeline reads `pipeline` (ROOT/train/<class>/*.jpg) or, with
+  'generate', 256 generated real-size JPEGs (375x500); images are resized by the training rule for their size and cropped to `size`. Measured twice: with
   the decoded-image cache as configured (default: on for splits under 1 GB decoded) and with it off, when every
   step decodes its JPEGs. Records train_real[_nocache]_images_per_sec and their ratios to the synthetic loop.
   """
