@@ -271,7 +271,8 @@ def _real_data_runs(step, state, synthetic, pipeline, result, batch, size, steps
   its own threads while a step runs. The pipeline reads `pipeline` (ROOT/train/<class>/*.jpg) or, with
   'generate', 256 generated real-size JPEGs (375x500); images are resized by the training rule for their size
   and cropped to `size`. Measured twice: with the decoded-image cache as configured (default: on for splits
-  under 1 GB decoded) and with it off, when every step decodes its JPEGs. Records train_real[_nocache]_images_per_sec and their ratios to the synthetic loop.
+  under 1 GB decoded) and with it off, when every step decodes its JPEGs. Records
+  train_real[_nocache]_images_per_sec and their ratios to the synthetic loop.
   """
   from bit import benchmark_data, data, data_sources, hyperrule  # imported late: TensorFlow
 
