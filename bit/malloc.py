@@ -30,6 +30,7 @@ import ctypes
 import os
 import platform
 import sys
+import warnings
 
 ENV = 'BIT_MALLOC'
 # mallopt's parameter numbers (glibc's malloc.h).
@@ -49,7 +50,7 @@ def reason_to_skip() -> str | None:
   if value == 'system':
     return f'{ENV}=system'
   if value not in ('', 'reuse'):
-    return f'{ENV}={value!r} is not one of "reuse" (the default) or "system"'
+    return f'{ENV}={value!r} is not one of "reuse" (the default) or "system"; malloc was left as it is'
   return None
 
 
@@ -68,7 +69,10 @@ def _malloc_reason_to_skip() -> str | None:
 
 def configure() -> dict:
   """Applies the settings above unless told not to; returns `state`. Safe to call again."""
-  if reason_to_skip() is not None:
+  reason = reason_to_skip()
+  if reason is not None:
+    if not reason.startswith(f'{ENV}=system'):
+      warnings.warn(f'bit: {reason}. Set {ENV}=reuse or {ENV}=system, or unset it.', stacklevel=2)
     return state
   if not state['malloc'] and _malloc_reason_to_skip() is None:
     try:

@@ -86,6 +86,8 @@ def test_reasons_to_leave_malloc_alone(monkeypatch):
   assert malloc.reason_to_skip() == 'BIT_MALLOC=system'
   monkeypatch.setenv('BIT_MALLOC', 'fast')
   assert 'fast' in malloc.reason_to_skip() and 'system' in malloc.reason_to_skip()
+  with pytest.warns(UserWarning, match="BIT_MALLOC='fast' is not one of"):
+    malloc.configure()  # a typo is said, not silently ignored
   monkeypatch.setenv('BIT_MALLOC', 'reuse')
   assert malloc.reason_to_skip() is None
   assert malloc._malloc_reason_to_skip() is None
