@@ -21,6 +21,7 @@ measured in the same process so that ratios stay comparable between runs. `host_
 import argparse
 import json
 import os
+import pathlib
 import resource
 import statistics
 import sys
@@ -177,6 +178,14 @@ def run(
 
   if compile_only:
     return _compile_only(net, size, batch, result)
+  folder, generated = pipeline, None
+  if pipeline == 'generate':
+    from bit import benchmark_data  # imported late: it pulls in TensorFlow
+
+    # One folder of real-size JPEGs for both the train-on-real-data runs and the pipeline alone; removed when
+    # `generated` goes (at the end of this function, or with it on an error).
+    generated = tempfile.TemporaryDirectory(prefix='bit_bench_jpegs_')
+    folder = str(benchmark_data.make_jpeg_folder(pathlib.Path(generated.name)))
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
   labels = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)]
@@ -223,10 +232,11 @@ def run(
     result['train_peak_fraction'] = round(3 * flops * batch / t / 1e9 / peak, 3)
     result['train_loss'] = round(float(metrics['loss']), 4)
     _log(f'[bench] train {result["train_images_per_sec"]} img/s (median step {t:.3f} s of {steps})')
-    if pipeline:
+    if folder:
       state = _real_data_runs(
-        step, state, data, pipeline, result, batch, size, steps, warmup, put, batch_sharding
+        step, state, data, folder, result, batch, size, steps, warmup, put, batch_sharding
       )
+      result['real_data']['folder'] = None if generated else folder
     del state, step
 
   if infer:
@@ -251,30 +261,30 @@ def run(
     compile_total += result['infer_compile_seconds']
 
   result['compile_seconds'] = round(compile_total, 2)
-  if pipeline:
+  if folder:
     from bit import benchmark_data  # imported late: it pulls in TensorFlow
 
-    folder = None if pipeline == 'generate' else pipeline  # None: real-size JPEGs in a temporary folder
     ips = benchmark_data.pipeline_images_per_sec(folder, global_batch_size=batch, crop=size)
     result['pipeline_images_per_sec'] = round(float(ips), 2)
     if 'train_images_per_sec' in result:
       result['pipeline_over_train'] = round(float(ips) / result['train_images_per_sec'], 2)
   result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
   result['load_avg_1m_end'] = round(os.getloadavg()[0], 2)
+  if generated is not None:
+    generated.cleanup()
   return result
 
 
-def _real_data_runs(step, state, synthetic, pipeline, result, batch, size, steps, warmup, put, sharding):
+def _real_data_runs(step, state, synthetic, folder, result, batch, size, steps, warmup, put, sharding):
   """The same compiled train step fed by the real input pipeline, against the same loop on one synthetic batch.
 
   Like a real run (bit.train), the loop never fetches a step's results, and tf.data decodes and prefetches in
-  its own threads while a step runs. The pipeline reads `pipeline` (ROOT/train/<class>/*.jpg) or, with
-  'generate', 256 generated real-size JPEGs (375x500); images are resized by the training rule for their size
-  and cropped to `size`. Measured twice: with the decoded-image cache as configured (default: on for splits
-  under 1 GB decoded) and with it off, when every step decodes its JPEGs. Records
-  train_real[_nocache]_images_per_sec and their ratios to the synthetic loop.
+  its own threads while a step runs. The pipeline reads `folder` (ROOT/train/<class>/*.jpg); images are
+  resized by the training rule for their size and cropped to `size`. Measured twice: with the decoded-image
+  cache as configured (default: on for splits under 1 GB decoded) and with it off, when every step decodes its
+  JPEGs. Records train_real[_nocache]_images_per_sec and their ratios to the synthetic loop.
   """
-  from bit import benchmark_data, data, data_sources, hyperrule  # imported late: TensorFlow
+  from bit import data, data_sources, hyperrule  # imported late: TensorFlow
 
   num_classes = synthetic['label'].shape[-1]
 
@@ -289,41 +299,39 @@ def _real_data_runs(step, state, synthetic, pipeline, result, batch, size, steps
     jax.block_until_ready((state, metrics))
     return steps * batch / (time.perf_counter() - t0)
 
-  with tempfile.TemporaryDirectory(prefix='bit_bench_real_') as tmp:
-    folder = benchmark_data.make_jpeg_folder(tmp) if pipeline == 'generate' else pipeline
-    info = data.get_info(str(folder), train_split='train', test_split='train')
-    resize, crop = hyperrule.train_resolution(info.image_size, crop=size)
-    if info.num_classes > num_classes:
-      raise BitError(f'{folder} has {info.num_classes} classes; use --classes {info.num_classes} or more.')
-    synthetic_ips = loop(lambda: synthetic)
-    result['train_synthetic_loop_images_per_sec'] = round(synthetic_ips, 2)
-    for key, cache_gb in (('train_real', None), ('train_real_nocache', 0.0)):
-      data_sources.clear_cache()
-      batches = data.train_iterator(
-        str(folder),
-        split='train',
-        global_batch_size=batch,
-        resize=resize,
-        crop=crop,
-        num_classes=info.num_classes,
-        decoded_cache_gb=cache_gb,
-      )
+  info = data.get_info(str(folder), train_split='train', test_split='train')
+  resize, crop = hyperrule.train_resolution(info.image_size, crop=size)
+  if info.num_classes > num_classes:
+    raise BitError(f'{folder} has {info.num_classes} classes; use --classes {info.num_classes} or more.')
+  synthetic_ips = loop(lambda: synthetic)
+  result['train_synthetic_loop_images_per_sec'] = round(synthetic_ips, 2)
+  for key, cache_gb in (('train_real', None), ('train_real_nocache', 0.0)):
+    data_sources.clear_cache()
+    batches = data.train_iterator(
+      str(folder),
+      split='train',
+      global_batch_size=batch,
+      resize=resize,
+      crop=crop,
+      num_classes=info.num_classes,
+      decoded_cache_gb=cache_gb,
+    )
 
-      def next_batch(batches=batches):
-        b = next(batches)
-        labels = np.zeros((batch, num_classes), np.float32)
-        labels[:, : b['label'].shape[-1]] = b['label']
-        return {'image': put(b['image'], sharding), 'label': put(labels, sharding)}
+    def next_batch(batches=batches):
+      b = next(batches)
+      labels = np.zeros((batch, num_classes), np.float32)
+      labels[:, : b['label'].shape[-1]] = b['label']
+      return {'image': put(b['image'], sharding), 'label': put(labels, sharding)}
 
-      ips = loop(next_batch)
-      result[f'{key}_images_per_sec'] = round(ips, 2)
-      result[f'{key}_over_synthetic'] = round(ips / synthetic_ips, 3)
-      _log(
-        f'[bench] train on {folder} ({resize}->{crop} px, cache {cache_gb}): {ips:.2f} img/s, '
-        f'{ips / synthetic_ips:.3f} of the synthetic loop'
-      )
+    ips = loop(next_batch)
+    result[f'{key}_images_per_sec'] = round(ips, 2)
+    result[f'{key}_over_synthetic'] = round(ips / synthetic_ips, 3)
+    _log(
+      f'[bench] train on {folder} ({resize}->{crop} px, cache {cache_gb}): {ips:.2f} img/s, '
+      f'{ips / synthetic_ips:.3f} of the synthetic loop'
+    )
   result['real_data'] = {
-    'folder': None if pipeline == 'generate' else str(pipeline),
+    'folder': str(folder),
     'resize': resize,
     'crop': crop,
     'train_size': info.train_size,

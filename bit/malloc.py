@@ -28,7 +28,6 @@ the dispatch setting is only worth it together with the heap's.
 
 import ctypes
 import os
-import platform
 import sys
 import warnings
 
@@ -55,7 +54,7 @@ def reason_to_skip() -> str | None:
 
 
 def _malloc_reason_to_skip() -> str | None:
-  if not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc':
+  if not sys.platform.startswith('linux') or not _glibc():
     return 'the C library is not glibc'
   for name in _USER_SETTINGS:
     if name in os.environ:
@@ -65,6 +64,14 @@ def _malloc_reason_to_skip() -> str | None:
   if os.environ.get('LD_PRELOAD', ''):
     return 'LD_PRELOAD is set (possibly another allocator)'
   return None
+
+
+def _glibc() -> bool:
+  # The C library this process runs on (platform.libc_ver() instead reads the Python executable's file).
+  try:
+    return os.confstr('CS_GNU_LIBC_VERSION').startswith('glibc')
+  except (AttributeError, ValueError, OSError):
+    return False
 
 
 def configure() -> dict:

@@ -53,7 +53,7 @@ def configure_environment() -> None:
 
 def compiler_options() -> dict | None:
   """The per-compilation form of the same setting, or None off CPU or when the user set the flag."""
-  import jax  # here, so that `import bit` (which calls configure_environment) does not load JAX
+  import jax  # here: `import bit` imports this module before it sets up JAX (bit/malloc.py)
 
   if user_has_set() or not _jaxlib_known() or jax.default_backend() != 'cpu' or not _options_accepted():
     return None

@@ -36,7 +36,7 @@ print(json.dumps({'faults': faults, 'state': bit.malloc.state,
 
 glibc_only = pytest.mark.skipif(
   not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc', reason='glibc malloc'
-)
+)  # judged independently of bit/malloc.py's own check
 
 
 def _run(**env):
