@@ -84,9 +84,19 @@ def _run(prog: str, define_flags, main, *, positional: bool = False) -> None:
     try:
       return main(argv)
     except BitError as e:
+      code = getattr(e, 'exit_code', None)
+      if code:  # a run stopped on a signal (bit.errors.Interrupted): not bad input, its own status
+        print(f'{prog}: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
+        sys.exit(code)
       _fail(prog, str(e))
     except KeyboardInterrupt:
-      _fail(prog, 'interrupted; rerun the same command to resume from the last checkpoint', code=130)
+      # Outside the training loop, which reports its own checkpoint (bit.errors.Interrupted).
+      _fail(
+        prog,
+        'interrupted; rerunning the same command resumes from the last checkpoint if one was saved '
+        '(it logs the step), or starts over and says so',
+        code=130,
+      )
 
   app.run(guarded, flags_parser=_flags_parser(prog, 'config' if 'config' in FLAGS else None))
 

@@ -19,3 +19,11 @@ class DataError(BitError):
 
 class ConfigError(BitError):
   """A config key or value is wrong, or a workdir holds a different run."""
+
+
+class Interrupted(BitError):
+  """A run stopped on a signal (SIGTERM, Ctrl-C); `exit_code` is the status to exit with (128 + signal)."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code

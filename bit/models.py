@@ -374,6 +374,20 @@ class ResidualUnit(nn.Module):
     return y + shortcut.astype(y.dtype)
 
 
+def _remat_policy(prim, *_, **__) -> bool:
+  """Rematerialization keeps the reductions' outputs (GroupNorm statistics: one number per image and channel,
+  cheap to store, a full pass over the activation to recompute) and recomputes everything else."""
+  return prim.name.startswith('reduce_')
+
+
+REMAT = ('none', 'unit', 'stage')
+
+
+def _maybe_remat(cls, on: bool):
+  # nn.remat keeps the module's name and params: checkpoints load the same with or without it.
+  return nn.remat(cls, policy=_remat_policy) if on else cls
+
+
 class ResidualBlock(nn.Module):
   """A stage: `units` residual units named unit01, unit02, ...; the first one strides."""
 
@@ -382,12 +396,14 @@ class ResidualBlock(nn.Module):
   strides: tuple[int, int] = (1, 1)
   dtype: Any = jnp.float32
   folded: bool = False
+  remat: str = 'none'  # 'unit': each unit's activations are recomputed in the backward pass
 
   @nn.compact
   def __call__(self, x):
+    unit = _maybe_remat(ResidualUnit, self.remat == 'unit')
     for u in range(1, self.units + 1):
       strides = self.strides if u == 1 else (1, 1)
-      x = ResidualUnit(self.features, strides, dtype=self.dtype, folded=self.folded, name=f'unit{u:02d}')(x)
+      x = unit(self.features, strides, dtype=self.dtype, folded=self.folded, name=f'unit{u:02d}')(x)
     return x
 
 
@@ -406,6 +422,7 @@ class ResNetV2(nn.Module):
   num_classes: int = 1000
   dtype: Any = jnp.float32
   folded: bool = False
+  remat: str = 'none'  # 'none', 'unit' or 'stage': what the backward pass recomputes instead of storing
 
   @property
   def num_features(self) -> int:
@@ -425,10 +442,19 @@ class ResNetV2(nn.Module):
       )
     base = 64 * self.width
     x = RootBlock(base, dtype=self.dtype, folded=self.folded, name='root_block')(x)
+    if self.remat not in REMAT:
+      raise BitError(f'remat={self.remat!r} is not one of {", ".join(REMAT)}.')
+    block = _maybe_remat(ResidualBlock, self.remat == 'stage')
     for b, units in enumerate(BLOCKS[self.depth], 1):
       strides = (1, 1) if b == 1 else (2, 2)
-      x = ResidualBlock(
-        units, base * 2 ** (b - 1), strides, dtype=self.dtype, folded=self.folded, name=f'block{b}'
+      x = block(
+        units,
+        base * 2 ** (b - 1),
+        strides,
+        dtype=self.dtype,
+        folded=self.folded,
+        remat=self.remat,
+        name=f'block{b}',
       )(x)
     x = GroupNorm(dtype=self.dtype, relu=True, name='norm_pre_head')(x)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

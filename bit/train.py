@@ -29,16 +29,20 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import re
+import signal
+import threading
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bit import files, freeze, hyperrule, parallel
-from bit.errors import BitError, ConfigError
+from bit.errors import BitError, ConfigError, Interrupted
 from bit.metrics_log import MetricsWriter
 from bit.train_state import (  # noqa: F401  (re-exported: the documented home of the step functions)
   TrainState,
@@ -66,6 +70,8 @@ OPERATIONAL_KEYS = frozenset(
     'checkpoint_every',
     'log_every',
     'keep_checkpoints',
+    'remat',
+    'restart',
   }
 )
 # Keys added after the first workdirs were written: a config.json without them ran with these values.
@@ -75,7 +81,10 @@ LATER_KEY_DEFAULTS = {
   'unfreeze_units': 0,
   'backbone_lr_scale': 1.0,
   'early_stopping_patience': 0,
+  'remat': 'none',
+  'restart': False,
 }
+REMAT = ('none', 'unit', 'stage')
 
 
 class NonFiniteLossError(BitError):
@@ -150,6 +159,12 @@ def _check_config(config) -> None:
       raise ConfigError(f'config.{key} must be >= 0, got {config[key]}.')
   if not float(config.base_lr) > 0:
     raise ConfigError(f'config.base_lr must be a positive number, got {config.base_lr}.')
+  remat = config.get('remat', 'none')
+  if remat not in REMAT:
+    raise ConfigError(
+      f'config.remat={remat!r} is not one of {", ".join(REMAT)}: "unit" recomputes each residual unit\'s '
+      'activations in the backward pass, "stage" each stage\'s (less memory, more compute).'
+    )
   _check_transfer_config(config)
 
 
@@ -221,36 +236,110 @@ def _check_workdir_config(workdir: pathlib.Path, resolved: dict, write: bool) ->
 # --- checkpoints --------------------------------------------------------------------------------------------
 
 
-def _checkpoint_manager(workdir: pathlib.Path, keep: int):
+class CheckpointRestoreError(BitError):
+  """Checkpoints exist but none of them restores; nothing was deleted or moved."""
+
+
+def _checkpoint_manager(workdir: pathlib.Path, keep: int, *, asynchronous: bool = True):
   import orbax.checkpoint as ocp
 
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True)
+  # cleanup_tmp_directories stays False (orbax's default): a save cut short leaves a
+  # `<step>.orbax-checkpoint-tmp-*` folder that orbax does not list as a step, and nothing here deletes it.
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep or None, create=True, enable_async_checkpointing=asynchronous
+  )
   return ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=options)
 
 
-def _restore_latest(manager, template):
-  """(tree, step) of the newest checkpoint that restores, or (None, 0). Damaged ones are set aside."""
+def _reason(e: BaseException) -> str:
+  text = str(e).splitlines()[0][:300] if str(e) else ''
+  return f'{type(e).__name__}: {text}' if text else type(e).__name__
+
+
+def _free_name(directory: pathlib.Path, name: str) -> pathlib.Path:
+  path, n = directory / name, 1
+  while path.exists() or path.with_name(path.name + '.txt').exists():
+    n += 1
+    path = directory / f'{name}-{n}'
+  return path
+
+
+def _set_aside(directory: pathlib.Path, step: int, reason: str, primary: bool) -> pathlib.Path | None:
+  """Moves checkpoint `step` to `unreadable-<step>/` with the reason in `unreadable-<step>.txt` beside it."""
+  if not primary:
+    return None
+  directory = pathlib.Path(directory)
+  dest = _free_name(directory, f'unreadable-{step}')
+  os.replace(directory / str(step), dest)
+  files.write_text(
+    dest.with_name(dest.name + '.txt'),
+    f'Checkpoint step {step} did not restore and was moved here from {directory / str(step)}.\n'
+    f'Reason: {reason}\n'
+    'bit never reads or deletes this folder: delete it yourself once you no longer need it.\n',
+  )
+  return dest
+
+
+def _set_all_aside(manager, primary: bool) -> pathlib.Path | None:
+  """`config.restart`: moves every checkpoint to `restart-<UTC time>/<step>/` (kept, never read again)."""
+  steps = list(manager.all_steps())
+  if not steps or not primary:
+    return None
+  directory = pathlib.Path(manager.directory)
+  dest = _free_name(directory, 'restart-' + time.strftime('%Y%m%dT%H%M%SZ', time.gmtime()))
+  dest.mkdir()
+  for step in steps:
+    os.replace(directory / str(step), dest / str(step))
+  return dest
+
+
+def _sync(name: str) -> None:
+  """Waits for every process (after process 0 moved checkpoints, before anyone lists them again)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _restore_latest(manager, template, *, primary: bool = True):
+  """(tree, step) of the newest checkpoint that restores, or (None, 0) when there is none.
+
+  A checkpoint that fails to restore is never deleted: once an older one restores, the newer failed ones are
+  moved aside (`_set_aside`); when none restores, CheckpointRestoreError lists each and why, and nothing
+  is moved (the cause may be a changed setup rather than damage).
+  """
   import orbax.checkpoint as ocp
 
+  failed = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       tree = manager.restore(step, args=ocp.args.StandardRestore(template))
       if int(tree['step']) != step:
         raise ValueError(f'it holds step {int(tree["step"])}')
-      return tree, step
-    except Exception as e:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
+    except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint cannot be used
+      failed.append((step, _reason(e)))
       log.warning(
-        'Checkpoint %s/%d is damaged (%s: %s); deleting it and falling back to the one before.',
+        'Checkpoint %s/%d is damaged or unreadable (%s); trying the one before.',
         manager.directory,
         step,
-        type(e).__name__,
-        str(e).splitlines()[0][:200] if str(e) else '',
+        failed[-1][1],
       )
-      try:
-        manager.delete(step)
-      except Exception:  # noqa: BLE001
-        pass
+      continue
+    for bad, reason in failed:
+      dest = _set_aside(manager.directory, bad, reason, primary)
+      if dest is not None:
+        log.warning('Moved checkpoint %d aside to %s (the reason is in %s.txt).', bad, dest, dest)
+    if failed:
+      _sync('bit-set-aside')
       manager.reload()
+    return tree, step
+  if failed:
+    listing = '; '.join(f'step {s}: {r}' for s, r in failed)
+    raise CheckpointRestoreError(
+      f'None of the {len(failed)} checkpoints in {manager.directory} restores ({listing}). Nothing was '
+      'deleted or moved. Fix the cause (a changed model or config, a read error, a full disk) and rerun, '
+      'or pass --config.restart=True to start over (the checkpoints are then moved aside, not deleted).'
+    )
   return None, 0
 
 
@@ -408,20 +497,52 @@ def train_and_evaluate(config, workdir) -> dict:
   The dict has `step` (the last trained step), `top1`, `top5`, `eval_loss`, `mean_per_class_accuracy` and
   `num_examples` (on the whole test split) and `loss` (the last train loss). With early stopping the eval
   numbers are the best eval's (the exported model), `best_step` is its step and `stopped_early` says whether
-  the run stopped before the schedule's end. See the module docstring for the workdir layout;
-  `configs/common.py` for the keys.
+  the run stopped before the schedule's end. SIGTERM or Ctrl-C stops after the step in flight with a
+  checkpoint of it and raises `bit.errors.Interrupted` (exit_code 143 or 130). See the module docstring for
+  the workdir layout; `configs/common.py` for the keys.
   """
   return fit(config, workdir).metrics
 
 
-def fit(config, workdir) -> FitResult:
-  """`train_and_evaluate`, also returning the exported params (host numpy) and the resolved config."""
-  from bit import checkpoints, data, evaluation
+def _itstime(step: int, every: int, total: int) -> bool:
+  """Whether an every-`every`-steps action (0 = only at the end) runs at `step`; always at the last step."""
+  return step == total or bool(every and step % every == 0)
+
+
+@dataclasses.dataclass
+class _Setup:
+  """Everything the loop starts from: built once by `_setup`, read (not changed) by the loop."""
+
+  cfg: dict  # the resolved config
+  info: Any  # data.DatasetInfo
+  workdir: pathlib.Path
+  dp: parallel.DataParallel
+  model: Any
+  state: TrainState  # host-side, at `start`
+  p_train: Any  # the train step over all devices
+  manager: Any  # orbax CheckpointManager
+  best: BestEval | None  # early stopping (None without it)
+  start: int  # the restored step (0: a fresh start)
+  restored: bool
+  what: str  # the trainable-parameter count, for the log
+  counts: dict  # the metrics.jsonl start line
+
+  @property
+  def total(self) -> int:
+    return self.cfg['schedule'][-1]
+
+  @property
+  def primary(self) -> bool:
+    return jax.process_index() == 0
+
+
+def _setup(config, workdir) -> _Setup:
+  """Checks and resolves the config, loads the model, restores the latest checkpoint."""
+  from bit import checkpoints, data
 
   _check_config(config)
   dp = parallel.DataParallel(config.parallelism, parallel.select_devices(config.get('num_devices', 0)))
   dp.check_batch(int(config.batch_size), int(config.accum_steps))
-  primary = jax.process_index() == 0
   info = data.get_info(
     config.dataset,
     train_split=config.train_split,
@@ -430,15 +551,18 @@ def fit(config, workdir) -> FitResult:
     examples_per_class=config.examples_per_class,
     seed=config.seed,
   )
-  c = resolve_config(config, info)
+  cfg = resolve_config(config, info)
+  del config  # from here on, the resolved one
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  _check_workdir_config(workdir, c, write=primary)
+  primary = jax.process_index() == 0
+  _check_workdir_config(workdir, cfg, write=primary)
 
   model, params = checkpoints.load(
-    c['model'], num_classes=info.num_classes, dtype=DTYPES[c['dtype']], seed=c['seed']
+    cfg['model'], num_classes=info.num_classes, dtype=DTYPES[cfg['dtype']], seed=cfg['seed']
   )
-  transfer = _transfer_settings(c)
+  model = _with_remat(model, cfg)
+  transfer = _transfer_settings(cfg)
   mask = freeze.trainable_mask(
     params,
     transfer['transfer'],
@@ -446,105 +570,91 @@ def fit(config, workdir) -> FitResult:
     unfreeze_units=transfer['unfreeze_units'] or None,
   )
   num_trainable, num_params = freeze.count_trainable(params, mask)
-  scratch = bool(re.fullmatch(r'R\d+x\d+', str(c['model'])))
+  scratch = bool(re.fullmatch(r'R\d+x\d+', str(cfg['model'])))
   if scratch and transfer['transfer'] != 'full':
     log.warning(
       'config.model=%r is a randomly initialized architecture and config.transfer=%r freezes part of it: '
       'the frozen layers stay random. Use config.transfer=full to train from scratch.',
-      c['model'],
+      cfg['model'],
       transfer['transfer'],
     )
-  patience = int(c.get('early_stopping_patience') or 0)
-  supports = c['schedule']
-  total = supports[-1]
-  state, p_train = _compiled(dp, model, params, supports, c['base_lr'], c['accum_steps'], transfer)
+  patience = int(cfg.get('early_stopping_patience') or 0)
+  state, p_train = _compiled(dp, model, params, cfg['schedule'], cfg['base_lr'], cfg['accum_steps'], transfer)
   best = BestEval.initial(params, info.num_classes) if patience else None
   template = state_to_tree(state)
   if best is not None:
     template['early_stopping'] = best.to_tree()
-  manager = _checkpoint_manager(workdir, int(c['keep_checkpoints']))
-  restored, start = _restore_latest(manager, template)
+  manager = _checkpoint_manager(workdir, int(cfg['keep_checkpoints']))
+  if cfg.get('restart'):
+    moved = _set_all_aside(manager, primary)
+    _sync('bit-restart')
+    manager.reload()
+    if moved is not None:
+      log.warning('config.restart=True: starting over; the old checkpoints are kept in %s.', moved)
+  try:
+    restored, start = _restore_latest(manager, template, primary=primary)
+  except BaseException:
+    manager.close()
+    raise
   if restored is not None:
     state = tree_to_state(state, restored)
     if best is not None:
       best = BestEval.from_tree(restored['early_stopping'])
-  last_good = start if restored is not None else None
-
-  writer = MetricsWriter(workdir, enabled=primary)
-  if start or writer.path.exists():
-    # Marks where this attempt starts: lines after it supersede earlier lines for the same steps.
-    if start:
-      log.warning('Resuming %s from its checkpoint at step %d of %d.', workdir, start, total)
-    writer.write(start, {'resumed_from_step': start})
-  what = f'{num_trainable:,} of {num_params:,} parameters trainable (transfer={transfer["transfer"]!r})'
-  log.info('%s: %s.', workdir, what)
-  if not start:
-    writer.write(
-      0, {'trainable_params': num_trainable, 'total_params': num_params, 'transfer': transfer['transfer']}
-    )
-  dstate = dp.replicate(state)
-  del state, params, restored
-
-  apply_fn = evaluation.apply_fn(model)  # one function per model: the eval step compiles once
-
-  def evaluate(dstate) -> dict:
-    """The whole test split through `evaluation.evaluate_batches`, the same per-batch step as bit-eval."""
-    batches = data.eval_iterator(
-      c['dataset'],
-      split=c['test_split'],
-      global_batch_size=c['batch_size'] // c['accum_steps'],
-      crop=c['crop'],
-      data_dir=c['data_dir'],
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    )
-    # Single-process shard_map: the replicated params are already where the eval step wants them.
-    single = dp.mode == 'shard_map' and jax.process_count() == 1
-    params = dstate.params if single else dp.unreplicate(dstate.params)
-    result = evaluation.evaluate_batches(
-      apply_fn, params, batches, info.num_classes, devices=dp.local_devices
-    )
-    return _sum_over_processes(result) if jax.process_count() > 1 else result
-
-  train_iter = data.train_iterator(
-    c['dataset'],
-    split=c['train_split'],
-    global_batch_size=c['batch_size'],
-    resize=c['resize'],
-    crop=c['crop'],
-    num_classes=info.num_classes,
-    mixup_alpha=c['mixup_alpha'],
-    seed=c['seed'],
-    start_step=start,
-    examples_per_class=c['examples_per_class'],
-    data_dir=c['data_dir'],
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+  return _Setup(
+    cfg=cfg,
+    info=info,
+    workdir=workdir,
+    dp=dp,
+    model=model,
+    state=state,
+    p_train=p_train,
+    manager=manager,
+    best=best,
+    start=start,
+    restored=restored is not None,
+    what=f'{num_trainable:,} of {num_params:,} parameters trainable (transfer={transfer["transfer"]!r})',
+    counts={'trainable_params': num_trainable, 'total_params': num_params, 'transfer': transfer['transfer']},
   )
-  from tqdm.auto import tqdm
 
-  # A run that stopped early before it was interrupted (or finished) has nothing left to train.
-  end = start if best is not None and best.stopped else total
-  bar = tqdm(total=end, initial=start, desc='train', unit='step', disable=not primary, dynamic_ncols=True)
-  if primary:
-    bar.write(what)
-  pending = []  # (step, device metrics) not yet fetched: fetching every step would stall the devices
-  last_loss = None
-  tick, tick_step = time.perf_counter(), start
-  final = None  # the eval result of the params at `step`, once there is one
-  step = start
 
-  def flush(step):
-    """Fetches pending metrics, stops on a non-finite loss, writes a train line; returns the mean loss."""
-    nonlocal pending, tick, tick_step
-    if not pending:
-      return last_loss
-    fetched = [(s, jax.device_get(dp.unreplicate(m))) for s, m in pending]
-    pending = []
+def _with_remat(model, cfg: dict):
+  """The model with `config.remat` (same params): activations recomputed per unit or stage."""
+  remat = cfg.get('remat', 'none')
+  return model if remat == 'none' else model.clone(remat=remat)
+
+
+class _TrainLog:
+  """Train metrics between two writes: the device metrics of the steps since, fetched together on `flush`.
+
+  Fetching every step would stall the devices; `flush` fetches, stops on a non-finite loss and writes one
+  train line (mean loss, last lr and gradient norm, images per second since the last line).
+  """
+
+  def __init__(self, setup: _Setup, writer: MetricsWriter, bar):
+    self.setup, self.writer, self.bar = setup, writer, bar
+    self.pending = []  # (step, device metrics)
+    self.last_loss = None
+    self.tick, self.tick_step = time.perf_counter(), setup.start
+
+  def add(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics))
+
+  def pause_clock(self) -> None:
+    """Evaluation and checkpoint time are not training throughput."""
+    self.tick = time.perf_counter()
+
+  def flush(self, step: int, last_good: int | None) -> float | None:
+    """Returns the mean loss of the pending steps (or the last one, if none are pending)."""
+    if not self.pending:
+      return self.last_loss
+    dp = self.setup.dp
+    fetched = [(s, jax.device_get(dp.unreplicate(m))) for s, m in self.pending]
+    self.pending = []
     for s, m in fetched:
       if not (math.isfinite(float(m['loss'])) and math.isfinite(float(m['grad_norm']))):
         where = (
-          f'step {last_good} in {workdir / CHECKPOINT_DIR} (rerunning the same command resumes from it)'
+          f'step {last_good} in {self.setup.workdir / CHECKPOINT_DIR} (rerunning the same command resumes '
+          'from it)'
           if last_good
           else 'none: no checkpoint was saved yet'
         )
@@ -554,101 +664,283 @@ def fit(config, workdir) -> FitResult:
         )
     now = time.perf_counter()
     loss = float(np.mean([float(m['loss']) for _, m in fetched]))
-    ips = (step - tick_step) * c['batch_size'] / max(now - tick, 1e-9)
-    tick, tick_step = now, step
+    ips = (step - self.tick_step) * self.setup.cfg['batch_size'] / max(now - self.tick, 1e-9)
+    self.tick, self.tick_step = now, step
     line = {
       'loss': loss,
       'lr': float(fetched[-1][1]['lr']),
       'grad_norm': float(fetched[-1][1]['grad_norm']),
       'images_per_sec': ips,
     }
-    writer.write(step, line, prefix='train')
-    bar.set_postfix(loss=f'{loss:.4f}', lr=f'{line["lr"]:.2e}', img_s=f'{ips:.1f}', refresh=False)
+    self.writer.write(step, line, prefix='train')
+    self.bar.set_postfix(loss=f'{loss:.4f}', lr=f'{line["lr"]:.2e}', img_s=f'{ips:.1f}', refresh=False)
+    self.last_loss = loss
     return loss
 
+
+class _StopSignals:
+  """SIGTERM and the first SIGINT ask the loop to stop after the step in flight; a second SIGINT raises
+  KeyboardInterrupt at once. Installed only in the main thread (signals are delivered there)."""
+
+  NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT'}
+
+  def __init__(self):
+    self.signum = 0
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in self.NAMES:
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    if self.signum and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if not self.signum:
+      self.signum = signum
+      log.warning(
+        'Got %s: finishing the step in flight, saving its checkpoint, then exiting%s.',
+        self.NAMES[signum],
+        ' (Ctrl-C again exits at once, without saving)' if signum == signal.SIGINT else '',
+      )
+
+  def agreed(self) -> int:
+    """The signal every process stops for (0: none): each step, processes share theirs, so all stop at the
+    same step even when only some of them got it."""
+    if jax.process_count() == 1:
+      return self.signum
+    from jax.experimental import multihost_utils
+
+    got = multihost_utils.process_allgather(np.asarray(self.signum, np.int32))
+    return int(np.max(got))
+
+
+def _interrupted(signum: int, step: int, setup: _Setup, saved: bool) -> Interrupted:
+  name = _StopSignals.NAMES.get(signum, f'signal {signum}')
+  where = setup.workdir / CHECKPOINT_DIR / str(step)
+  return Interrupted(
+    f'stopped by {name} after step {step} of {setup.total}; '
+    + (f'its checkpoint is {where}' if saved else 'nothing new to save')
+    + ': rerun the same command to resume.',
+    exit_code=128 + int(signum),
+  )
+
+
+def _save_checkpoint(setup: _Setup, dstate, best: BestEval | None, step: int) -> None:
+  """An asynchronous orbax save of {step, params, opt_state} (+ the early-stopping state) at `step`."""
+  import orbax.checkpoint as ocp
+
+  tree = state_to_tree(setup.dp.unreplicate(dstate))
+  if best is not None:
+    tree['early_stopping'] = best.to_tree()
+  setup.manager.save(step, args=ocp.args.StandardSave(tree))
+
+
+def _evaluator(setup: _Setup):
+  """`evaluate(dstate) -> result`: the whole test split through `evaluation.evaluate_batches`, the same
+  per-batch step as bit-eval."""
+  from bit import data, evaluation
+
+  cfg, dp = setup.cfg, setup.dp
+  apply_fn = evaluation.apply_fn(setup.model)  # one function per model: the eval step compiles once
+
+  def evaluate(dstate) -> dict:
+    batches = data.eval_iterator(
+      cfg['dataset'],
+      split=cfg['test_split'],
+      global_batch_size=cfg['batch_size'] // cfg['accum_steps'],
+      crop=cfg['crop'],
+      data_dir=cfg['data_dir'],
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    # Single-process shard_map: the replicated params are already where the eval step wants them.
+    single = dp.mode == 'shard_map' and jax.process_count() == 1
+    params = dstate.params if single else dp.unreplicate(dstate.params)
+    result = evaluation.evaluate_batches(
+      apply_fn, params, batches, setup.info.num_classes, devices=dp.local_devices
+    )
+    return _sum_over_processes(result) if jax.process_count() > 1 else result
+
+  return evaluate
+
+
+def _train_iterator(setup: _Setup):
+  from bit import data
+
+  cfg = setup.cfg
+  return data.train_iterator(
+    cfg['dataset'],
+    split=cfg['train_split'],
+    global_batch_size=cfg['batch_size'],
+    resize=cfg['resize'],
+    crop=cfg['crop'],
+    num_classes=setup.info.num_classes,
+    mixup_alpha=cfg['mixup_alpha'],
+    seed=cfg['seed'],
+    start_step=setup.start,
+    examples_per_class=cfg['examples_per_class'],
+    data_dir=cfg['data_dir'],
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+
+
+def fit(config, workdir) -> FitResult:
+  """`train_and_evaluate`, also returning the exported params (host numpy) and the resolved config."""
+  from tqdm.auto import tqdm
+
+  setup = _setup(config, workdir)
+  cfg, dp, best, total, start = setup.cfg, setup.dp, setup.best, setup.total, setup.start
+  patience = int(cfg.get('early_stopping_patience') or 0)
+  writer = MetricsWriter(setup.workdir, enabled=setup.primary)
+  if start or writer.path.exists():
+    # Marks where this attempt starts: lines after it supersede earlier lines for the same steps.
+    if start:
+      log.warning('Resuming %s from its checkpoint at step %d of %d.', setup.workdir, start, total)
+    else:
+      log.warning('%s has no checkpoint to resume from: starting over at step 0.', setup.workdir)
+    writer.write(start, {'resumed_from_step': start})
+  log.info('%s: %s.', setup.workdir, setup.what)
+  if not start:
+    writer.write(0, setup.counts)
+  dstate = dp.replicate(setup.state)
+  evaluate = _evaluator(setup)
+  train_iter = _train_iterator(setup)
+  # A run that stopped early before it was interrupted (or finished) has nothing left to train.
+  end = start if best is not None and best.stopped else total
+  bar = tqdm(
+    total=end, initial=start, desc='train', unit='step', disable=not setup.primary, dynamic_ncols=True
+  )
+  if setup.primary:
+    bar.write(setup.what)
+  train_log = _TrainLog(setup, writer, bar)
+  last_good = start if setup.restored else None  # the newest checkpoint: restored or saved by this attempt
+  final = None  # the eval result of the params at `step`, once there is one
+  step = start
+
   def run_eval(step) -> dict:
-    nonlocal tick
     result = evaluate(dstate)
     writer.write(step, _eval_line(result), prefix='eval')
-    if primary:
+    if setup.primary:
       bar.write(f'step {step}: top1 {result["top1"]:.4f} top5 {result["top5"]:.4f}')
-    tick = time.perf_counter()  # evaluation time is not training throughput
+    train_log.pause_clock()
     return result
 
-  try:
-    for step in range(start + 1, end + 1):
-      batch = next(train_iter)
-      dstate, metrics = p_train(dstate, dp.shard(batch))
-      pending.append((step, metrics))
-      final = None
-      bar.update(1)
-      is_last = step == total
-      do_ckpt = is_last or (c['checkpoint_every'] and step % c['checkpoint_every'] == 0)
-      do_eval = is_last or (c['eval_every'] and step % c['eval_every'] == 0)
-      if is_last or do_ckpt or do_eval or (c['log_every'] and step % c['log_every'] == 0):
-        last_loss = flush(step)
-      stop = False
-      if do_eval:
-        # Before the checkpoint, so that the checkpoint of this step knows this step's eval.
+  with _StopSignals() as stop:
+    try:
+      for step in range(start + 1, end + 1):
+        dstate, metrics = setup.p_train(dstate, dp.shard(next(train_iter)))
+        train_log.add(step, metrics)
+        final = None
+        bar.update(1)
+        do_ckpt = _itstime(step, cfg['checkpoint_every'], total)
+        do_eval = _itstime(step, cfg['eval_every'], total)
+        if do_ckpt or do_eval or _itstime(step, cfg['log_every'], total):
+          train_log.flush(step, last_good)
+        stopped_early = False
+        if do_eval:
+          # Before the checkpoint, so that the checkpoint of this step knows this step's eval.
+          final = run_eval(step)
+          if best is not None:
+            params_fn = lambda d=dstate: dp.unreplicate(d.params)  # noqa: E731
+            stopped_early = best.update(step, final, params_fn, patience) and step != total
+        if stopped_early:
+          writer.write(
+            step,
+            {
+              'early_stopping': 'stopped',
+              'best_step': best.step,
+              'best_top1': best.top1,
+              'patience': patience,
+            },
+          )
+          log.warning(
+            'Early stopping at step %d of %d: eval top-1 has not improved for %d evaluation(s) since step '
+            '%d (%.4f); exporting the params of step %d.',
+            step,
+            total,
+            patience,
+            best.step,
+            best.top1,
+            best.step,
+          )
+        signum = stop.agreed()
+        if signum:
+          train_log.flush(step, last_good)
+        if do_ckpt or stopped_early or signum:
+          _save_checkpoint(setup, dstate, best, step)
+          last_good = step
+          train_log.pause_clock()
+        if signum:
+          setup.manager.wait_until_finished()
+          writer.write(step, {'preempted': True})
+          raise _interrupted(signum, step, setup, saved=True)
+        if stopped_early:
+          break
+      bar.close()
+      if best is None and final is None:
+        # Nothing was evaluated in this attempt (a finished run rerun): evaluate the final params.
         final = run_eval(step)
-        if best is not None:
-          stop = best.update(step, final, lambda d=dstate: dp.unreplicate(d.params), patience) and not is_last
-      if stop:
-        writer.write(
-          step,
-          {'early_stopping': 'stopped', 'best_step': best.step, 'best_top1': best.top1, 'patience': patience},
-        )
-        log.warning(
-          'Early stopping at step %d of %d: eval top-1 has not improved for %d evaluation(s) since step %d '
-          '(%.4f); exporting the params of step %d.',
-          step,
-          total,
-          patience,
-          best.step,
-          best.top1,
-          best.step,
-        )
-      if do_ckpt or stop:
-        import orbax.checkpoint as ocp
+      setup.manager.wait_until_finished()
+      signum = stop.agreed()
+      if signum:  # during the last eval: the checkpoint of `step` exists, the export is redone on resume
+        writer.write(step, {'preempted': True})
+        raise _interrupted(signum, step, setup, saved=False)
+    except KeyboardInterrupt:
+      where = (
+        f'the last checkpoint is step {last_good} (rerunning the same command resumes from it)'
+        if last_good
+        else 'no checkpoint was saved yet (rerunning the same command starts over)'
+      )
+      raise Interrupted(f'interrupted at once at step {step} without saving; {where}.', 130) from None
+    finally:
+      bar.close()
+      writer.close()
+      setup.manager.close()
 
-        tree = state_to_tree(dp.unreplicate(dstate))
-        if best is not None:
-          tree['early_stopping'] = best.to_tree()
-        manager.save(step, args=ocp.args.StandardSave(tree))
-        last_good = step
-      if stop:
-        break
-    bar.close()
-    if best is None and final is None:
-      # Nothing was evaluated in this attempt (a finished run rerun): evaluate the final params.
-      final = run_eval(step)
-    manager.wait_until_finished()
-  finally:
-    bar.close()
-    writer.close()
-    manager.close()
-
-  if best is not None:
-    params, result = best.params, best.result
-    extra = {'best_step': best.step, 'stopped_early': best.stopped}
-  else:
-    params, result, extra = dp.unreplicate(dstate.params), final, {}
-  if primary:
-    _export(workdir, params, result, info, c['test_split'])
+    if best is not None:
+      params, result = best.params, best.result
+      extra = {'best_step': best.step, 'stopped_early': best.stopped}
+    else:
+      params, result, extra = dp.unreplicate(dstate.params), final, {}
+    if setup.primary:
+      _export(setup, params, result, stop, step)
   metrics = {'step': step, **_eval_line(result), **extra}
-  if last_loss is not None:
-    metrics['loss'] = last_loss
-  log.info('Finished %s at step %d: top1 %.4f, top5 %.4f.', workdir, step, metrics['top1'], metrics['top5'])
-  return FitResult(metrics=metrics, params=params, config=c)
+  if train_log.last_loss is not None:
+    metrics['loss'] = train_log.last_loss
+  log.info(
+    'Finished %s at step %d: top1 %.4f, top5 %.4f.', setup.workdir, step, metrics['top1'], metrics['top5']
+  )
+  return FitResult(metrics=metrics, params=params, config=cfg)
 
 
-def _export(workdir: pathlib.Path, params, result: dict, info, split: str) -> None:
-  """model.npz, labels.txt, then the pictures: curves.png and the confusion matrix of `result`."""
+def _export(setup: _Setup, params, result: dict, stop: _StopSignals, step: int) -> None:
+  """model.npz, labels.txt, then the pictures: curves.png and the confusion matrix of `result`.
+
+  A signal here stops before model.npz or before the pictures (model.npz itself is written atomically);
+  the checkpoint of the last step exists, so a rerun resumes there and exports again.
+  """
   from bit import checkpoints, evaluation, plots
 
+  workdir, info, split = setup.workdir, setup.info, setup.cfg['test_split']
+
+  def check() -> None:
+    if stop.signum:
+      MetricsWriter(workdir, tensorboard=False).write(step, {'preempted': True})
+      raise _interrupted(stop.signum, step, setup, saved=False)
+
+  check()
   checkpoints.save_npz(params, workdir / 'model.npz')
   names = list(info.class_names or [str(i) for i in range(info.num_classes)])
   files.write_text(workdir / 'labels.txt', ''.join(f'{n}\n' for n in names))
+  check()
   try:
     evaluation.write_report(dict(result, class_names=names, split=split), workdir, names, split)
     plots.plot_curves(workdir / 'metrics.jsonl', workdir / 'curves.png')

@@ -47,11 +47,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.parallelism = 'shard_map'  # 'shard_map' (jax.shard_map under jit) or 'pmap'
   c.num_devices = 0  # devices to use, 0 = all (single-process runs may pick fewer, e.g. 1 for debugging)
   c.accum_steps = 1  # gradient accumulation: split each batch into this many micro-batches (same update)
+  c.remat = 'none'  # recompute activations in the backward pass: 'none', 'unit' or 'stage' (less memory)
   c.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params and optimizer stay float32)
   c.seed = 0  # seeds the head/scratch init, crops, flips, MixUp and few-shot subsets
   c.eval_every = 0  # evaluate on the test split every this many steps (0 = only at the end)
   c.checkpoint_every = 100  # save an orbax checkpoint every this many steps and at the end (0 = end only)
   c.log_every = 10  # write a train line to metrics.jsonl / TensorBoard every this many steps
   c.keep_checkpoints = 3  # how many of the newest checkpoints to keep (0 = all)
+  c.restart = False  # True: start over at step 0; the workdir's checkpoints are moved aside, not deleted
   c.lock()
   return c
