@@ -144,6 +144,19 @@ def _define_config_flag(default=None) -> None:
 def _define_train_flags() -> None:
   _define_config_flag()
   _define('string', 'workdir', None, 'Directory for checkpoints, metrics.jsonl, model.npz; rerun to resume.')
+  _define(
+    'boolean',
+    'dry_run',
+    False,
+    'Compile the train step from shapes only and print its memory per device (reads no data, trains nothing).',
+  )
+  _define('integer', 'num_classes', None, '--dry_run: the number of classes (default: from local metadata).')
+  _define(
+    'float',
+    'device_memory_gb',
+    None,
+    '--dry_run: device memory to plan for (default: what the device reports).',
+  )
   _define_multihost_flags()
 
 
@@ -153,13 +166,23 @@ def _train(argv) -> None:
   Fine-tunes a BiT model (config.model) on config.dataset; rerunning the same command resumes. Every key of
   configs/common.py can be overridden, e.g. --config.batch_size=64 --config.schedule=[50,100,150,200,250].
   Several hosts: --coordinator_address=HOST0:PORT --num_processes=N --process_id=I on each host.
+  --dry_run prints the memory plan per device instead (add --num_classes=N --config.crop=PX for a dataset
+  that is not available here). SIGTERM or Ctrl-C: checkpoint of the step, exit 143 or 130; rerun resumes.
   """
   if FLAGS.config is None:
     raise BitError('--config is required, e.g. --config configs/common.py --config.dataset=cifar10.')
-  if not FLAGS.workdir:
-    raise BitError('--workdir is required: the directory that receives checkpoints, metrics and model.npz.')
   from bit import parallel
 
+  if FLAGS.dry_run:
+    from bit import dry_run
+
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    plan = dry_run.plan(FLAGS.config, num_classes=FLAGS.num_classes, device_memory_gb=FLAGS.device_memory_gb)
+    print(dry_run.format_plan(plan))
+    print(json.dumps(plan), flush=True)
+    return
+  if not FLAGS.workdir:
+    raise BitError('--workdir is required: the directory that receives checkpoints, metrics and model.npz.')
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if 'demo' in FLAGS.config:  # configs/demo.py: the offline demo's stages (pretrain, fine-tune, scratch)
     from bit.demo import run_demo

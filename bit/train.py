@@ -301,6 +301,16 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _check_like(tree, template) -> None:
+  """ValueError unless `tree` has the structure and shapes of `template` (orbax restores numpy leaves as
+  saved, whatever the template says)."""
+  if jax.tree.structure(tree) != jax.tree.structure(template):
+    raise ValueError('its tree of arrays is not the one this run trains (a different model or optimizer?)')
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(template), strict=True):
+    if np.shape(a) != np.shape(b):
+      raise ValueError(f'{jax.tree_util.keystr(path)} has shape {np.shape(a)}, this run needs {np.shape(b)}')
+
+
 def _restore_latest(manager, template, *, primary: bool = True):
   """(tree, step) of the newest checkpoint that restores, or (None, 0) when there is none.
 
@@ -316,6 +326,7 @@ def _restore_latest(manager, template, *, primary: bool = True):
       tree = manager.restore(step, args=ocp.args.StandardRestore(template))
       if int(tree['step']) != step:
         raise ValueError(f'it holds step {int(tree["step"])}')
+      _check_like(tree, template)
     except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint cannot be used
       failed.append((step, _reason(e)))
       log.warning(
