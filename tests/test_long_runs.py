@@ -261,8 +261,7 @@ def _two_processes(args, tmp_path):
   env = dict(
     os.environ,
     XLA_FLAGS='--xla_force_host_platform_device_count=2',
-    JAX_PLATFORMS='cpu',
-    JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+    JAX_PLATFORMS='cpu',  # no compilation cache: a cached step deadlocked the gloo collectives of a rerun
   )
   return [
     subprocess.Popen(
@@ -306,3 +305,79 @@ def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(assets, tmp_p
   assert [m['step'] for m in lines[marker:] if 'loss' in m] == list(range(step + 1, 11))
   _, params = checkpoints.load(str(workdir / 'model.npz'), keep_head=True)
   assert not np.allclose(params['head']['kernel'], 0)
+
+
+# --- the dry run ------------------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_memory_plan_without_data_or_workdir(capsys, monkeypatch, tmp_path):
+  from helpers import run_cli
+
+  from bit import cli
+
+  monkeypatch.chdir(tmp_path)
+  argv = [
+    'bit-train',
+    '--config',
+    str(HERE.parent / 'configs' / 'common.py'),
+    '--config.model=R26x1',
+    '--config.dataset=not_here_anywhere',
+    '--config.batch_size=4',
+    '--config.num_devices=2',
+    '--dry_run',
+  ]
+  from bit import dry_run
+
+  with pytest.raises(ConfigError, match=r'give --num_classes=N and --config.crop=PIXELS'):
+    dry_run.plan(base_config('R26x1', 'not_here_anywhere', crop=None))
+  code, out, err = run_cli(
+    cli.train_main,
+    argv + ['--num_classes=10', '--config.crop=32', '--device_memory_gb=64'],
+    capsys,
+    monkeypatch,
+  )
+  assert code == 0, err
+  plan = json.loads(out.strip().splitlines()[-1])
+  assert plan['architecture'] == 'R26x1' and plan['devices'] == 2 and plan['per_device_batch'] == 2
+  assert plan['params_bytes'] == 4 * sum(
+    int(np.prod(x.shape)) for x in jax.tree.leaves(models.param_shapes(models.create_model('R26x1', 10)))
+  )
+  assert plan['temp_bytes_per_device'] > 0 and plan['fits'] is True and plan['suggest'] is None
+  parts = ('params_bytes', 'opt_state_bytes', 'batch_bytes', 'temp_bytes_per_device')
+  assert plan['bytes_per_device'] == sum(plan[k] for k in parts)
+  assert 'XLA temporaries' in out and list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_dry_run_suggests_the_smallest_accumulation_then_remat_that_fits(monkeypatch):
+  from bit import dry_run
+
+  temp = {'none': 1000, 'unit': 400, 'stage': 300}  # bytes at accum_steps=1; gradients 100 of them
+
+  def fake(config, arch, num_classes, crop, *, remat='none', accum_steps=1):
+    t = 100 + (temp[remat] - 100) // accum_steps
+    return {
+      'remat': remat,
+      'accum_steps': accum_steps,
+      'params_bytes': 100,
+      'opt_state_bytes': 100,
+      'batch_bytes': 0,
+      'temp_bytes_per_device': t,
+      'bytes_per_device': 200 + t,
+      'per_device_batch': 8,
+    }
+
+  monkeypatch.setattr(dry_run, 'measure', fake)
+  first = fake(None, None, None, None)
+  assert dry_run._suggest(None, 'R50x1', 10, 224, 760, first)['accum_steps'] == 2
+  assert dry_run._suggest(None, 'R50x1', 10, 224, 700, first)['accum_steps'] == 4
+  assert dry_run._suggest(None, 'R50x1', 10, 224, 420, first) == {
+    'remat': 'none',
+    'accum_steps': 8,
+    'bytes_per_device': 412,
+  }
+  assert dry_run._suggest(None, 'R50x1', 10, 224, 400, first) == {
+    'remat': 'unit',
+    'accum_steps': 4,
+    'bytes_per_device': 375,
+  }
+  assert dry_run._suggest(None, 'R50x1', 10, 224, 250, first) is None
