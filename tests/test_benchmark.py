@@ -1,6 +1,5 @@
-"""The speed benchmark (a tiny smoke run, no timing assertions) and the model's fast paths it measures:
-1x1 convolutions as matmuls, the custom-gradient weight standardization and the
-folded inference model must equal their straightforward forms, values and gradients."""
+"""The speed benchmark (a tiny smoke run, no timing assertions) and the folded inference model it measures
+(equal to the training model). The fast ops are tested against their references in tests/test_ops.py."""
 
 import json
 import math
@@ -9,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -110,38 +108,6 @@ def test_forward_flops_match_published_macs():
   # ResNet-50 at 224px: 4.1 GMACs; ResNet-101: 7.8 GMACs (the usual published figures).
   assert benchmark.forward_flops(models.ResNetV2(50, 1, 1000), 224) / 2e9 == pytest.approx(4.09, abs=0.02)
   assert benchmark.forward_flops(models.ResNetV2(101, 1, 1000), 224) / 2e9 == pytest.approx(7.80, abs=0.03)
-
-
-def _reference_conv(x, kernel, strides):
-  return jax.lax.conv_general_dilated(x, kernel, strides, 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-@pytest.mark.parametrize('strides', [(1, 1), (2, 2)])
-def test_conv2d_1x1_as_matmul_equals_convolution(strides):
-  kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
-  x = jax.random.normal(kx, (2, 9, 9, 8))
-  w = jax.random.normal(kw, (1, 1, 8, 16))
-  y = models.conv2d(x, w, strides)
-  np.testing.assert_allclose(y, _reference_conv(x, w, strides), atol=1e-5)
-  g = jax.random.normal(kg, y.shape)
-  fast = jax.vjp(lambda x, w: models.conv2d(x, w, strides), x, w)[1](g)
-  ref = jax.vjp(lambda x, w: _reference_conv(x, w, strides), x, w)[1](g)
-  for a, b in zip(fast, ref, strict=True):
-    np.testing.assert_allclose(a, b, atol=1e-4)
-
-
-def test_standardize_custom_gradient_equals_autodiff():
-  def plain(w, eps=1e-10):  # the textbook form, differentiated by JAX
-    w = w - jnp.mean(w, axis=(0, 1, 2), keepdims=True)
-    return w / jnp.sqrt(jnp.mean(jnp.square(w), axis=(0, 1, 2), keepdims=True) + eps)
-
-  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 8)) * 0.3 + 0.1
-  g = jax.random.normal(jax.random.PRNGKey(2), w.shape)
-  np.testing.assert_allclose(models.standardize(w), plain(w), atol=1e-5)
-  fast = jax.grad(lambda w: jnp.sum(models.standardize(w) * g))(w)
-  ref = jax.grad(lambda w: jnp.sum(plain(w) * g))(w)
-  np.testing.assert_allclose(fast, ref, atol=1e-4, rtol=1e-4)
-  assert np.abs(ref).max() > 1e-2  # the comparison is not between two zeros
 
 
 def test_folded_inference_model_equals_the_training_model():
