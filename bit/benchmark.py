@@ -366,6 +366,7 @@ def run(
   transfer: str = 'full',
   unfreeze_stages: int = 0,
   unfreeze_units: int = 0,
+  unfolded: bool = True,
 ) -> dict:
   """Runs the benchmark and returns its figures as a dict (what the CLI prints as JSON).
 
@@ -373,7 +374,8 @@ def run(
   `config.parallelism`); on a CPU host that needs XLA_FLAGS=--xla_force_host_platform_device_count=N set
   before JAX starts. 0 means all. `accum_steps`, `transfer`, `unfreeze_stages`, `unfreeze_units` go to the
   real step's `create_state` as the same config keys do in a real run. `fast_ops` ('auto', 'on', 'off';
-  None: `BIT_FAST_OPS`) is `bit.ops`'s switch for this run.
+  None: `BIT_FAST_OPS`) is `bit.ops`'s switch for this run. `unfolded`: also time inference with the
+  per-call weight standardization.
   `pipeline`: a folder of JPEGs (ROOT/train/<class>/*.jpg) whose train-pipeline throughput is measured
   with bit.benchmark_data and compared with the train step's consumption ('generate': a temporary folder
   of generated real-size JPEGs); with `train`, the train step is also run on that pipeline's batches and
@@ -413,7 +415,7 @@ def run(
     if compile_only:
       measure_compile_only(s)
     else:
-      _measure(s, steps, warmup, train, infer, pipeline)
+      _measure(s, steps, warmup, train, infer, pipeline, unfolded)
     result['peak_device_memory_bytes'] = peak_device_memory()
     result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result['load_avg_1m_end'] = round(os.getloadavg()[0], 2)
@@ -422,7 +424,7 @@ def run(
   return result
 
 
-def _measure(s: Setup, steps: int, warmup: int, train: bool, infer: bool, pipeline: str | None) -> None:
+def _measure(s: Setup, steps: int, warmup: int, train: bool, infer: bool, pipeline, unfolded: bool) -> None:
   result = s.result
   folder, generated = pipeline, None
   if pipeline == 'generate':
@@ -441,7 +443,8 @@ def _measure(s: Setup, steps: int, warmup: int, train: bool, infer: bool, pipeli
         result['real_data']['folder'] = None if generated else folder
       del dstate, step
     if infer:
-      measure_infer(s, steps, warmup, folded=False)
+      if unfolded:
+        measure_infer(s, steps, warmup, folded=False)
       compile_total += measure_infer(s, steps, warmup, folded=True)
     result['compile_seconds'] = round(compile_total, 2)
     if folder:
@@ -669,7 +672,7 @@ def suite(name: str = 'accelerator') -> dict:
         continue  # e.g. 'off' on a GPU, where 'auto' already takes every reference
 
       def measure(b, dtype=dtype, mode=mode):
-        return run(**common, batch=b, dtype=dtype, fast_ops=mode)
+        return run(**common, batch=b, dtype=dtype, fast_ops=mode, unfolded=False)
 
       if batch is None:
         batch, r = _largest_batch(plan.batches, measure)
