@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 # Independent random streams derived from the one seed of a run.
 _SHUFFLE, _CROP, _FLIP, _MIX_A, _MIX_B, _FEW_SHOT, _FILES, _BUFFER = range(1, 9)
-_TF_READY = False
 # Records in the shuffle buffer of a streamed split (encoded: ~110 KB each for imagenet2012, so ~1 GB).
 SHUFFLE_BUFFER = 10_000
 
@@ -66,20 +65,6 @@ class DatasetInfo:
   test_size: int
   image_size: tuple[int, int]
   holdout: bool = False
-
-
-def tf_hidden():
-  """Returns the tensorflow module, with TensorFlow kept off the GPUs (JAX owns them)."""
-  global _TF_READY
-  import tensorflow as tf
-
-  if not _TF_READY:
-    try:
-      tf.config.set_visible_devices([], 'GPU')
-    except RuntimeError:  # devices already initialized by someone else: nothing more we can do
-      pass
-    _TF_READY = True
-  return tf
 
 
 def few_shot_indices(labels, examples_per_class: int, seed: int = 0, num_classes: int | None = None):
@@ -380,7 +365,7 @@ def train_iterator(
     raise ConfigError(f'start_step must be >= 0, got {start_step}')
   records = _train_records(dataset, split, data_dir, examples_per_class, seed, max_memory_gb)
   _check_labels(records, num_classes)
-  tf = tf_hidden()
+  tf = data_sources.tf_hidden()
   n, g, b = len(records), int(global_batch_size), b_local
   shuffle_key, crop_key, flip_key = (_stream_key(seed, s) for s in (_SHUFFLE, _CROP, _FLIP))
   mix_a, mix_b = _stream_key(seed, _MIX_A), _stream_key(seed, _MIX_B)
@@ -477,7 +462,7 @@ def eval_iterator(
       raise ConfigError(f'center_crop needs resize >= crop, got resize={resize} crop={crop}')
     resize = int(resize)
   records = data_sources.load_split(dataset, split, data_dir, max_memory_gb=max_memory_gb)
-  tf = tf_hidden()
+  tf = data_sources.tf_hidden()
   n, g = len(records), int(global_batch_size)
   num_batches = math.ceil(n / g)
   size = resize if center_crop else crop
