@@ -299,8 +299,16 @@ def _own_slice(tf, g, b, process_index):
   return lambda p, *_: tf.equal((p % g) // b, process_index)
 
 
+def _global_position(q, g, b, process_index):
+  """p, the position in the global stream of this process's q-th example (ints or tensors).
+
+  Every global batch of g positions holds the processes' slices of b in process order.
+  """
+  return (q // b) * g + process_index * b + q % b
+
+
 def _local_counter(p, g, b, process_index):
-  """q, the number of this process's positions before position p (the inverse of p(q))."""
+  """q, the number of this process's positions before position p (the inverse of _global_position)."""
   return (p // g) * b + p % g - process_index * b
 
 
@@ -372,8 +380,7 @@ def train_iterator(
 
   def position(q):
     # q counts this process's examples; p is the example's position in the global stream.
-    q = tf.cast(q, tf.int64)
-    return (q // b) * g + process_index * b + q % b
+    return _global_position(tf.cast(q, tf.int64), g, b, process_index)
 
   if records.streaming:
 
@@ -494,7 +501,7 @@ def eval_iterator(
       return row(_local_counter(p, g, b, process_index), mask, label, lambda: _decode(tf, raw, size))
 
     def where(q):
-      return (q // b) * g + process_index * b + q % b
+      return _global_position(q, g, b, process_index)
 
   else:
     _check_labels(records, len(records.class_names))
@@ -502,12 +509,12 @@ def eval_iterator(
     load = _image_loader(tf, records, size, decoded_cache_gb)
 
     def example(q):
-      p = (q // b) * g + process_index * b + q % b
+      p = _global_position(q, g, b, process_index)
       index = tf.minimum(p, n - 1)
       return row(q, p < n, tf.gather(labels, index), lambda: load(index))
 
     def where(q):
-      return min((q // b) * g + process_index * b + q % b, n - 1)
+      return min(_global_position(q, g, b, process_index), n - 1)
 
     ds = tf.data.Dataset.range(num_batches * b)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(
