@@ -39,7 +39,7 @@ import jax
 import numpy as np
 import optax
 
-from bit import models
+from bit import ops
 from bit.errors import ConfigError
 
 MODES = ('full', 'head', 'partial')
@@ -225,7 +225,7 @@ def _is_std_kernel(path, leaf) -> bool:
 
 @jax.jit
 def _standardize_all(kernels):
-  return [models.standardize(k) for k in kernels]
+  return [ops.standardize(k) for k in kernels]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,10 +275,11 @@ class Split:
     return treedef.unflatten([next(it) if t else x for x, t in zip(leaves, self.trainable, strict=True)])
 
   def prepare_frozen(self, params) -> tuple:
-    """The frozen conv kernels, weight-standardized (float32 numpy, in leaf order): once per run."""
+    """The frozen conv kernels, weight-standardized (float32, in leaf order): once per run. Also traceable
+    (`jax.eval_shape` of a state built from shapes)."""
     leaves, _ = self._leaves(params)
     kernels = [x for x, t, s in zip(leaves, self.trainable, self.standardized, strict=True) if s and not t]
-    return tuple(np.asarray(k) for k in jax.device_get(_standardize_all(kernels))) if kernels else ()
+    return tuple(_standardize_all(kernels)) if kernels else ()
 
   def forward_params(self, treedef, leaves: Sequence, trainable: Sequence, prepared: Sequence):
     """The params the model is applied to in the step: `trainable` (the differentiated leaves) with their
@@ -293,7 +294,7 @@ class Split:
     for x, t, s in zip(leaves, self.trainable, self.standardized, strict=True):
       if t:
         x = next(it)
-        out.append(models.standardize(x) if s else x)
+        out.append(ops.standardize(x) if s else x)
       else:
         out.append(next(pre) if s else x)
     return treedef.unflatten(out)
