@@ -19,18 +19,27 @@ Modes:
   top `unfreeze_units` residual units counted down from the last unit of block4. The root block is only ever
   trained in 'full' mode.
 
-The mask only stops updates; gradients of frozen parameters are still computed by `jax.grad`. That is cheap
-next to the forward pass and keeps the training step identical across modes.
+The mask keeps the optimizer honest; `Split` makes the step cost what the mode trains. The train step
+(`bit.train_state.train_step`) differentiates the loss with respect to the trainable leaves only and feeds the
+frozen ones in as constants, so below the lowest trainable layer the network runs forward only: JAX neither
+differentiates it nor keeps its activations for a backward pass. The model takes its conv kernels already
+weight-standardized (`models.ResNetV2(folded=True)`, the form inference uses): the frozen kernels are
+standardized once per run (`Split.prepare_frozen`), the trainable ones inside the step, as before. The
+params themselves (checkpoints, `model.npz`) keep the original kernels. One code path for every mode: in
+'full' nothing is frozen and the step is the plain full backward pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import jax
+import numpy as np
 import optax
 
+from bit import ops
 from bit.errors import ConfigError
 
 MODES = ('full', 'head', 'partial')
@@ -201,3 +210,91 @@ def count_trainable(params, mask) -> tuple[int, int]:
   leaves = jax.tree_util.tree_leaves(params)
   flags = jax.tree_util.tree_leaves(mask)
   return sum(int(p.size) for p, m in zip(leaves, flags, strict=True) if m), sum(int(p.size) for p in leaves)
+
+
+# --- the trainable/frozen split of the forward pass ------------------------------------------------------
+
+
+def _is_std_kernel(path, leaf) -> bool:
+  """A kernel that `models.StdConv` weight-standardizes: the rule of `models.fold_for_inference`."""
+  names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+  return (
+    len(names) >= 2 and names[-1] == 'kernel' and str(names[-2]).startswith('conv') and np.ndim(leaf) == 4
+  )
+
+
+@jax.jit
+def _standardize_all(kernels):
+  return [ops.standardize(k) for k in kernels]
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Which leaves of a param tree (in `jax.tree.leaves` order) are trained, and which are standardized kernels.
+
+  Hashable, so it can be a static field of the train state. `standardized` flags the conv kernels a
+  `models.ResNetV2(folded=True)` expects pre-standardized (all False for other models): frozen ones are
+  standardized once by `prepare_frozen`, trainable ones by `forward_params` inside the differentiated function.
+  """
+
+  trainable: tuple[bool, ...]
+  standardized: tuple[bool, ...]
+
+  @classmethod
+  def create(cls, params, mask, *, standardized: bool = False) -> 'Split':
+    """From a bool tree `mask` shaped like `params` (`trainable_mask`); `standardized` for a ResNetV2 applied
+    with `folded=True`."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    flags = jax.tree.leaves(mask)
+    if len(flags) != len(flat):
+      raise ConfigError(f'The trainable mask has {len(flags)} leaves but the params have {len(flat)}.')
+    std = tuple(bool(standardized) and _is_std_kernel(p, x) for p, x in flat)
+    return cls(tuple(bool(f) for f in flags), std)
+
+  @property
+  def num_frozen(self) -> int:
+    return len(self.trainable) - sum(self.trainable)
+
+  def _leaves(self, params):
+    leaves, treedef = jax.tree.flatten(params)
+    if len(leaves) != len(self.trainable):
+      raise ConfigError(
+        f'The params have {len(leaves)} leaves but this split was made for {len(self.trainable)}: '
+        'build the train state from the same model.'
+      )
+    return leaves, treedef
+
+  def partition(self, params):
+    """(leaves, treedef, trainable leaves): what the step differentiates is the third."""
+    leaves, treedef = self._leaves(params)
+    return leaves, treedef, [x for x, t in zip(leaves, self.trainable, strict=True) if t]
+
+  def merge(self, treedef, leaves: Sequence, trainable: Sequence):
+    """The tree of `leaves` with the trainable ones replaced by `trainable` (in order)."""
+    it = iter(trainable)
+    return treedef.unflatten([next(it) if t else x for x, t in zip(leaves, self.trainable, strict=True)])
+
+  def prepare_frozen(self, params) -> tuple:
+    """The frozen conv kernels, weight-standardized (float32, in leaf order): once per run. Also traceable
+    (`jax.eval_shape` of a state built from shapes)."""
+    leaves, _ = self._leaves(params)
+    kernels = [x for x, t, s in zip(leaves, self.trainable, self.standardized, strict=True) if s and not t]
+    return tuple(_standardize_all(kernels)) if kernels else ()
+
+  def forward_params(self, treedef, leaves: Sequence, trainable: Sequence, prepared: Sequence):
+    """The params the model is applied to in the step: `trainable` (the differentiated leaves) with their
+    kernels standardized here, the frozen leaves from `leaves`, their kernels from `prepared`."""
+    want = sum(s and not t for t, s in zip(self.trainable, self.standardized, strict=True))
+    if len(prepared) != want:
+      raise ValueError(
+        f'{len(prepared)} prepared frozen kernels for a split with {want}: use prepare_frozen.'
+      )
+    it, pre = iter(trainable), iter(prepared)
+    out = []
+    for x, t, s in zip(leaves, self.trainable, self.standardized, strict=True):
+      if t:
+        x = next(it)
+        out.append(ops.standardize(x) if s else x)
+      else:
+        out.append(next(pre) if s else x)
+    return treedef.unflatten(out)

@@ -49,6 +49,7 @@ from bit.train_state import (  # noqa: F401  (re-exported: the documented home o
   create_state,
   lr_schedule,
   make_optimizer,
+  start_state,
   state_to_tree,
   train_step,
   tree_to_state,
@@ -466,11 +467,10 @@ def _compiled(dp, model, params, supports, base_lr, accum_steps, transfer: dict)
     template = create_state(
       model, params, lr_schedule(supports, base_lr), accum_steps=accum_steps, **transfer
     )
-    template = template.replace(params=None, opt_state=None)  # keep the static fields, not the arrays
+    template = template.replace(params=None, opt_state=None, frozen=())  # the static fields, not the arrays
     _STEPS_CACHE[key] = (template, dp.wrap(train_step, donate=True))
   template, p_train = _STEPS_CACHE[key]
-  state = template.replace(step=0, params=params, opt_state=template.tx.init(params))
-  return state, p_train
+  return start_state(template, params), p_train
 
 
 def _eval_line(result: dict) -> dict:

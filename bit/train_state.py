@@ -17,7 +17,7 @@ from flax import struct
 from flax.training import train_state
 from jax import lax
 
-from bit import freeze, hyperrule
+from bit import freeze, hyperrule, models
 from bit.errors import ConfigError
 from bit.parallel import DATA_AXIS
 
@@ -29,10 +29,17 @@ class TrainState(train_state.TrainState):
 
   `lr_fn(step)` is the learning-rate schedule (for the logged `lr`; the optimizer holds the same function).
   `accum_steps` splits each device's batch into that many micro-batches whose gradients are averaged.
+  `split` (a `bit.freeze.Split`) says which params are trained: the step differentiates only those, and
+  applies `forward_fn` (the model, with pre-standardized kernels for a ResNetV2) to the params of
+  `split.forward_params`. `frozen` holds the frozen conv kernels standardized once (`split.prepare_frozen`):
+  derived from `params`, never checkpointed (`state_to_tree` leaves it out, `tree_to_state` recomputes it).
   """
 
   lr_fn: Callable = struct.field(pytree_node=False)
   accum_steps: int = struct.field(pytree_node=False, default=1)
+  split: freeze.Split | None = struct.field(pytree_node=False, default=None)
+  forward_fn: Callable | None = struct.field(pytree_node=False, default=None)
+  frozen: tuple = ()
 
 
 def lr_schedule(supports, base_lr: float):
@@ -93,9 +100,40 @@ def create_state(
   if int(accum_steps) < 1:
     raise ConfigError(f'config.accum_steps must be >= 1, got {accum_steps}.')
   tx = make_optimizer(lr_fn, params=params, trainable_mask=trainable_mask, **transfer)
-  return TrainState.create(
-    apply_fn=model.apply, params=params, tx=tx, lr_fn=lr_fn, accum_steps=int(accum_steps)
+  if trainable_mask is None:
+    trainable_mask = freeze.trainable_mask(
+      params,
+      transfer.get('transfer', 'full'),
+      unfreeze_stages=transfer.get('unfreeze_stages') or None,
+      unfreeze_units=transfer.get('unfreeze_units') or None,
+    )
+  # A ResNetV2 is applied with pre-standardized kernels (the inference form): the frozen ones are then
+  # standardized once per run instead of at every step. Other modules run as they are.
+  folded = isinstance(model, models.ResNetV2) and not model.folded
+  template = TrainState(
+    step=0,
+    apply_fn=model.apply,
+    params=None,
+    tx=tx,
+    opt_state=None,
+    lr_fn=lr_fn,
+    accum_steps=int(accum_steps),
+    split=freeze.Split.create(params, trainable_mask, standardized=folded),
+    forward_fn=model.clone(folded=True).apply if folded else model.apply,
   )
+  return start_state(template, params)
+
+
+def start_state(template: TrainState, params) -> TrainState:
+  """The step-0 state of `template`'s setup (model, optimizer, schedule, split) for `params`: a fresh
+  optimizer state and the frozen kernels standardized. `template` may hold no arrays (params=None)."""
+  return template.replace(
+    step=0, params=params, opt_state=template.tx.init(params), frozen=_prepare(template, params)
+  )
+
+
+def _prepare(state: TrainState, params) -> tuple:
+  return state.split.prepare_frozen(params) if state.split is not None else ()
 
 
 def cross_entropy(logits, labels):
@@ -108,38 +146,79 @@ def _pmean(x, axis_name):
   return x if axis_name is None else lax.pmean(x, axis_name)
 
 
+def _split(state: TrainState):
+  if state.split is not None:
+    return state.split, state.forward_fn
+  n = len(jax.tree.leaves(state.params))  # a TrainState made by hand: everything trains
+  return freeze.Split((True,) * n, (False,) * n), state.apply_fn
+
+
+def trainable_loss(state: TrainState, images, labels):
+  """(loss_fn, trainable leaves): the loss of the batch as a function of the trainable leaves alone, what
+  the step differentiates. The frozen leaves enter as constants, so JAX runs the network below the lowest
+  trainable layer forward only and keeps none of its activations for the backward pass."""
+  split, forward = _split(state)
+  leaves, treedef, trainable = split.partition(state.params)
+
+  def loss_fn(trainable):
+    params = split.forward_params(treedef, leaves, trainable, state.frozen)
+    return cross_entropy(forward({'params': params}, images), labels)
+
+  return loss_fn, trainable
+
+
+def loss_and_grads(state: TrainState, images, labels):
+  """(loss, grads) of one batch as the train step computes them; `grads` is shaped like the params, exactly
+  zero for frozen ones (which the step never differentiates)."""
+  loss_fn, trainable = trainable_loss(state, images, labels)
+  loss, grads = jax.value_and_grad(loss_fn)(trainable)
+  split, _ = _split(state)
+  leaves, treedef = jax.tree.flatten(state.params)
+  return loss, split.merge(treedef, [jnp.zeros_like(x) for x in leaves], grads)
+
+
 def train_step(state: TrainState, batch, axis_name: str | None = DATA_AXIS):
   """One SGD update from this device's `batch` {'image': (B, H, W, 3), 'label': (B, C)}.
 
   Gradients (and the loss) are averaged over `axis_name`, so every device applies the same update; with
   `state.accum_steps` > 1 the device batch is cut into micro-batches whose gradients are averaged first,
   which gives the update of the whole batch at a fraction of the activation memory. `axis_name=None`
-  runs it outside any device mapping. Returns (new state, {'loss', 'lr', 'grad_norm'}).
+  runs it outside any device mapping. Only the trainable params (`state.split`) are differentiated, and
+  only their gradients are averaged and counted in `grad_norm`; frozen params are passed through untouched.
+  Returns (new state, {'loss', 'lr', 'grad_norm'}).
   """
+  split, _ = _split(state)
+  leaves, treedef, trainable = split.partition(state.params)
 
-  def loss_fn(params, images, labels):
-    return cross_entropy(state.apply_fn({'params': params}, images), labels)
+  def grad_fn(images, labels):
+    loss_fn, _ = trainable_loss(state, images, labels)
+    return jax.value_and_grad(loss_fn)(trainable)
 
-  grad_fn = jax.value_and_grad(loss_fn)
   images, labels = batch['image'], batch['label']
   k = state.accum_steps
   if k == 1:
-    loss, grads = grad_fn(state.params, images, labels)
+    loss, grads = grad_fn(images, labels)
   else:
 
     def micro(x):
       return x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
     def body(carry, mb):
-      loss, grads = grad_fn(state.params, *mb)
+      loss, grads = grad_fn(*mb)
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
     (loss, grads), _ = lax.scan(body, zeros, (micro(images), micro(labels)))
     loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
   loss, grads = _pmean((loss, grads), axis_name)
   metrics = {'loss': loss, 'lr': state.lr_fn(state.step), 'grad_norm': optax.tree.norm(grads)}
-  return state.apply_gradients(grads=grads), metrics
+  # The optimizer (and its masks) sees the whole tree; the frozen zeros and their zero updates are dead
+  # code XLA drops, and the frozen params are passed through rather than added to (-0.0 + 0.0 is +0.0).
+  full = split.merge(treedef, [jnp.zeros_like(x) for x in leaves], grads)
+  updates, opt_state = state.tx.update(full, state.opt_state, state.params)
+  _, _, new = split.partition(optax.apply_updates(state.params, updates))
+  params = split.merge(treedef, leaves, new)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 # --- host-side (numpy) form of the state, as it is checkpointed -----------------------------------------
@@ -157,8 +236,10 @@ def state_to_tree(state: TrainState) -> dict[str, Any]:
 
 def tree_to_state(state: TrainState, tree) -> TrainState:
   """The inverse of `state_to_tree`, using `state` for the structure and the static fields."""
+  params = jax.tree.map(np.asarray, tree['params'])
   return state.replace(
     step=np.asarray(tree['step']),
-    params=jax.tree.map(np.asarray, tree['params']),
+    params=params,
     opt_state=flax.serialization.from_state_dict(state.opt_state, tree['opt_state']),
+    frozen=_prepare(state, params),
   )

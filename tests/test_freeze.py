@@ -7,7 +7,7 @@ import optax
 import pytest
 from helpers import fast_params
 
-from bit import freeze, models
+from bit import freeze, models, train_state
 from bit.errors import ConfigError
 
 
@@ -77,7 +77,17 @@ def grad_fn(tiny):
   def loss_fn(p):
     return optax.softmax_cross_entropy(model.apply({'params': p}, x), y).mean()
 
-  return jax.jit(jax.grad(loss_fn))
+  return _FullBackward(jax.jit(jax.value_and_grad(loss_fn)), x, y)
+
+
+class _FullBackward:
+  """The gradients of every parameter (the full backward pass) of one fixed batch `x`, `y`."""
+
+  def __init__(self, value_and_grad, x, y):
+    self.value_and_grad, self.x, self.y = value_and_grad, x, y
+
+  def __call__(self, params):
+    return self.value_and_grad(params)[1]
 
 
 @pytest.mark.parametrize(
@@ -136,3 +146,80 @@ def test_optimizer_from_config(tiny):
   updates = _flat(tx.update(grads, tx.init(params), params)[0])
   assert np.all(np.asarray(updates['head/kernel']) == -1.0)
   assert np.all(np.asarray(updates['norm_pre_head/scale']) == 0.0)
+
+
+# --- the step differentiates only what it trains -----------------------------------------------------------
+
+SPLITS = [
+  ('head', {}),
+  ('partial', {'unfreeze_stages': 1}),
+  ('partial', {'unfreeze_units': 3}),
+]
+
+
+def _state(model, params, mode, **kwargs):
+  lr = train_state.lr_schedule([0, 1, 2, 3, 4], 0.1)
+  return train_state.create_state(model, params, lr, transfer=mode, **kwargs)
+
+
+@pytest.mark.parametrize('mode, kwargs', SPLITS)
+def test_trainable_gradients_are_the_full_backward_pass_masked(tiny, grad_fn, mode, kwargs):
+  """The split step's gradients (frozen leaves never differentiated, frozen kernels standardized once)
+  equal the full backward pass's followed by the mask, to 1e-5 of each leaf's largest gradient: XLA may
+  fuse and round the two programs differently."""
+  model, params = tiny
+  reference_loss, reference = grad_fn.value_and_grad(params)
+  state = _state(model, params, mode, **kwargs)
+  # Unoptimized machine code compiles in half the time; the values are the same program's.
+  compiled = jax.jit(train_state.loss_and_grads).lower(state, grad_fn.x, grad_fn.y)
+  compiled = compiled.compile(compiler_options={'xla_backend_optimization_level': 0})
+  loss, grads = compiled(state, grad_fn.x, grad_fn.y)
+  np.testing.assert_allclose(float(loss), float(reference_loss), rtol=1e-5)
+  mask, got, want = (_flat(t) for t in (freeze.trainable_mask(params, mode, **kwargs), grads, reference))
+  for name, on in mask.items():
+    g, r = np.asarray(got[name]), np.asarray(want[name])
+    if on:
+      np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * np.abs(r).max(), err_msg=name)
+    else:
+      assert np.all(g == 0) and np.any(r != 0), name
+
+
+def _residual_bytes_per_image(state):
+  """The bytes JAX keeps from the forward pass for the backward pass, per image (shapes only, no compute)."""
+
+  def residuals(batch):
+    x = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
+    y = jax.ShapeDtypeStruct((batch, 3), jnp.float32)
+
+    def vjp(x, y):
+      loss_fn, trainable = train_state.trainable_loss(state, x, y)
+      return jax.vjp(loss_fn, trainable)[1]
+
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(jax.eval_shape(vjp, x, y)))
+
+  return residuals(2) - residuals(1)  # the weights kept for the backward pass do not grow with the batch
+
+
+def test_frozen_layers_keep_no_activations_for_the_backward_pass(tiny):
+  model, params = tiny
+  full = _residual_bytes_per_image(_state(model, params, 'full'))
+  head = _residual_bytes_per_image(_state(model, params, 'head'))
+  top = _residual_bytes_per_image(_state(model, params, 'partial', unfreeze_stages=1))
+  # Head only: the pooled features (and the softmax of the loss), nothing of the backbone.
+  assert head <= 4 * (model.num_features + 4 * model.num_classes), head
+  # block4 (1x1 and 2x2 pixels at 32 px) keeps a sliver of what the whole network keeps.
+  assert head < top < 0.2 * full, (head, top, full)
+
+
+def test_frozen_kernels_are_standardized_once_as_for_inference(tiny):
+  model, params = tiny
+  state = _state(model, params, 'head')
+  folded = _flat(models.fold_for_inference(params))
+  names = [n for n in _flat(params) if n not in ('head/kernel', 'head/bias')]
+  kernels = [n for n in names if not np.array_equal(folded[n], _flat(params)[n])]
+  assert len(kernels) == sum(state.split.standardized) == len(state.frozen) > 0
+  for name, prepared in zip(kernels, state.frozen, strict=True):
+    np.testing.assert_allclose(prepared, folded[name], rtol=1e-6, atol=1e-6, err_msg=name)
+  # The params the state carries (and checkpoints) keep the original kernels.
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), strict=True):
+    assert np.array_equal(a, b)

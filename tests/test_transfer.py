@@ -103,6 +103,24 @@ def restore_checkpoint(workdir, step):
   return ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / 'checkpoints' / str(step) / 'default')
 
 
+def assert_checkpoint_keeps_frozen_params(workdir, assets, mode, **kwargs):
+  """Every frozen array of the last checkpoint is bit-identical to the npz it came from, and the optimizer
+  state holds momentum for the trainable params alone."""
+  import jax
+
+  from bit import freeze
+
+  _, given = checkpoints.load(str(assets['npz']), num_classes=NUM_CLASSES)
+  ckpt = restore_checkpoint(workdir, SCHEDULE[-1])
+  mask, given, saved = flat(freeze.trainable_mask(given, mode, **kwargs)), flat(given), flat(ckpt['params'])
+  frozen = [k for k, on in mask.items() if not on]
+  assert frozen and saved.keys() == given.keys()
+  for k in frozen:
+    assert np.array_equal(saved[k], given[k]), k
+  state_sizes = [np.size(x) for x in jax.tree.leaves(ckpt['opt_state']) if np.ndim(x)]
+  assert sum(state_sizes) == sum(saved[k].size for k, on in mask.items() if on)
+
+
 def test_head_mode_leaves_the_backbone_bit_for_bit(runs, assets):
   workdir, result = runs('head')
   given, saved = npz(assets['npz']), npz(workdir / 'model.npz')
@@ -116,6 +134,7 @@ def test_head_mode_leaves_the_backbone_bit_for_bit(runs, assets):
   start = next(m for m in read_metrics(workdir) if 'trainable_params' in m)
   assert start['transfer'] == 'head' and start['trainable_params'] == 2048 * NUM_CLASSES + NUM_CLASSES
   assert start['total_params'] == sum(v.size for v in saved.values())
+  assert_checkpoint_keeps_frozen_params(workdir, assets, 'head')
 
 
 def test_partial_mode_trains_block4_norm_and_head_only(runs, assets):
@@ -126,6 +145,7 @@ def test_partial_mode_trains_block4_norm_and_head_only(runs, assets):
   assert changed_keys(given, saved) == top
   start = next(m for m in read_metrics(workdir) if 'trainable_params' in m)
   assert start['trainable_params'] == sum(saved[k].size for k in top) < start['total_params']
+  assert_checkpoint_keeps_frozen_params(workdir, assets, 'partial', unfreeze_stages=1)
 
 
 def test_end_of_training_draws_curves_and_the_final_confusion_matrix(runs):
