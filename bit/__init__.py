@@ -52,6 +52,7 @@ _EXPORTS = {
   'train_and_evaluate': 'bit.train',
   'evaluate': 'bit.evaluation',
   'predict': 'bit.prediction',
+  'export': 'bit.export',
   # errors
   'BitError': 'bit.errors',
   'CheckpointError': 'bit.errors',
