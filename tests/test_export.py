@@ -223,3 +223,16 @@ def test_overwrite_replaces_only_an_export(workdir, tmp_path, monkeypatch):
     bit.export(model, params, 'stablehlo', out, size=SIZE, overwrite=True)
   assert (out / 'model.stablehlo').read_text() == 'uint8'  # a failed export leaves the old one whole
   assert sorted(p.name for p in tmp_path.iterdir()) == ['hlo', 'mine']
+
+
+def test_model_flag_follows_bit_load(workdir):
+  from bit.export import load_source
+
+  model, _, names, size, source = load_source(model=str(workdir / 'model.npz'), keep_head=True)
+  assert (model.num_classes, names, size, source) == (len(CLASSES), list(CLASSES), 224, workdir / 'model.npz')
+  model, params, names, _, _ = load_source(model=str(workdir / 'model.npz'), num_classes=3)
+  assert model.num_classes == 3 and names is None and not np.any(params['head']['kernel'])
+  with pytest.raises(BitError, match='num_classes'):
+    load_source(model=str(workdir / 'model.npz'))
+  with pytest.raises(BitError, match='not both'):
+    load_source(workdir=workdir, model='R26x1')
