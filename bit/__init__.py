@@ -36,6 +36,7 @@ _EXPORTS = {
   'train_and_evaluate': 'bit.train',
   'evaluate': 'bit.evaluation',
   'predict': 'bit.prediction',
+  'export': 'bit.export',
   # the CPU runtime settings of the tools, on request
   'configure_cpu': 'bit.runtime',
   # errors

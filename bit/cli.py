@@ -375,5 +375,63 @@ def bench_main() -> None:
   _run('bit-bench', _define_bench_flags, _bench)
 
 
+# --- bit-export --------------------------------------------------------------------------------------------
+
+
+def _define_export_flags() -> None:
+  _define('string', 'workdir', None, 'A finished bit-train workdir: its model.npz, labels.txt and crop.')
+  _define('string', 'model', None, 'Instead of --workdir: a registry name or an official-layout .npz.')
+  _define(
+    'integer', 'num_classes', None, 'With --model: a new (zero) head of this many classes, as bit.load.'
+  )
+  _define('boolean', 'keep_head', False, "With --model: keep the checkpoint's own head, as bit.load.")
+  _define('string', 'format', None, 'savedmodel (TensorFlow), onnx (needs the [export] extra) or stablehlo.')
+  _define('string', 'output', None, 'The directory to write; it must not exist (or --overwrite an export).')
+  _define('integer', 'size', None, "Image side the export takes (default: the run's crop, or 224).")
+  _define('string', 'input', 'float32', 'float32 (NHWC in [-1, 1]) or uint8 (RGB 0..255, scaled inside).')
+  _define('boolean', 'overwrite', False, 'Replace an existing export at --output.')
+
+
+def _export(argv) -> None:
+  """bit-export --workdir W --format savedmodel|onnx|stablehlo --output DIR [--size 224] [--input uint8]
+
+  Writes the model's inference function (images -> logits, probabilities; any batch size) for serving
+  outside JAX, with labels.txt and export.json (size, input convention, source sha256, how to call it).
+  """
+  from bit.export import FORMATS, INPUTS, check_format, check_size, export, load_source
+
+  if not FLAGS.format:
+    raise BitError(f'--format is required: one of {", ".join(FORMATS)}.')
+  check_format(FLAGS.format)
+  if not FLAGS.output:
+    raise BitError('--output is required: the directory that receives the export.')
+  if FLAGS.size is not None:
+    check_size(FLAGS.size)
+  if FLAGS.input not in INPUTS:
+    raise BitError(f'--input must be float32 or uint8, got {FLAGS.input!r}.')
+  model, params, names, size, source = load_source(
+    workdir=FLAGS.workdir, model=FLAGS.model, num_classes=FLAGS.num_classes, keep_head=FLAGS.keep_head
+  )
+  path = export(
+    model,
+    params,
+    FLAGS.format,
+    FLAGS.output,
+    size=FLAGS.size or size,
+    input=FLAGS.input,
+    labels=names,
+    source=source,
+    overwrite=FLAGS.overwrite,
+  )
+  print(
+    f'wrote {path} ({FLAGS.format}, {FLAGS.size or size} px, {FLAGS.input} input); see {path}/export.json'
+  )
+
+
+def export_main() -> None:
+  """bit-export: the inference function as a TF SavedModel, ONNX or serialized StableHLO; see bit.export."""
+  _run('bit-export', _define_export_flags, _export)
+
+
 if __name__ == '__main__':
   train_main()
