@@ -31,6 +31,38 @@ def _fail(prog: str, message: str, code: int = EXIT_BAD_INPUT):
   sys.exit(code)
 
 
+# The library's errors name Python arguments (`dataset=`, `workdir=`) and config keys (`config.crop=`); each
+# command shows them as its flags.
+_CONFIG_ARGUMENTS = {
+  'dataset': '--config.dataset',
+  'data_dir': '--config.data_dir',
+  'model': '--config.model',
+}
+_FLAGS_OF_ARGUMENTS = {
+  'bit-train': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
+  'bit-bench': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
+  'bit-probe': {
+    'dataset': '--dataset',
+    'model': '--model',
+    'data_dir': '--config.data_dir',
+    'workdir': '--workdir',
+  },
+  'bit-eval': {'workdir': '--workdir'},
+  'bit-predict': {'workdir': '--workdir', 'model': '--model'},
+}
+
+
+def as_flags(prog: str, message: str) -> str:
+  """A library error message with its Python argument names (`dataset=`) written as `prog`'s flags."""
+  names = _FLAGS_OF_ARGUMENTS.get(prog, {})
+  if names:
+    pattern = r'(?<![\w.-])(' + '|'.join(map(re.escape, names)) + r')='
+    message = re.sub(pattern, lambda m: names[m.group(1)] + '=', message)
+  if prog in ('bit-train', 'bit-bench', 'bit-probe'):
+    message = re.sub(r'(?<![\w.-])config\.(\w+)=', r'--config.\1=', message)
+  return message
+
+
 def _describe_flag_error(e: BaseException) -> str:
   """A flag/config parsing exception -> what went wrong and what to do."""
   if isinstance(e, (AttributeError, KeyError)):
@@ -84,7 +116,7 @@ def _run(prog: str, define_flags, main, *, positional: bool = False) -> None:
     try:
       return main(argv)
     except BitError as e:
-      _fail(prog, str(e))
+      _fail(prog, as_flags(prog, str(e)))
     except KeyboardInterrupt:
       _fail(prog, 'interrupted; rerun the same command to resume from the last checkpoint', code=130)
 
