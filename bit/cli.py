@@ -117,6 +117,10 @@ def _run(prog: str, define_flags, main, *, positional: bool = False) -> None:
       return main(argv)
     except BitError as e:
       _fail(prog, as_flags(prog, str(e)))
+    except OSError as e:  # a file or folder that cannot be written or read (read-only, full disk, ...)
+      if e.filename is None:
+        raise
+      _fail(prog, f'{e.filename}: {e.strerror or e}; fix it (a writable folder, free disk space) and rerun.')
     except KeyboardInterrupt:
       _fail(prog, 'interrupted; rerun the same command to resume from the last checkpoint', code=130)
 
@@ -259,6 +263,12 @@ def _predict(argv) -> None:
     )
   if FLAGS.top < 1:
     raise BitError(f'--top must be at least 1, got {FLAGS.top}.')
+  for folder in (p for p in images if os.path.isdir(os.path.expanduser(p))):
+    if not prediction.expand_paths([folder]):
+      raise BitError(
+        f'{folder} holds no image files ({"/".join(prediction.IMAGE_SUFFIXES)}) directly in it: give image '
+        'files, or a folder that holds them (its subfolders are not searched).'
+      )
   model, params, names, size = prediction.load_for_prediction(workdir=FLAGS.workdir, model=FLAGS.model)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')  # bad files are reported below, once

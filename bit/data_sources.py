@@ -26,15 +26,16 @@ import threading
 
 import numpy as np
 
+from bit import images
 from bit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 0
-# Extensions of the formats tf.io.decode_image reads (MPO is the multi-picture JPEG of many cameras).
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
-DECODABLE_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'GIF')
+# The formats of the one decoder of every reader (bit.images).
+IMAGE_EXTENSIONS = images.EXTENSIONS
+DECODABLE_FORMATS = images.FORMATS
 # Images whose header gives the typical size of a dataset with images of varying size.
 SIZE_SAMPLE = 256
 # A TFDS split with more encoded bytes than this is streamed from its files instead of read into memory.
@@ -218,17 +219,11 @@ def folder_class_names(root) -> list[str]:
 
 
 def _probe(path):
-  """Returns (h, w) of a decodable image, or the reason it cannot be used (a string)."""
-  from PIL import Image
-
+  """Returns (h, w) of a decodable image (EXIF orientation applied), or the reason it cannot be used."""
   try:
-    with Image.open(path) as im:
-      if im.format not in DECODABLE_FORMATS:
-        return f'format {im.format} is not one of JPEG/PNG/BMP/GIF'
-      w, h = im.size
-      return (h, w)
-  except Exception as e:  # noqa: BLE001 - any failure means the file cannot be used
-    return f'{type(e).__name__}: {e}'
+    return images.probe(path)
+  except images.ImageDecodeError as e:
+    return str(e).removeprefix(f'{path}: ')
 
 
 def _read_folder(root, split: str) -> Records:

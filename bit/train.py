@@ -25,10 +25,12 @@ Workdir:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import re
 import time
@@ -195,6 +197,24 @@ def _check_transfer_config(config) -> None:
     )
 
 
+@contextlib.contextmanager
+def _workdir_errors(workdir: pathlib.Path):
+  """An OS error on the workdir (it is a file, read-only, the disk is full) as a one-line ConfigError."""
+  try:
+    yield
+  except OSError as e:
+    where = e.filename or workdir
+    raise ConfigError(
+      f'workdir={str(workdir)!r} cannot be used: {where}: {e.strerror or e}; give a writable folder.'
+    ) from e
+
+
+def _same_value(key: str, a, b) -> bool:
+  if key in ('dataset', 'data_dir') and isinstance(a, str) and isinstance(b, str) and ('/' in a or '/' in b):
+    return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
+  return a == b
+
+
 def _check_workdir_config(workdir: pathlib.Path, resolved: dict, write: bool) -> None:
   """Writes config.json, or checks that the one there describes the same run."""
   path = workdir / CONFIG_FILE
@@ -208,7 +228,9 @@ def _check_workdir_config(workdir: pathlib.Path, resolved: dict, write: bool) ->
     operational = OPERATIONAL_KEYS
     if new.get('early_stopping_patience'):
       operational = operational - {'eval_every'}  # it decides when an early-stopped run stops
-    diff = sorted(k for k in set(old) | set(new) if k not in operational and old.get(k) != new.get(k))
+    diff = sorted(
+      k for k in set(old) | set(new) if k not in operational and not _same_value(k, old.get(k), new.get(k))
+    )
     if diff:
       details = ', '.join(f'{k}: {old.get(k)!r} there vs {new.get(k)!r} now' for k in diff[:4])
       raise ConfigError(
@@ -432,8 +454,9 @@ def fit(config, workdir) -> FitResult:
   )
   c = resolve_config(config, info)
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  _check_workdir_config(workdir, c, write=primary)
+  with _workdir_errors(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_workdir_config(workdir, c, write=False)  # written below, once the model loads too
 
   model, params = checkpoints.load(
     c['model'], num_classes=info.num_classes, dtype=DTYPES[c['dtype']], seed=c['seed']
@@ -462,6 +485,9 @@ def fit(config, workdir) -> FitResult:
   template = state_to_tree(state)
   if best is not None:
     template['early_stopping'] = best.to_tree()
+  if primary:
+    with _workdir_errors(workdir):
+      _check_workdir_config(workdir, c, write=True)
   manager = _checkpoint_manager(workdir, int(c['keep_checkpoints']))
   restored, start = _restore_latest(manager, template)
   if restored is not None:
