@@ -9,6 +9,7 @@ JAX, to set its CPU dispatch before the backend starts: see bit/malloc.py):
 
 import importlib
 import os
+import typing
 
 # bit uses TensorFlow only for tf.data: keep its start-up chatter (C++ INFO lines, the oneDNN notice) out of
 # the output. setdefault: a user's own setting wins.
@@ -62,6 +63,25 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+# Real signatures for mypy/pyright; at run time the names load lazily (no TensorFlow at `import bit`).
+if typing.TYPE_CHECKING:
+  from bit import hyperrule  # noqa: F401
+  from bit.checkpoints import (  # noqa: F401
+    REGISTRY,
+    cache_dir,
+    download,
+    label_names,
+    list_models,
+    load,
+    load_npz,
+    save_npz,
+  )
+  from bit.errors import BitError, CheckpointError, ConfigError, DataError, DownloadError  # noqa: F401
+  from bit.evaluation import evaluate  # noqa: F401
+  from bit.models import ARCHITECTURES, ResNetV2, create_model, init_params, parse_architecture  # noqa: F401
+  from bit.prediction import predict  # noqa: F401
+  from bit.train import train_and_evaluate  # noqa: F401
+
 
 def __getattr__(name):
   module = _EXPORTS.get(name)
@@ -76,4 +96,4 @@ def __getattr__(name):
 
 
 def __dir__():
-  return sorted(list(globals()) + __all__)
+  return sorted(__all__ + ['__version__'])  # the public API only, not the modules used to set it up

@@ -51,7 +51,7 @@ def _name(source, name) -> str:
 
 def _check_format(im, name: str) -> None:
   if im.format not in FORMATS:
-    raise ImageDecodeError(f'{name}: format {im.format} is not one of {"/".join(FORMATS)}')
+    raise ImageDecodeError(f'{name}: format {im.format} is not one of {"/".join(FORMATS)}.')
 
 
 def _oriented_size(im) -> tuple[int, int]:
@@ -71,11 +71,11 @@ def probe(source, name=None) -> tuple[int, int]:
   except ImageDecodeError:
     raise
   except FileNotFoundError:
-    raise ImageDecodeError(f'{name}: no such file') from None
+    raise ImageDecodeError(f'{name}: no such file.') from None
   except IsADirectoryError:
-    raise ImageDecodeError(f'{name}: is a folder, not an image') from None
+    raise ImageDecodeError(f'{name}: is a folder, not an image.') from None
   except Exception as e:  # noqa: BLE001 - any failure to read the header means the file cannot be used
-    raise ImageDecodeError(f'{name}: not a readable image ({type(e).__name__}: {e})') from None
+    raise ImageDecodeError(f'{name}: not a readable image ({type(e).__name__}: {e}).') from None
 
 
 def to_rgb(im) -> np.ndarray:
@@ -116,13 +116,13 @@ def decode(source, min_side: int | None = None, *, name=None) -> np.ndarray:
   except ImageDecodeError:
     raise
   except FileNotFoundError:
-    raise ImageDecodeError(f'{name}: no such file') from None
+    raise ImageDecodeError(f'{name}: no such file.') from None
   except IsADirectoryError:
-    raise ImageDecodeError(f'{name}: is a folder, not an image') from None
+    raise ImageDecodeError(f'{name}: is a folder, not an image.') from None
   except UnidentifiedImageError:
-    raise ImageDecodeError(f'{name}: not an image (or a format Pillow cannot read)') from None
+    raise ImageDecodeError(f'{name}: not an image (or a format Pillow cannot read).') from None
   except Exception as e:  # noqa: BLE001 - truncated or damaged
-    raise ImageDecodeError(f'{name}: cannot decode the image ({type(e).__name__}: {e})') from None
+    raise ImageDecodeError(f'{name}: cannot decode the image ({type(e).__name__}: {e}).') from None
 
 
 def decode_op(tf, raw, min_side: int):

@@ -5,11 +5,11 @@ import errno
 
 import numpy as np
 import pytest
-from helpers import run_cli
 from PIL import Image
 
 from bit import cli, train
-from bit.errors import ConfigError
+from bit.errors import BitError, ConfigError
+from configs import common
 
 
 @pytest.fixture
@@ -23,34 +23,24 @@ def folder(tmp_path):
   return tmp_path / 'ds'
 
 
-def _train(workdir, folder, *extra):
-  return [
-    'bit-train',
-    '--config',
-    'configs/common.py',
-    '--workdir',
-    workdir,
-    f'--config.dataset={folder}',
-    '--config.batch_size=4',
-    '--config.schedule=[0,0,1,2,3]',
-    *extra,
-  ]
+def _config(folder, model):
+  c = common.get_config()
+  c.model, c.dataset, c.batch_size, c.schedule, c.num_devices = model, str(folder), 4, (0, 0, 1, 2, 3), 1
+  return c
 
 
-def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path, folder, capsys, monkeypatch):
+def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path, folder):
   (tmp_path / 'file').write_text('x')
-  code, _, err = run_cli(
-    cli.train_main, _train(tmp_path / 'file', folder, '--config.model=R26x1'), capsys, monkeypatch
-  )
-  assert code == 2 and err.startswith(f"bit-train: error: --workdir='{tmp_path / 'file'}' cannot be used")
-  assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
+  with pytest.raises(ConfigError) as e:
+    train.train_and_evaluate(_config(folder, 'R26x1'), tmp_path / 'file')
+  message = str(e.value)
+  assert message.startswith(f"workdir='{tmp_path / 'file'}' cannot be used") and '\n' not in message
+  assert cli.as_flags('bit-train', message).startswith(f"--workdir='{tmp_path / 'file'}' cannot be used")
 
 
-def test_a_run_that_fails_at_start_up_leaves_no_config(tmp_path, folder, capsys, monkeypatch):
-  code, _, err = run_cli(
-    cli.train_main, _train(tmp_path / 'w', folder, '--config.model=R27x1'), capsys, monkeypatch
-  )
-  assert code == 2 and 'R27x1' in err
+def test_a_run_that_fails_at_start_up_leaves_no_config(tmp_path, folder):
+  with pytest.raises(BitError, match='R27x1'):
+    train.train_and_evaluate(_config(folder, 'R27x1'), tmp_path / 'w')
   assert not (tmp_path / 'w' / 'config.json').exists()  # the corrected command is not "a different run"
 
 
