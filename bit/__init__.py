@@ -1,31 +1,15 @@
 """bit: Big Transfer (BiT) ResNets in JAX/Flax.
 
-The public API, re-exported lazily so `import bit` stays fast and does not pull in TensorFlow (it does import
-JAX, to set its CPU dispatch before the backend starts: see bit/malloc.py):
+The public API, re-exported lazily so `import bit` stays fast and does not pull in TensorFlow or JAX. Importing
+bit changes nothing global (environment, XLA flags, malloc, jax.config, warning filters); `bit.configure_cpu()`
+applies the CPU runtime settings the command-line tools use (see bit/runtime.py):
 
   model, params = bit.load('BiT-M-R50x1', num_classes=10)
   logits = model.apply({'params': params}, images)     # NHWC float32 in [-1, 1]
 """
 
 import importlib
-import os
 import typing
-
-# bit uses TensorFlow only for tf.data: keep its start-up chatter (C++ INFO lines, the oneDNN notice) out of
-# the output. setdefault: a user's own setting wins.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-
-# XLA's CPU settings for BiT's convolutions (see bit/xla.py); a user's own XLA flag wins.
-from bit import xla as _xla  # noqa: E402
-
-_xla.configure_environment()
-
-# Let XLA's CPU runtime reuse its per-step buffers instead of faulting them in anew (see bit/malloc.py); after
-# the XLA flags, which JAX reads only when its backend starts.
-from bit import malloc as _malloc  # noqa: E402
-
-_malloc.configure()
 
 __version__ = '0.1.0'
 
@@ -53,6 +37,8 @@ _EXPORTS = {
   'train_and_evaluate': 'bit.train',
   'evaluate': 'bit.evaluation',
   'predict': 'bit.prediction',
+  # the CPU runtime settings of the tools, on request
+  'configure_cpu': 'bit.runtime',
   # errors
   'BitError': 'bit.errors',
   'CheckpointError': 'bit.errors',

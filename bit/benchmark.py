@@ -1,27 +1,40 @@
-"""Speed benchmark: train-step and inference throughput of a BiT ResNetV2 on this machine.
+"""Speed benchmark: the real train step and inference of a BiT ResNetV2 on this machine, with MFU.
 
   python -m bit.benchmark --model R50x1 --size 128 --batch 16
+  python -m bit.benchmark --suite accelerator          # the accelerator check: one JSON line (see `suite`)
 
 prints progress to stderr and, last on stdout, one JSON line with (among others) `train_images_per_sec`,
 `infer_images_per_sec` (steady state: compile excluded, every step blocked on), `compile_seconds`,
-`peak_rss_mb`, `matmul_peak_gflops` (a float matmul measured in the same run, so the figures can be read
-against what this CPU can do right now) and `train_peak_fraction` / `infer_peak_fraction`.
+`peak_rss_mb`, `model_flops_per_image` (forward, 2 per multiply-add), `train_mfu` / `infer_mfu` (achieved
+model FLOP/s, train = 3x forward, over the devices' peak: `peak_flops`, `peak_source`).
 
-The train step is the real one in miniature: forward + backward + SGD with momentum 0.9 (optax), softmax
-cross-entropy on one-hot labels, jitted with the state donated. Inference is the jitted forward pass, by
-default on weights standardized once (`models.fold_for_inference`, what evaluation and prediction use); the
-per-call standardization figure is reported too as `infer_unfolded_images_per_sec`.
+The train step is the one `bit.train.train_and_evaluate` runs, built the same way: `train_state.create_state`
+(the BiT learning-rate schedule, the transfer mask of `--transfer`, `--accum-steps` micro-batches) and
+`train_state.train_step` wrapped by `parallel.DataParallel` (`--parallelism`, donated state), fed through
+`DataParallel.replicate`/`shard`. Inference is the jitted forward pass, by default on weights standardized
+once (`models.fold_for_inference`, what evaluation and prediction use); the per-call standardization figure
+is reported too as `infer_unfolded_images_per_sec`.
 
-The CPU is often shared: every figure is the median over `--steps` timed steps, and the matmul peak is
-measured in the same process so that ratios stay comparable between runs. `host_malloc` and
+Peak: on CPU a float matmul measured in the same run (`matmul_peak_gflops`; the CPU is often shared, so the
+ratios stay comparable between runs); on a GPU or TPU the dense peak of its `device_kind` and dtype from
+`PEAK_FLOPS` (an unknown kind falls back to the measured matmul). `host_malloc` and
 `train_page_faults_per_step` show whether XLA's buffers are reused between steps (bit/malloc.py; compare
 `BIT_MALLOC=system`).
+
+This module and `--suite accelerator` need neither TensorFlow nor TFDS nor ml_collections (only `--pipeline`
+imports TensorFlow).
 """
 
+from __future__ import annotations
+
 import argparse
+import contextlib
+import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
+import re
 import resource
 import statistics
 import sys
@@ -32,12 +45,32 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from bit import malloc, models, xla
+from bit import freeze, hyperrule, malloc, models, ops, parallel, train_state, xla
 from bit.errors import BitError
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# The learning-rate schedule of a mid-size dataset (hyper-rule, 20k-500k examples) and BiT's base rate: the
+# benchmark runs only its first steps, but the schedule is computed in the step as in a real run.
+SUPPORTS = hyperrule.schedule(50_000)
+BASE_LR = 0.003
+
+# Dense (no sparsity) peak FLOP/s per device, by `device_kind` pattern and compute dtype. float32 on NVIDIA
+# GPUs is the TF32 tensor-core figure (JAX's default matmul precision runs float32 convolutions and matmuls in
+# TF32 there); on TPUs float32 matmuls run on the bf16 MXU at default precision, so both dtypes take its peak.
+PEAK_FLOPS = (
+  # (device_kind regex, {dtype: FLOP/s}, source)
+  (r'H100(?!.*PCIe)', {'bfloat16': 989e12, 'float32': 495e12}, 'NVIDIA H100 SXM datasheet (dense)'),
+  (r'H200', {'bfloat16': 989e12, 'float32': 495e12}, 'NVIDIA H200 SXM datasheet (dense)'),
+  (r'A100', {'bfloat16': 312e12, 'float32': 156e12}, 'NVIDIA A100 datasheet (dense)'),
+  (r'\bL4\b', {'bfloat16': 121e12, 'float32': 60e12}, 'NVIDIA L4 datasheet (dense)'),
+  (r'TPU v4', {'bfloat16': 275e12, 'float32': 275e12}, 'Google Cloud TPU v4 docs (per chip)'),
+  (r'TPU v5 ?lite|TPU v5e', {'bfloat16': 197e12, 'float32': 197e12}, 'Google Cloud TPU v5e docs (per chip)'),
+  (r'TPU v5p|TPU v5$', {'bfloat16': 459e12, 'float32': 459e12}, 'Google Cloud TPU v5p docs (per chip)'),
+  (r'TPU v6 ?lite|TPU v6e', {'bfloat16': 918e12, 'float32': 918e12}, 'Google Cloud TPU v6e docs (per chip)'),
+)
 
 
 def _log(msg: str) -> None:
@@ -55,7 +88,7 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 def matmul_peak_gflops(n: int = 1024, repeats: int = 7, dtype: Any = jnp.float32) -> float:
-  """Achieved GFLOP/s of an n x n x n matmul (median of `repeats`): the practical peak of this CPU."""
+  """Achieved GFLOP/s of an n x n x n matmul (median of `repeats`): the practical peak of this device."""
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
   a = jax.random.normal(key_a, (n, n), dtype)
   b = jax.random.normal(key_b, (n, n), dtype)
@@ -63,6 +96,14 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 7, dtype: Any = jnp.float32
   jax.block_until_ready(f(a, b))
   t = statistics.median(_timed(lambda: f(a, b), repeats))
   return 2 * n**3 / t / 1e9
+
+
+def table_peak_flops(device_kind: str, dtype: str) -> tuple[float, str] | None:
+  """(dense peak FLOP/s of one device, source) from `PEAK_FLOPS`, or None for a kind not in the table."""
+  for pattern, peaks, source in PEAK_FLOPS:
+    if re.search(pattern, device_kind) and dtype in peaks:
+      return peaks[dtype], source
+  return None
 
 
 def forward_flops(model: models.ResNetV2, size: int) -> float:
@@ -89,33 +130,220 @@ def forward_flops(model: models.ResNetV2, size: int) -> float:
   return flops
 
 
-def make_train_step(model: models.ResNetV2, learning_rate: float = 0.003):
-  """(init_state, train_step): SGD momentum 0.9 + softmax CE, the shape of bit.train's real step."""
-  tx = optax.sgd(learning_rate, momentum=0.9)
+@dataclasses.dataclass
+class Setup:
+  """What every measurement shares: the model, the devices, a synthetic host batch, the params."""
 
-  def init_state(params):
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+  net: models.ResNetV2
+  dp: parallel.DataParallel
+  batch: int
+  size: int
+  host_batch: dict
+  params: Any
+  transfer: dict
+  accum_steps: int
+  result: dict
 
-  def train_step(state, batch):
-    def loss_fn(params):
-      logits = model.apply({'params': params}, batch['image'])
-      return jnp.mean(optax.softmax_cross_entropy(logits, batch['label']))
+  @property
+  def flops(self) -> float:
+    return self.result['model_flops_per_image']
 
-    loss, grads = jax.value_and_grad(loss_fn)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, {'loss': loss}
-
-  return init_state, train_step
+  def mfu(self, images_per_sec: float, passes: int) -> float:
+    """Model FLOP/s (`passes` x forward) over the peak of all devices."""
+    return round(passes * self.flops * images_per_sec / self.result['peak_flops'], 4)
 
 
-def _shardings(devices: int):
-  """(batch sharding, replicated sharding) over the first `devices` devices, or (None, None) for one."""
-  if devices <= 1:
-    return None, None
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), ('data',))
-  P = jax.sharding.PartitionSpec
-  return jax.sharding.NamedSharding(mesh, P('data')), jax.sharding.NamedSharding(mesh, P())
+def _check(model, size, batch, dtype, steps, warmup, devices, parallelism, accum_steps) -> int:
+  """Validates the options; returns the number of devices. BitError names the bad one."""
+  if dtype not in DTYPES:
+    raise BitError(f'--dtype {dtype!r}: use one of {sorted(DTYPES)}.')
+  if parallelism not in parallel.MODES:
+    raise BitError(f'--parallelism {parallelism!r}: use one of {", ".join(parallel.MODES)}.')
+  if steps < 1 or warmup < 0 or batch < 1 or accum_steps < 1:
+    raise BitError(
+      f'steps ({steps}), batch ({batch}) and accum-steps ({accum_steps}) must be >= 1 and warmup ({warmup}) >= 0.'
+    )
+  n_dev = len(jax.devices()) if devices == 0 else devices
+  if n_dev > len(jax.devices()):
+    raise BitError(
+      f'--devices {devices}: only {len(jax.devices())} JAX device(s). On a CPU host set '
+      f'XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} before starting Python.'
+    )
+  if batch % (n_dev * accum_steps):
+    raise BitError(
+      f'--batch {batch} does not split evenly over {n_dev} devices x --accum-steps {accum_steps}; '
+      f'use a multiple of {n_dev * accum_steps}.'
+    )
+  models.parse_architecture(model)
+  return n_dev
+
+
+def measure_peak(setup_result: dict, dtype: str, matmul_n: int, n_dev: int) -> None:
+  """`matmul_peak_gflops` (measured now), and `peak_flops` / `peak_source`: what the MFU divides by."""
+  result = setup_result
+  result['matmul_peak_gflops'] = round(matmul_peak_gflops(matmul_n, dtype=DTYPES[dtype]), 2)
+  _log(f'[bench] matmul peak {result["matmul_peak_gflops"]} GFLOP/s')
+  kind = jax.devices()[0].device_kind
+  table = None if jax.default_backend() == 'cpu' else table_peak_flops(kind, dtype)
+  if table is not None:
+    result['peak_flops'], result['peak_source'] = table[0] * n_dev, f'{table[1]}, x{n_dev} devices'
+  else:
+    # One matmul already uses every core of a CPU host, however many virtual devices it is split into.
+    scale = 1 if jax.default_backend() == 'cpu' else n_dev
+    result['peak_flops'] = result['matmul_peak_gflops'] * 1e9 * scale
+    result['peak_source'] = f'measured {matmul_n}^3 matmul' + (f', x{n_dev} devices' if scale > 1 else '')
+
+
+def setup(
+  model: str,
+  size: int,
+  batch: int,
+  dtype: str,
+  n_dev: int,
+  parallelism: str,
+  num_classes: int,
+  accum_steps: int,
+  transfer: dict,
+  result: dict,
+) -> Setup:
+  net = models.create_model(model, num_classes, dtype=DTYPES[dtype])
+  dp = parallel.DataParallel(parallelism, parallel.select_devices(n_dev))
+  rng = np.random.default_rng(0)
+  host_batch = {
+    'image': rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+    'label': np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)],
+  }
+  params = models.init_params(net, seed=0, image_size=min(size, 64))
+  # A non-zero head so the gradients flow through the whole network as in a real run.
+  params['head']['kernel'] = 0.01 * jax.random.normal(jax.random.PRNGKey(1), params['head']['kernel'].shape)
+  result['model_flops_per_image'] = forward_flops(net, size)
+  result['forward_gflops_per_image'] = round(result['model_flops_per_image'] / 1e9, 3)
+  return Setup(net, dp, batch, size, host_batch, params, transfer, accum_steps, result)
+
+
+def real_train_step(s: Setup):
+  """(device state, wrapped step): what `bit.train` builds, from the same functions."""
+  lr_fn = train_state.lr_schedule(SUPPORTS, BASE_LR)
+  params = jax.tree.map(np.asarray, s.params)
+  state = train_state.create_state(s.net, params, lr_fn, accum_steps=s.accum_steps, **s.transfer)
+  return s.dp.replicate(state), s.dp.wrap(train_state.train_step, donate=True)
+
+
+def measure_train(s: Setup, steps: int, warmup: int):
+  """Train img/s, MFU, compile time and page faults of the real step; returns (step, state, device batch)."""
+  result = s.result
+  dstate, step = real_train_step(s)
+  data = s.dp.shard(s.host_batch)
+  t0 = time.perf_counter()
+  dstate, metrics = step(dstate, data)  # compiles
+  jax.block_until_ready((dstate, metrics))
+  first = time.perf_counter() - t0
+  for _ in range(warmup):
+    dstate, metrics = step(dstate, data)
+  jax.block_until_ready(dstate)
+  times = []
+  faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    dstate, metrics = step(dstate, data)
+    jax.block_until_ready((dstate, metrics))
+    times.append(time.perf_counter() - t0)
+  # Pages the kernel had to map (and zero) per step: near 0 when XLA's buffers are reused (bit/malloc.py).
+  result['train_page_faults_per_step'] = round(
+    (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
+  )
+  loss = float(s.dp.unreplicate(metrics)['loss'])
+  if not np.isfinite(loss):
+    raise BitError(f'The benchmark train step produced a non-finite loss ({loss}).')
+  t = statistics.median(times)
+  result['train_compile_seconds'] = round(max(first - t, 0.0), 2)  # the first call, less one steady step
+  result['train_step_seconds'] = round(t, 4)
+  result['train_images_per_sec'] = round(s.batch / t, 2)
+  result['train_mfu'] = s.mfu(s.batch / t, 3)  # backward ~ 2x forward
+  result['train_peak_fraction'] = result['train_mfu']
+  result['train_loss'] = round(loss, 4)
+  _log(
+    f'[bench] train {result["train_images_per_sec"]} img/s, MFU {result["train_mfu"]} (median step {t:.3f} s '
+    f'of {steps}; compiled in {result["train_compile_seconds"]} s)'
+  )
+  return step, dstate, data
+
+
+def measure_infer(s: Setup, steps: int, warmup: int, folded: bool) -> float:
+  """Inference img/s and MFU of the jitted forward pass (folded: weights standardized once); compile s."""
+  result = s.result
+  replicated = NamedSharding(s.dp.mesh, P())
+  images = jax.device_put(s.host_batch['image'], NamedSharding(s.dp.mesh, P(parallel.DATA_AXIS)))
+  if folded:
+    variables, fwd_model = {'params': models.fold_for_inference(s.params)}, s.net.clone(folded=True)
+  else:
+    variables, fwd_model = {'params': s.params}, s.net
+  variables = jax.device_put(variables, replicated)
+  t0 = time.perf_counter()
+  fwd = xla.jit(lambda v, x, m=fwd_model: m.apply(v, x)).lower(variables, images).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(max(1, warmup)):
+    jax.block_until_ready(fwd(variables, images))
+  t = statistics.median(_timed(lambda: fwd(variables, images), steps))
+  key = 'infer' if folded else 'infer_unfolded'
+  result[f'{key}_compile_seconds'] = round(compile_s, 2)
+  result[f'{key}_images_per_sec'] = round(s.batch / t, 2)
+  result[f'{key}_mfu'] = s.mfu(s.batch / t, 1)
+  result[f'{key}_peak_fraction'] = result[f'{key}_mfu']
+  _log(f'[bench] {key.replace("_", " ")} {s.batch / t:.2f} img/s (compiled in {compile_s:.2f} s)')
+  return compile_s
+
+
+def measure_compile_only(s: Setup) -> None:
+  """Compile times from abstract shapes: no parameter or activation is ever allocated."""
+  result = s.result
+  shapes = models.param_shapes(s.net)
+  lr_fn = train_state.lr_schedule(SUPPORTS, BASE_LR)
+  state = jax.eval_shape(
+    lambda p: train_state.create_state(s.net, p, lr_fn, accum_steps=s.accum_steps, **s.transfer), shapes
+  )
+  data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in s.host_batch.items()}
+  if s.dp.mode == 'pmap':
+    n = s.dp.num_local_devices
+
+    def stack(x):
+      return jax.ShapeDtypeStruct((n,) + x.shape, x.dtype)
+
+    state = jax.tree.map(stack, state)
+    data = {k: jax.ShapeDtypeStruct((n, v.shape[0] // n) + v.shape[1:], v.dtype) for k, v in data.items()}
+  step = s.dp.wrap(train_state.train_step, donate=True)
+  t0 = time.perf_counter()
+  step.lower(state, data).compile()
+  result['train_compile_seconds'] = round(time.perf_counter() - t0, 2)
+  _log(f'[bench] train step compiled in {result["train_compile_seconds"]} s')
+  folded = s.net.clone(folded=True)
+  t0 = time.perf_counter()
+  xla.jit(lambda v, x: folded.apply(v, x)).lower({'params': shapes}, data['image']).compile()
+  result['infer_compile_seconds'] = round(time.perf_counter() - t0, 2)
+  _log(f'[bench] forward compiled in {result["infer_compile_seconds"]} s')
+  result['compile_seconds'] = round(result['train_compile_seconds'] + result['infer_compile_seconds'], 2)
+
+
+def measure_pipeline(folder: str, batch: int, size: int, result: dict) -> None:
+  from bit import benchmark_data  # imported late: it pulls in TensorFlow
+
+  ips = benchmark_data.pipeline_images_per_sec(folder, global_batch_size=batch, crop=size)
+  result['pipeline_images_per_sec'] = round(float(ips), 2)
+  if 'train_images_per_sec' in result:
+    result['pipeline_over_train'] = round(float(ips) / result['train_images_per_sec'], 2)
+
+
+def peak_device_memory() -> int | None:
+  """The largest `peak_bytes_in_use` of the devices' memory stats, or None where the backend keeps none."""
+  peaks = []
+  for d in jax.local_devices():
+    try:
+      stats = d.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+      stats = None
+    if stats and 'peak_bytes_in_use' in stats:
+      peaks.append(int(stats['peak_bytes_in_use']))
+  return max(peaks) if peaks else None
 
 
 def run(
@@ -132,11 +360,22 @@ def run(
   matmul_n: int = 1024,
   pipeline: str | None = None,
   compile_only: bool = False,
+  parallelism: str = 'shard_map',
+  accum_steps: int = 1,
+  fast_ops: str | None = None,
+  transfer: str = 'full',
+  unfreeze_stages: int = 0,
+  unfreeze_units: int = 0,
+  unfolded: bool = True,
 ) -> dict:
   """Runs the benchmark and returns its figures as a dict (what the CLI prints as JSON).
 
-  `devices` > 1 splits the batch over that many JAX devices (data parallel, params replicated); on a CPU
-  host that needs XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX starts. 0 means all.
+  `devices` > 1 splits the batch over that many JAX devices (`parallelism`: 'shard_map' or 'pmap', as
+  `config.parallelism`); on a CPU host that needs XLA_FLAGS=--xla_force_host_platform_device_count=N set
+  before JAX starts. 0 means all. `accum_steps`, `transfer`, `unfreeze_stages`, `unfreeze_units` go to the
+  real step's `create_state` as the same config keys do in a real run. `fast_ops` ('auto', 'on', 'off';
+  None: `BIT_FAST_OPS`) is `bit.ops`'s switch for this run. `unfolded`: also time inference with the
+  per-call weight standardization.
   `pipeline`: a folder of JPEGs (ROOT/train/<class>/*.jpg) whose train-pipeline throughput is measured
   with bit.benchmark_data and compared with the train step's consumption ('generate': a temporary folder
   of generated real-size JPEGs); with `train`, the train step is also run on that pipeline's batches and
@@ -144,138 +383,78 @@ def run(
   `compile_only`: compile the train step and the forward pass from shapes alone (nothing is allocated or
   run, so even R152x4 fits in memory) and report only the compile times.
   """
-  if dtype not in DTYPES:
-    raise BitError(f'--dtype {dtype!r}: use one of {sorted(DTYPES)}.')
-  if steps < 1 or warmup < 0 or batch < 1:
-    raise BitError(f'steps ({steps}) and batch ({batch}) must be >= 1 and warmup ({warmup}) >= 0.')
-  n_dev = len(jax.devices()) if devices == 0 else devices
-  if n_dev > len(jax.devices()):
-    raise BitError(
-      f'--devices {devices}: only {len(jax.devices())} JAX device(s). On a CPU host set '
-      f'XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} before starting Python.'
-    )
-  if batch % n_dev:
-    raise BitError(f'--batch {batch} does not split evenly over {n_dev} devices.')
-  net = models.create_model(model, num_classes, dtype=DTYPES[dtype])
-  result: dict[str, Any] = {
-    'model': net.architecture,
-    'size': size,
-    'batch': batch,
-    'dtype': dtype,
-    'devices': n_dev,
-    'steps': steps,
-    'backend': jax.default_backend(),
-    'jax': jax.__version__,
-    'cpu_count': os.cpu_count(),
-    'load_avg_1m': round(os.getloadavg()[0], 2),
-    'host_malloc': dict(malloc.state),
-  }
-  _log(
-    f'[bench] {net.architecture} {size}px batch {batch} {dtype} on {n_dev} {jax.default_backend()} device(s)'
-  )
-  result['matmul_peak_gflops'] = round(matmul_peak_gflops(matmul_n, dtype=DTYPES[dtype]), 2)
-  _log(f'[bench] matmul peak {result["matmul_peak_gflops"]} GFLOP/s')
+  n_dev = _check(model, size, batch, dtype, steps, warmup, devices, parallelism, accum_steps)
+  if fast_ops is not None:
+    ops._check_mode(fast_ops, '--fast-ops')
+  if transfer not in freeze.MODES:
+    raise BitError(f'--transfer {transfer!r}: use one of {", ".join(freeze.MODES)}.')
+  settings = {'transfer': transfer, 'unfreeze_stages': unfreeze_stages, 'unfreeze_units': unfreeze_units}
+  with ops.fast_ops(fast_ops) if fast_ops is not None else contextlib.nullcontext():
+    result: dict[str, Any] = {
+      'model': models.architecture_name(*models.parse_architecture(model)),
+      'size': size,
+      'batch': batch,
+      'dtype': dtype,
+      'devices': n_dev,
+      'parallelism': parallelism,
+      'accum_steps': accum_steps,
+      'fast_ops': ops.fast_ops_mode(),
+      'fast_ops_used': sorted(op for op in ops.OPS if ops.use_fast(op)),
+      **settings,
+      'steps': steps,
+      'backend': jax.default_backend(),
+      'device_kind': jax.devices()[0].device_kind,
+      'jax': jax.__version__,
+      'cpu_count': os.cpu_count(),
+      'load_avg_1m': round(os.getloadavg()[0], 2),
+      'host_malloc': dict(malloc.state),
+    }
+    _log(f'[bench] {result["model"]} {size}px batch {batch} {dtype} on {n_dev} {result["backend"]} device(s)')
+    measure_peak(result, dtype, matmul_n, n_dev)
+    s = setup(model, size, batch, dtype, n_dev, parallelism, num_classes, accum_steps, settings, result)
+    if compile_only:
+      measure_compile_only(s)
+    else:
+      _measure(s, steps, warmup, train, infer, pipeline, unfolded)
+    result['peak_device_memory_bytes'] = peak_device_memory()
+    result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result['load_avg_1m_end'] = round(os.getloadavg()[0], 2)
+    result['peak_flops'] = float(result['peak_flops'])
+    result['model_flops_per_image'] = float(result['model_flops_per_image'])
+  return result
 
-  if compile_only:
-    return _compile_only(net, size, batch, result)
+
+def _measure(s: Setup, steps: int, warmup: int, train: bool, infer: bool, pipeline, unfolded: bool) -> None:
+  result = s.result
   folder, generated = pipeline, None
   if pipeline == 'generate':
     from bit import benchmark_data  # imported late: it pulls in TensorFlow
 
-    # One folder of real-size JPEGs for both the train-on-real-data runs and the pipeline alone; removed when
-    # `generated` goes (at the end of this function, or with it on an error).
+    # One folder of real-size JPEGs for both the train-on-real-data runs and the pipeline alone.
     generated = tempfile.TemporaryDirectory(prefix='bit_bench_jpegs_')
     folder = str(benchmark_data.make_jpeg_folder(pathlib.Path(generated.name)))
-  rng = np.random.default_rng(0)
-  images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
-  labels = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)]
-  batch_sharding, replicated = _shardings(n_dev)
-  put = (lambda x, s: jax.device_put(x, s)) if batch_sharding is not None else (lambda x, s: jnp.asarray(x))
-  data = {'image': put(images, batch_sharding), 'label': put(labels, batch_sharding)}
-  params = models.init_params(net, seed=0, image_size=min(size, 64))
-  # A non-zero head so the gradients flow through the whole network as in a real run.
-  params['head']['kernel'] = 0.01 * jax.random.normal(jax.random.PRNGKey(1), params['head']['kernel'].shape)
-  if replicated is not None:
-    params = jax.device_put(params, replicated)
-  flops = forward_flops(net, size)
-  result['forward_gflops_per_image'] = round(flops / 1e9, 3)
-  peak = result['matmul_peak_gflops']
-  compile_total = 0.0
-
-  if train:
-    init_state, train_step = make_train_step(net)
-    state = jax.jit(init_state)(jax.tree_util.tree_map(jnp.copy, params))
-    t0 = time.perf_counter()
-    step = xla.jit(train_step, donate_argnums=0).lower(state, data).compile()
-    result['train_compile_seconds'] = round(time.perf_counter() - t0, 2)
-    compile_total += result['train_compile_seconds']
-    _log(f'[bench] train step compiled in {result["train_compile_seconds"]} s')
-    for _ in range(warmup):
-      state, metrics = step(state, data)
-    jax.block_until_ready(state)
-    times = []
-    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      state, metrics = step(state, data)
-      jax.block_until_ready((state, metrics))
-      times.append(time.perf_counter() - t0)
-    # Pages the kernel had to map (and zero) per step: near 0 when XLA's buffers are reused (bit/malloc.py).
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-    result['train_page_faults_per_step'] = round(faults / steps)
-    if not np.isfinite(float(metrics['loss'])):
-      raise BitError(f'The benchmark train step produced a non-finite loss ({float(metrics["loss"])}).')
-    t = statistics.median(times)
-    result['train_step_seconds'] = round(t, 4)
-    result['train_images_per_sec'] = round(batch / t, 2)
-    # Backward ~ 2x forward (input and weight gradients): 3x the forward FLOPs per trained image.
-    result['train_peak_fraction'] = round(3 * flops * batch / t / 1e9 / peak, 3)
-    result['train_loss'] = round(float(metrics['loss']), 4)
-    _log(f'[bench] train {result["train_images_per_sec"]} img/s (median step {t:.3f} s of {steps})')
+  try:
+    compile_total = 0.0
+    if train:
+      step, dstate, data = measure_train(s, steps, warmup)
+      compile_total += result['train_compile_seconds']
+      if folder:
+        _real_data_runs(step, dstate, data, folder, s, steps, warmup)
+        result['real_data']['folder'] = None if generated else folder
+      del dstate, step
+    if infer:
+      if unfolded:
+        measure_infer(s, steps, warmup, folded=False)
+      compile_total += measure_infer(s, steps, warmup, folded=True)
+    result['compile_seconds'] = round(compile_total, 2)
     if folder:
-      state = _real_data_runs(
-        step, state, data, folder, result, batch, size, steps, warmup, put, batch_sharding
-      )
-      result['real_data']['folder'] = None if generated else folder
-    del state, step
-
-  if infer:
-    for folded in (False, True):
-      if folded:
-        variables = {'params': models.fold_for_inference(params)}
-        fwd_model = net.clone(folded=True)
-      else:
-        variables, fwd_model = {'params': params}, net
-      t0 = time.perf_counter()
-      fwd = xla.jit(lambda v, x, m=fwd_model: m.apply(v, x)).lower(variables, data['image']).compile()
-      compile_s = time.perf_counter() - t0
-      jax.block_until_ready(fwd(variables, data['image']))
-      for _ in range(max(0, warmup - 1)):
-        jax.block_until_ready(fwd(variables, data['image']))
-      t = statistics.median(_timed(lambda f=fwd, v=variables: f(v, data['image']), steps))
-      key = 'infer' if folded else 'infer_unfolded'
-      result[f'{key}_compile_seconds'] = round(compile_s, 2)
-      result[f'{key}_images_per_sec'] = round(batch / t, 2)
-      result[f'{key}_peak_fraction'] = round(flops * batch / t / 1e9 / peak, 3)
-      _log(f'[bench] {key.replace("_", " ")} {batch / t:.2f} img/s (compiled in {compile_s:.2f} s)')
-    compile_total += result['infer_compile_seconds']
-
-  result['compile_seconds'] = round(compile_total, 2)
-  if folder:
-    from bit import benchmark_data  # imported late: it pulls in TensorFlow
-
-    ips = benchmark_data.pipeline_images_per_sec(folder, global_batch_size=batch, crop=size)
-    result['pipeline_images_per_sec'] = round(float(ips), 2)
-    if 'train_images_per_sec' in result:
-      result['pipeline_over_train'] = round(float(ips) / result['train_images_per_sec'], 2)
-  result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-  result['load_avg_1m_end'] = round(os.getloadavg()[0], 2)
-  if generated is not None:
-    generated.cleanup()
-  return result
+      measure_pipeline(folder, s.batch, s.size, result)
+  finally:
+    if generated is not None:
+      generated.cleanup()
 
 
-def _real_data_runs(step, state, synthetic, folder, result, batch, size, steps, warmup, put, sharding):
+def _real_data_runs(step, state, synthetic, folder, s: Setup, steps: int, warmup: int):
   """The same compiled train step fed by the real input pipeline, against the same loop on one synthetic batch.
 
   Like a real run (bit.train), the loop never fetches a step's results, and tf.data decodes and prefetches in
@@ -284,9 +463,10 @@ def _real_data_runs(step, state, synthetic, folder, result, batch, size, steps, 
   cache as configured (default: on for splits under 1 GB decoded) and with it off, when every step decodes its
   JPEGs. Records train_real[_nocache]_images_per_sec and their ratios to the synthetic loop.
   """
-  from bit import data, data_sources, hyperrule  # imported late: TensorFlow
+  from bit import data, data_sources  # imported late: TensorFlow
 
-  num_classes = synthetic['label'].shape[-1]
+  result, batch, size = s.result, s.batch, s.size
+  num_classes = s.host_batch['label'].shape[-1]
 
   def loop(next_batch):
     nonlocal state
@@ -321,7 +501,7 @@ def _real_data_runs(step, state, synthetic, folder, result, batch, size, steps, 
       b = next(batches)
       labels = np.zeros((batch, num_classes), np.float32)
       labels[:, : b['label'].shape[-1]] = b['label']
-      return {'image': put(b['image'], sharding), 'label': put(labels, sharding)}
+      return s.dp.shard({'image': b['image'], 'label': labels})
 
     ips = loop(next_batch)
     result[f'{key}_images_per_sec'] = round(ips, 2)
@@ -340,33 +520,186 @@ def _real_data_runs(step, state, synthetic, folder, result, batch, size, steps, 
   return state
 
 
-def _compile_only(net: models.ResNetV2, size: int, batch: int, result: dict) -> dict:
-  """Compile times from abstract shapes: no parameter or activation is ever allocated."""
-  f32 = jnp.float32
-  params = models.param_shapes(net)
-  data = {
-    'image': jax.ShapeDtypeStruct((batch, size, size, 3), f32),
-    'label': jax.ShapeDtypeStruct((batch, net.num_classes), f32),
+# --- the accelerator suite ----------------------------------------------------------------------------------
+
+# Golden fixtures (tests/data/<name>: images, and the logits of an independent implementation of the random
+# official-layout checkpoint tests/make_checkpoint.py makes): name -> (depth, width, classes, seed).
+GOLDEN = {'r26x1_s64': (26, 1, 5, 1), 'r50x1_s128': (50, 1, 10, 0)}
+# The largest deviation from the golden logits each compute dtype meets (float32 at the highest matmul
+# precision; bfloat16 has 8 bits of mantissa).
+GOLDEN_TOLERANCE = {'float32': 1e-4, 'bfloat16': 0.25}
+
+
+@dataclasses.dataclass(frozen=True)
+class SuitePlan:
+  golden: str
+  model: str
+  size: int
+  batches: tuple[int, ...]  # tried in order: the first that fits is used
+  dtypes: tuple[str, ...]
+  modes: tuple[str, ...]
+  steps: int
+  warmup: int
+  large: tuple[str, int] | None  # (model, size) trained at the largest batch that fits
+  matmul_n: int
+
+
+ACCELERATOR_PLAN = SuitePlan(
+  golden='r50x1_s128',
+  model='R50x1',
+  size=224,
+  batches=(256, 128, 64, 32, 16, 8),
+  dtypes=('float32', 'bfloat16'),
+  modes=('auto', 'off'),
+  steps=10,
+  warmup=2,
+  large=('R152x4', 480),
+  matmul_n=4096,
+)
+# No accelerator: the same measurements, tiny, so that the command (and its test) runs in seconds on a CPU.
+CPU_PLAN = SuitePlan(
+  golden='r26x1_s64',
+  model='R26x1',
+  size=64,
+  batches=(4,),
+  dtypes=('float32',),
+  modes=('auto', 'off'),
+  steps=2,
+  warmup=1,
+  large=None,
+  matmul_n=256,
+)
+_RUN_KEYS = (
+  'model',
+  'size',
+  'batch',
+  'dtype',
+  'fast_ops',
+  'fast_ops_used',
+  'train_images_per_sec',
+  'train_mfu',
+  'train_compile_seconds',
+  'infer_images_per_sec',
+  'infer_mfu',
+  'infer_compile_seconds',
+  'peak_device_memory_bytes',
+  'peak_flops',
+  'peak_source',
+)
+
+
+def golden_check(name: str) -> dict:
+  """Max |logits - golden| on the default device, float32 (highest precision) and bfloat16, with pass flags."""
+  root = pathlib.Path(__file__).resolve().parent.parent / 'tests'
+  case, maker = root / 'data' / name, root / 'make_checkpoint.py'
+  if not (case / 'logits.npy').exists() or not maker.exists():
+    return {'fixture': name, 'skipped': f'{case} not found: the check needs a source checkout of bit'}
+  from bit import checkpoints  # noqa: PLC0415 - only for the check
+
+  spec = importlib.util.spec_from_file_location('_bit_make_checkpoint', maker)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  depth, width, classes, seed = GOLDEN[name]
+  _, _, _, params = checkpoints.npz_to_params(
+    module.random_checkpoint(depth, width, classes, seed), source=name
+  )
+  images, golden = np.load(case / 'images.npy'), np.load(case / 'logits.npy')
+  out: dict[str, Any] = {'fixture': name}
+  for dtype, tol in GOLDEN_TOLERANCE.items():
+    net = models.ResNetV2(depth, width, classes, dtype=DTYPES[dtype])
+    with jax.default_matmul_precision('highest'):
+      logits = np.asarray(jax.jit(lambda p, x, n=net: n.apply({'params': p}, x))(params, images))
+    err = float(np.max(np.abs(logits - golden)))
+    out[dtype] = {
+      'max_abs_error': err,
+      'tolerance': tol,
+      'ok': err <= tol and bool(np.array_equal(logits.argmax(-1), golden.argmax(-1))),
+    }
+  return out
+
+
+def _out_of_memory(e: Exception) -> bool:
+  text = str(e)
+  return 'RESOURCE_EXHAUSTED' in text or 'Out of memory' in text or 'out of memory' in text
+
+
+def _largest_batch(batches, measure) -> tuple[int, dict]:
+  """(batch, result) of `measure(batch)` for the first of `batches` that does not run out of memory."""
+  for i, b in enumerate(batches):
+    try:
+      return b, measure(b)
+    except Exception as e:  # noqa: BLE001 - XLA's out-of-memory error has no narrower public type
+      if not _out_of_memory(e) or i == len(batches) - 1:
+        raise
+      _log(f'[suite] batch {b} does not fit ({str(e).splitlines()[0][:120]}); trying {batches[i + 1]}')
+  raise AssertionError('unreachable')
+
+
+def suite(name: str = 'accelerator') -> dict:
+  """`--suite accelerator`: the check to run on a machine with a GPU or TPU, as one dict (printed as JSON).
+
+  Logits against the golden fixtures (float32 and bfloat16); R50x1 at 224 px train and inference img/s and
+  MFU, float32 and bfloat16, fast ops auto and off, at the largest per-device batch up to 256 that fits;
+  compile seconds; peak device memory; R152x4 at 480 px train img/s at the largest batch that fits. Without
+  an accelerator it runs a tiny version (R26x1, 64 px, float32) and says so (`"backend": "cpu"`, `note`).
+  """
+  if name != 'accelerator':
+    raise BitError(f'--suite {name!r}: the only suite is "accelerator".')
+  t0 = time.perf_counter()
+  backend = jax.default_backend()
+  plan = CPU_PLAN if backend == 'cpu' else ACCELERATOR_PLAN
+  out: dict[str, Any] = {
+    'suite': name,
+    'backend': backend,
+    'device_kind': jax.devices()[0].device_kind,
+    'device_count': jax.device_count(),
+    'jax': jax.__version__,
   }
-  init_state, train_step = make_train_step(net)
-  state = jax.eval_shape(init_state, params)
-  t0 = time.perf_counter()
-  xla.jit(train_step, donate_argnums=0).lower(state, data).compile()
-  result['train_compile_seconds'] = round(time.perf_counter() - t0, 2)
-  _log(f'[bench] train step compiled in {result["train_compile_seconds"]} s')
-  folded = net.clone(folded=True)
-  t0 = time.perf_counter()
-  xla.jit(lambda v, x: folded.apply(v, x)).lower({'params': params}, data['image']).compile()
-  result['infer_compile_seconds'] = round(time.perf_counter() - t0, 2)
-  _log(f'[bench] forward compiled in {result["infer_compile_seconds"]} s')
-  result['compile_seconds'] = round(result['train_compile_seconds'] + result['infer_compile_seconds'], 2)
-  result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-  return result
+  if backend == 'cpu':
+    out['note'] = 'no GPU or TPU here: the tiny CPU version (R26x1, 64 px, float32)'
+  _log(f'[suite] {name} on {out["device_kind"]} ({backend}): golden logits {plan.golden}')
+  out['golden'] = golden_check(plan.golden)
+  common = dict(
+    model=plan.model, size=plan.size, steps=plan.steps, warmup=plan.warmup, matmul_n=plan.matmul_n
+  )
+  runs, batch = [], None
+  for dtype in plan.dtypes:
+    for mode in plan.modes:
+      with ops.fast_ops(mode, retrace=False):
+        used = [op for op in ops.OPS if ops.use_fast(op)]
+      if mode != 'auto' and runs and used == runs[-1]['fast_ops_used']:
+        runs.append({'dtype': dtype, 'fast_ops': mode, 'same_as': 'auto', 'fast_ops_used': used})
+        continue  # e.g. 'off' on a GPU, where 'auto' already takes every reference
+
+      def measure(b, dtype=dtype, mode=mode):
+        return run(**common, batch=b, dtype=dtype, fast_ops=mode, unfolded=False)
+
+      if batch is None:
+        batch, r = _largest_batch(plan.batches, measure)
+      else:
+        r = measure(batch)
+      runs.append({k: r.get(k) for k in _RUN_KEYS})
+  out['runs'] = runs
+  if plan.large is not None:
+    model, size = plan.large
+
+    def measure_large(b):
+      return run(
+        model=model, size=size, batch=b, dtype='bfloat16', steps=3, warmup=1, infer=False, matmul_n=256
+      )
+
+    _, r = _largest_batch((64, 32, 16, 8, 4, 2, 1), measure_large)
+    out['large'] = {k: r.get(k) for k in _RUN_KEYS if not k.startswith('infer')}
+  else:
+    out['large'] = {'skipped': 'R152x4 at 480 px runs on a GPU or TPU only'}
+  out['peak_device_memory_bytes'] = peak_device_memory()
+  out['seconds'] = round(time.perf_counter() - t0, 1)
+  return out
 
 
 def main(argv=None) -> int:
-  """The `python -m bit.benchmark` / `bit-bench` entry point."""
-  ap = argparse.ArgumentParser(prog='bit-bench', description=__doc__.splitlines()[0])
+  """The `python -m bit.benchmark` entry point."""
+  ap = argparse.ArgumentParser(prog='python -m bit.benchmark', description=__doc__.splitlines()[0])
   ap.add_argument('--model', default='R50x1', help='architecture, e.g. R50x1, R26x1, R152x4')
   ap.add_argument('--size', type=int, default=128, help='image side in pixels')
   ap.add_argument('--batch', type=int, default=16, help='global batch size')
@@ -374,6 +707,14 @@ def main(argv=None) -> int:
   ap.add_argument('--steps', type=int, default=10, help='timed steps (the median is reported)')
   ap.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
   ap.add_argument('--devices', type=int, default=1, help='data-parallel devices (0 = all)')
+  ap.add_argument('--parallelism', default='shard_map', choices=parallel.MODES, help='as config.parallelism')
+  ap.add_argument('--accum-steps', type=int, default=1, help='micro-batches per step, as config.accum_steps')
+  ap.add_argument(
+    '--fast-ops', default=None, choices=ops.MODES, help='bit.ops switch (default: BIT_FAST_OPS)'
+  )
+  ap.add_argument('--transfer', default='full', choices=freeze.MODES, help='as config.transfer')
+  ap.add_argument('--unfreeze-stages', type=int, default=0, help='with --transfer partial')
+  ap.add_argument('--unfreeze-units', type=int, default=0, help='with --transfer partial')
   ap.add_argument('--classes', type=int, default=1000, help='head size')
   ap.add_argument('--no-train', action='store_true', help='skip the train step')
   ap.add_argument('--no-infer', action='store_true', help='skip inference')
@@ -382,23 +723,36 @@ def main(argv=None) -> int:
     '--pipeline', default=None, help="image folder (or 'generate'): also measure the input pipeline"
   )
   ap.add_argument('--compile-only', action='store_true', help='only compile (from shapes) and time that')
+  ap.add_argument('--suite', default=None, choices=('accelerator',), help='run a whole suite instead')
   a = ap.parse_args(argv)
+  from bit import runtime
+
+  runtime.configure_tool()  # as every tool: the CPU runtime settings before JAX's backend starts
   try:
-    result = run(
-      model=a.model,
-      size=a.size,
-      batch=a.batch,
-      dtype=a.dtype,
-      steps=a.steps,
-      warmup=a.warmup,
-      devices=a.devices,
-      num_classes=a.classes,
-      train=not a.no_train,
-      infer=not a.no_infer,
-      matmul_n=a.matmul_n,
-      pipeline=a.pipeline,
-      compile_only=a.compile_only,
-    )
+    if a.suite:
+      result = suite(a.suite)
+    else:
+      result = run(
+        model=a.model,
+        size=a.size,
+        batch=a.batch,
+        dtype=a.dtype,
+        steps=a.steps,
+        warmup=a.warmup,
+        devices=a.devices,
+        num_classes=a.classes,
+        train=not a.no_train,
+        infer=not a.no_infer,
+        matmul_n=a.matmul_n,
+        pipeline=a.pipeline,
+        compile_only=a.compile_only,
+        parallelism=a.parallelism,
+        accum_steps=a.accum_steps,
+        fast_ops=a.fast_ops,
+        transfer=a.transfer,
+        unfreeze_stages=a.unfreeze_stages,
+        unfreeze_units=a.unfreeze_units,
+      )
   except BitError as e:
     print(f'bit-bench: error: {e}', file=sys.stderr)
     return 2

@@ -162,6 +162,9 @@ def main(argv=None):
   p.add_argument('--decoded-cache-gb', type=float, default=None, help='decoded-cache budget (0 = off)')
   p.add_argument('--max-memory-gb', type=float, default=None, help='streaming budget (0 = stream TFDS)')
   args = p.parse_args(argv)
+  from bit import runtime
+
+  runtime.configure_tool()  # as the other tools, before TensorFlow and JAX start
   h, w = (int(x) for x in args.image_size.lower().split('x'))
   result = pipeline_benchmark(
     args.folder,

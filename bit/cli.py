@@ -11,7 +11,6 @@ non-zero exit code, without a traceback. To add a command: write `_define_<cmd>_
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 
@@ -102,7 +101,10 @@ def _run(prog: str, define_flags, main, *, positional: bool = False) -> None:
 
   `positional=True` lets the command take arguments after the flags (bit-predict's image files).
   """
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # keep TensorFlow's C++ start-up chatter out
+  from bit import runtime
+
+  # The CPU runtime settings (malloc, dispatch, XLA flag, TensorFlow's log level) before JAX starts.
+  runtime.configure_tool()
   main_module = sys.modules.get('__main__')
   if main_module is not None and not getattr(main_module, '__doc__', None):
     main_module.__doc__ = main.__doc__ or f'{prog} [flags]'  # absl prints it as the --help usage

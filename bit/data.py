@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 # Independent random streams derived from the one seed of a run.
 _SHUFFLE, _CROP, _FLIP, _MIX_A, _MIX_B, _FEW_SHOT, _FILES, _BUFFER = range(1, 9)
-_TF_READY = False
 # Records in the shuffle buffer of a streamed split (encoded: ~110 KB each for imagenet2012, so ~1 GB).
 SHUFFLE_BUFFER = 10_000
 
@@ -67,20 +66,6 @@ class DatasetInfo:
   test_size: int
   image_size: tuple[int, int]
   holdout: bool = False
-
-
-def tf_hidden():
-  """Returns the tensorflow module, with TensorFlow kept off the GPUs (JAX owns them)."""
-  global _TF_READY
-  import tensorflow as tf
-
-  if not _TF_READY:
-    try:
-      tf.config.set_visible_devices([], 'GPU')
-    except RuntimeError:  # devices already initialized by someone else: nothing more we can do
-      pass
-    _TF_READY = True
-  return tf
 
 
 def few_shot_indices(labels, examples_per_class: int, seed: int = 0, num_classes: int | None = None):
@@ -302,8 +287,16 @@ def _own_slice(tf, g, b, process_index):
   return lambda p, *_: tf.equal((p % g) // b, process_index)
 
 
+def _global_position(q, g, b, process_index):
+  """p, the position in the global stream of this process's q-th example (ints or tensors).
+
+  Every global batch of g positions holds the processes' slices of b in process order.
+  """
+  return (q // b) * g + process_index * b + q % b
+
+
 def _local_counter(p, g, b, process_index):
-  """q, the number of this process's positions before position p (the inverse of p(q))."""
+  """q, the number of this process's positions before position p (the inverse of _global_position)."""
   return (p // g) * b + p % g - process_index * b
 
 
@@ -368,15 +361,14 @@ def train_iterator(
     raise ConfigError(f'start_step must be >= 0, got {start_step}')
   records = _train_records(dataset, split, data_dir, examples_per_class, seed, max_memory_gb)
   _check_labels(records, num_classes)
-  tf = tf_hidden()
+  tf = data_sources.tf_hidden()
   n, g, b = len(records), int(global_batch_size), b_local
   shuffle_key, crop_key, flip_key = (_stream_key(seed, s) for s in (_SHUFFLE, _CROP, _FLIP))
   mix_a, mix_b = _stream_key(seed, _MIX_A), _stream_key(seed, _MIX_B)
 
   def position(q):
     # q counts this process's examples; p is the example's position in the global stream.
-    q = tf.cast(q, tf.int64)
-    return (q // b) * g + process_index * b + q % b
+    return _global_position(tf.cast(q, tf.int64), g, b, process_index)
 
   if records.streaming:
 
@@ -465,7 +457,7 @@ def eval_iterator(
       raise ConfigError(f'center_crop needs resize >= crop, got resize={resize} crop={crop}')
     resize = int(resize)
   records = data_sources.load_split(dataset, split, data_dir, max_memory_gb=max_memory_gb)
-  tf = tf_hidden()
+  tf = data_sources.tf_hidden()
   n, g = len(records), int(global_batch_size)
   num_batches = math.ceil(n / g)
   size = resize if center_crop else crop
@@ -497,7 +489,7 @@ def eval_iterator(
       return row(_local_counter(p, g, b, process_index), mask, label, lambda: _decode(tf, raw, size))
 
     def where(q):
-      return (q // b) * g + process_index * b + q % b
+      return _global_position(q, g, b, process_index)
 
   else:
     _check_labels(records, len(records.class_names))
@@ -505,12 +497,12 @@ def eval_iterator(
     load = _image_loader(tf, records, size, decoded_cache_gb)
 
     def example(q):
-      p = (q // b) * g + process_index * b + q % b
+      p = _global_position(q, g, b, process_index)
       index = tf.minimum(p, n - 1)
       return row(q, p < n, tf.gather(labels, index), lambda: load(index))
 
     def where(q):
-      return min((q // b) * g + process_index * b + q % b, n - 1)
+      return min(_global_position(q, g, b, process_index), n - 1)
 
     ds = tf.data.Dataset.range(num_batches * b)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(

@@ -29,6 +29,8 @@ import numpy as np
 from bit import images
 from bit.errors import ConfigError, DataError
 
+_TF_READY = False  # tf_hidden() has hidden the GPUs from TensorFlow
+
 log = logging.getLogger(__name__)
 
 HOLDOUT_FRACTION = 0.1
@@ -284,8 +286,6 @@ def _read_folder(root, split: str) -> Records:
 
 
 def _tfds_builder(name, data_dir):
-  from bit.data import tf_hidden
-
   tf_hidden()
   import tensorflow_datasets as tfds
 
@@ -518,7 +518,7 @@ def streamed_labels(records: Records) -> np.ndarray:
 def gather_streamed(records: Records, indices) -> Records:
   """An in-memory Records of the examples at `indices` (positions in file order) of a streamed split: one
   pass that reads every record and keeps only the chosen ones encoded (for few-shot subsets)."""
-  tf = _tf()
+  tf = tf_hidden()
   indices = np.unique(np.asarray(indices, np.int64))
   keep = np.zeros(len(records), bool)
   keep[indices] = True
@@ -546,10 +546,18 @@ def gather_streamed(records: Records, indices) -> Records:
   )
 
 
-def _tf():
-  from bit.data import tf_hidden
+def tf_hidden():
+  """Returns the tensorflow module, with TensorFlow kept off the GPUs (JAX owns them)."""
+  global _TF_READY
+  import tensorflow as tf
 
-  return tf_hidden()
+  if not _TF_READY:
+    try:
+      tf.config.set_visible_devices([], 'GPU')
+    except RuntimeError:  # devices already initialized by someone else: nothing more we can do
+      pass
+    _TF_READY = True
+  return tf
 
 
 def _typical_size_of_bytes(payload) -> tuple[int, int]:

@@ -5,14 +5,15 @@ train step of R50x1 at 128 px, batch 16, some 650 MB. glibc serves blocks that l
 gives them back with `munmap`, so at every step the kernel faults in and zeroes every page again. Measured on
 this project's 2-core reference CPU: 160,000 page faults and about 250 ms of system time in a 600 ms step.
 
-`configure()` runs at `import bit` and makes two settings:
+`configure()` makes two settings (the command-line tools call it through `bit.runtime`, library users through
+`bit.configure_cpu()`; `import bit` does not):
 - glibc's `mallopt`: M_MMAP_MAX 0 (large blocks come from the heap, not from `mmap`) and M_TRIM_THRESHOLD
   2**31-1 (memory freed at the top of the heap stays there for the next step). This holds for the calling
   thread's heap (glibc's main arena); other threads have arenas of their own, which `mmap` large blocks anyway.
 - JAX's `jax_cpu_enable_async_dispatch` off: JAX runs single-device CPU computations in the calling thread,
   so their buffers come from that heap. A jitted call on CPU then returns when its result is ready (on a
   2-core CPU the computation had both cores anyway). Computations over several CPU devices stay asynchronous.
-  JAX reads the setting when its CPU backend starts, so `import bit` imports JAX (0.3 s) to set it; if the
+  JAX reads the setting when its CPU backend starts, so `configure` imports JAX (0.3 s) to set it; if the
   backend already runs, it is left as it is (`state['dispatch']` stays False). A later
   `jax.config.update('jax_cpu_enable_async_dispatch', True)` wins.
 

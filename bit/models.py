@@ -12,6 +12,10 @@ Numerics, as in the official BiT code:
 - GroupNorm with 32 groups, eps 1e-5, two-pass variance, statistics in float32.
 - Symmetric zero padding, then VALID convolutions (XLA's 'SAME' is asymmetric at stride 2) and a VALID
   max-pool after zero padding (flax's padded max_pool pads with -inf, BiT with zeros).
+
+The modules call the ops of `bit.ops` by name (`ops.standardize`, `ops.conv`, `ops.group_norm`,
+`ops.zero_padded_max_pool`, `ops.root_barrier`); whether each takes its fast form or its plain reference is
+`bit.ops`'s switch (`BIT_FAST_OPS`), never the model's.
 """
 
 import dataclasses
@@ -23,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bit import ops
 from bit.errors import BitError
 
 BLOCKS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
@@ -56,190 +61,9 @@ def architecture_name(depth: int, width: int) -> str:
   return f'R{depth}x{width}'
 
 
-def standardize(w: jax.Array, axis=(0, 1, 2), eps: float = 1e-10) -> jax.Array:
-  """Weight standardization: zero mean, unit (biased) variance over `axis`, in float32."""
-  w = w.astype(jnp.float32)
-  if w.ndim == 4 and tuple(axis) == (0, 1, 2):
-    return _standardize_hwio(w, eps)
-  w = w - jnp.mean(w, axis=axis, keepdims=True)
-  return w / jnp.sqrt(jnp.mean(jnp.square(w), axis=axis, keepdims=True) + eps)
-
-
-# Standardization of an HWIO kernel on its (H*W*I, O) view with a hand-written gradient. Reducing over
-# the three leading axes of the 4-D kernel, and XLA's autodiff of it, cost ~20% of an R50 train step on
-# CPU; the 2-D view and the closed-form backward make it a few percent.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _standardize_hwio(w: jax.Array, eps: float) -> jax.Array:
-  return _standardize_hwio_fwd(w, eps)[0]
-
-
-def _standardize_hwio_fwd(w, eps):
-  w2 = w.reshape(-1, w.shape[-1])
-  centered = w2 - jnp.mean(w2, axis=0, keepdims=True)
-  inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=0, keepdims=True) + eps)
-  y = centered * inv_std
-  return y.reshape(w.shape), (y, inv_std)
-
-
-def _standardize_hwio_bwd(eps, res, g):
-  # y = (w - mean) / std  =>  dw = (g - mean(g) - y * mean(g * y)) / std, all over the reduced axis.
-  y, inv_std = res
-  g2 = g.reshape(y.shape)
-  dw = inv_std * (g2 - jnp.mean(g2, axis=0, keepdims=True) - y * jnp.mean(g2 * y, axis=0, keepdims=True))
-  return (dw.reshape(g.shape),)
-
-
-_standardize_hwio.defvjp(_standardize_hwio_fwd, _standardize_hwio_bwd)
-
-
-def fixed_padding(x: jax.Array, pad: int) -> jax.Array:
-  """Symmetric zero padding of the spatial axes of an NHWC tensor."""
-  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-
-
-def conv_1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """A stride-1 1x1 convolution of NHWC `x` with a (1, 1, Cin, Cout) kernel, as one matmul.
-
-  Written as a (N*H*W, Cin) @ (Cin, Cout) dot for speed on CPU: XLA runs the weight gradient of a 1x1
-  *convolution* at a small fraction of the matmul peak, while the dot's gradients are plain matmuls
-  (~1.2x on a whole R50 train step). An explicit transpose of x for the weight gradient (behind an
-  optimization barrier) measured ~8% slower than letting XLA fuse it, so autodiff does the backward.
-  """
-  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[-2:]))
-  return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
-
-
-def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1)) -> jax.Array:
-  """VALID NHWC x HWIO convolution; 1x1 kernels go through `conv_1x1` (a matmul).
-
-  On CPU, a convolution whose output has at most `MATMUL_MAX_PIXELS` pixels per image runs as an im2col
-  matmul (`conv_matmul`), forward and backward.
-  """
-  if kernel.shape[:2] == (1, 1):
-    if strides != (1, 1):
-      x = x[:, :: strides[0], :: strides[1]]
-    return conv_1x1(x, kernel)
-  if _matmul_wanted(x.shape, kernel.shape, strides):
-    return conv_matmul(x, kernel, tuple(strides))
-  return _conv_xla(x, kernel, strides)
-
-
-def _conv_xla(x, kernel, strides):
-  return jax.lax.conv_general_dilated(
-    x, kernel, window_strides=strides, padding='VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-  )
-
-
-# XLA's CPU convolution over few output pixels, forward and backward, can run at 1-16 GFLOP/s (its layout
-# assignment swaps the batch and feature dimensions of tiny images): the 3x3 convolutions at 1x1-8x8 outputs
-# were 2/3 of an R26x1 train step at 32 px. As im2col matmuls they take a tenth of that; at 16x16 and more
-# XLA's own convolution is faster.
-MATMUL_MAX_PIXELS = 64
-
-
-def _matmul_wanted(x_shape, k_shape, strides) -> bool:
-  ho = (x_shape[1] - k_shape[0]) // strides[0] + 1
-  wo = (x_shape[2] - k_shape[1]) // strides[1] + 1
-  return ho * wo <= MATMUL_MAX_PIXELS and jax.default_backend() == 'cpu'
-
-
-def _im2col(x, kh, kw, strides):
-  """(N, H, W, C) -> (N, Ho, Wo, kh*kw*C) patches, taps in (i, j) order then channels (HWIO's order)."""
-  sh, sw = strides
-  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-  taps = [
-    x[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] for i in range(kh) for j in range(kw)
-  ]
-  return jnp.concatenate(taps, axis=-1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
-  """A VALID NHWC x HWIO convolution as an im2col matmul, forward and backward (patches are not kept)."""
-  return _conv_mm_fwd(x, kernel, strides)[0]
-
-
-def _conv_mm_fwd(x, kernel, strides):
-  kh, kw, cin, cout = kernel.shape
-  patches = _im2col(x, kh, kw, strides)
-  y = jnp.dot(patches.reshape(-1, kh * kw * cin), kernel.reshape(-1, cout))
-  return y.reshape(patches.shape[:3] + (cout,)), (x, kernel)
-
-
-def _conv_mm_bwd(strides, res, g):
-  x, kernel = res
-  kh, kw, cin, cout = kernel.shape
-  n, h, w, _ = x.shape
-  _, ho, wo, _ = g.shape
-  g2 = g.reshape(-1, cout)
-  patches = _im2col(x, kh, kw, strides).reshape(-1, kh * kw * cin)
-  dkernel = jax.lax.dot_general(patches, g2.astype(patches.dtype), (((0,), (0,)), ((), ())))
-  dpatches = jnp.dot(g2, kernel.reshape(-1, cout).T).reshape(n, ho, wo, kh * kw, cin)
-  # col2im: each tap's gradient goes back where the tap was read from (strided: interior padding).
-  sh, sw = strides
-  zero = jnp.zeros((), dpatches.dtype)
-  dx = None
-  for t in range(kh * kw):
-    i, j = divmod(t, kw)
-    pads = [
-      (0, 0, 0),
-      (i, h - i - sh * (ho - 1) - 1, sh - 1),
-      (j, w - j - sw * (wo - 1) - 1, sw - 1),
-      (0, 0, 0),
-    ]
-    tap = jax.lax.pad(dpatches[:, :, :, t], zero, pads)
-    dx = tap if dx is None else dx + tap
-  return dx.astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
-
-
-conv_matmul.defvjp(_conv_mm_fwd, _conv_mm_bwd)
-
-
-def _zero_padded_pool_axis(x: jax.Array, axis: int) -> jax.Array:
-  """Max over 3 taps with stride 2 along `axis` of `x` zero-padded by 1 on both sides, without the padded copy.
-
-  Output i covers unpadded positions 2i-1, 2i, 2i+1; the even and odd positions are strided slices, and the
-  taps that fall outside are zero rows padded onto those (half-size) slices, which XLA fuses into the maximum.
-  """
-  n = x.shape[axis]
-  out = (n - 1) // 2 + 1
-
-  def take(start, stop):
-    idx = [slice(None)] * x.ndim
-    idx[axis] = slice(start, stop, 2)
-    return x[tuple(idx)]
-
-  def pad(a, lo, hi):
-    config = [(0, 0, 0)] * a.ndim
-    config[axis] = (lo, hi, 0)
-    return jax.lax.pad(a, jnp.zeros((), a.dtype), config)
-
-  even = take(0, 2 * out - 1)  # positions 2i
-  odd = take(1, n)  # positions 2i+1, n // 2 of them
-  after = odd if odd.shape[axis] == out else pad(odd, 0, out - odd.shape[axis])
-  before = pad(take(1, 2 * out - 2), 1, 0)  # positions 2i-1; i = 0 is the padding
-  return jnp.maximum(jnp.maximum(before, even), after)
-
-
-def max_pool_3x3_s2_zero_padded(x: jax.Array) -> jax.Array:
-  """BiT's root pooling: a VALID 3x3 max-pool with stride 2 of `x` zero-padded by 1, separable (rows, then
-  columns) and without materializing the padded tensor. Equals `nn.max_pool(fixed_padding(x, 1), (3, 3),
-  (2, 2), 'VALID')`, values and gradients (ties aside)."""
-  return _zero_padded_pool_axis(_zero_padded_pool_axis(x, 1), 2)
-
-
-@jax.custom_vjp
-def gradient_barrier(x):
-  """The identity, whose gradient is materialized before it flows on (an XLA optimization barrier).
-
-  Used on the root convolution's output: without it XLA fused the max-pool and GroupNorm backward into the
-  transposed copy its CPU kernel-gradient convolution needs (25 ms of a 600 ms R50x1 step at 128 px; 6 ms
-  with the barrier; the whole step 3-4% faster in three alternating runs).
-  """
-  return x
-
-
-gradient_barrier.defvjp(lambda x: (x, None), lambda _, g: (jax.lax.optimization_barrier(g),))
+# The ops, by name (bit/ops.py holds each fast form beside its reference, and the switch between them).
+fixed_padding = ops.fixed_padding
+standardize = ops.standardize
 
 
 class StdConv(nn.Module):
@@ -261,15 +85,14 @@ class StdConv(nn.Module):
       'kernel', nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features), jnp.float32
     )
     if not self.folded:
-      kernel = standardize(kernel)
-    kernel = kernel.astype(self.dtype)
-    return conv2d(x.astype(self.dtype), kernel, self.strides)
+      kernel = ops.standardize(kernel)
+    return ops.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
 
 
 class GroupNorm(nn.Module):
   """BiT's GroupNorm: 32 groups, eps 1e-5, two-pass variance, statistics in float32.
 
-  `relu=True` applies the ReLU that follows every GroupNorm in BiT inside the same op (`group_norm`).
+  `relu=True` applies the ReLU that follows every GroupNorm in BiT inside the same op (`ops.group_norm`).
   """
 
   num_groups: int = 32
@@ -284,67 +107,7 @@ class GroupNorm(nn.Module):
       raise BitError(f'GroupNorm: {c} channels do not divide into {self.num_groups} groups.')
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.relu).astype(self.dtype)
-
-
-def _group_stats(x3, groups, eps):
-  """Per-channel mean and 1/std of each (image, group) of a float32 (N, HW, C) tensor; two-pass variance.
-
-  Reduces over the spatial axis first (per channel, contiguous in C) and then over the channels of a group:
-  the same sums as a reduction over (HW, C/G) at once, which XLA's CPU code runs several times slower.
-  """
-  n, hw, c = x3.shape
-  cg = c // groups
-  count = hw * cg
-  mean = jnp.repeat(jnp.sum(jnp.sum(x3, axis=1).reshape(n, groups, cg), axis=-1) / count, cg, axis=-1)
-  sq = jnp.sum(jnp.square(x3 - mean[:, None, :]), axis=1)
-  var = jnp.sum(sq.reshape(n, groups, cg), axis=-1) / count
-  return mean, jnp.repeat(jax.lax.rsqrt(var + eps), cg, axis=-1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def group_norm(x, scale, bias, groups: int = 32, eps: float = 1e-5, relu: bool = False):
-  """GroupNorm of NHWC `x` (float32 statistics, returns float32), then ReLU if `relu`.
-
-  Its gradient is written out (one reduction pass and one elementwise pass) instead of XLA's autodiff,
-  which took ~2.5x longer on CPU; the values are the same up to float rounding.
-  """
-  return _group_norm_fwd(x, scale, bias, groups, eps, relu)[0]
-
-
-def _group_norm_fwd(x, scale, bias, groups, eps, relu):
-  x3 = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
-  mean, inv = _group_stats(x3, groups, eps)
-  y = (x3 - mean[:, None, :]) * (inv * scale)[:, None, :] + bias
-  if relu:
-    y = jnp.maximum(y, 0.0)
-  return y.reshape(x.shape), (x, scale, bias, mean, inv)
-
-
-def _group_norm_bwd(groups, eps, relu, res, g):
-  x, scale, bias, mean, inv = res
-  n, c = x.shape[0], x.shape[-1]
-  cg = c // groups
-  x3 = x.astype(jnp.float32).reshape(n, -1, c)
-  g3 = g.astype(jnp.float32).reshape(n, -1, c)
-  xhat = (x3 - mean[:, None, :]) * inv[:, None, :]
-  if relu:
-    g3 = jnp.where(xhat * scale + bias > 0, g3, 0.0)
-  sum_g = jnp.sum(g3, axis=1)  # (N, C)
-  sum_gx = jnp.sum(g3 * xhat, axis=1)  # (N, C)
-  count = x3.shape[1] * cg
-
-  def group_mean(v):  # (N, C) per-channel sums -> (N, C) the mean over each channel's group
-    return jnp.repeat(jnp.sum(v.reshape(n, groups, cg), axis=-1) / count, cg, axis=-1)
-
-  # y = xhat * scale + bias, xhat = (x - mean) * inv  =>  dx = inv * (gs - mean(gs) - xhat * mean(gs * xhat)).
-  a = group_mean(sum_g * scale)
-  b = group_mean(sum_gx * scale)
-  dx = inv[:, None, :] * (g3 * scale - a[:, None, :] - xhat * b[:, None, :])
-  return dx.reshape(x.shape).astype(x.dtype), jnp.sum(sum_gx, axis=0), jnp.sum(sum_g, axis=0)
-
-
-group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+    return ops.group_norm(x, scale, bias, self.num_groups, self.epsilon, self.relu).astype(self.dtype)
 
 
 class ResidualUnit(nn.Module):
@@ -368,7 +131,7 @@ class ResidualUnit(nn.Module):
       shortcut = x
     y = conv(self.features, (1, 1), name='conv1')(y)
     y = norm(name='gn2')(y)
-    y = conv(self.features, (3, 3), self.strides, name='conv2')(fixed_padding(y, 1))
+    y = conv(self.features, (3, 3), self.strides, name='conv2')(ops.fixed_padding(y, 1))
     y = norm(name='gn3')(y)
     y = conv(out, (1, 1), name='conv3')(y)
     return y + shortcut.astype(y.dtype)
@@ -454,9 +217,9 @@ class RootBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = StdConv(self.features, (7, 7), (2, 2), dtype=self.dtype, folded=self.folded, name='conv_root')(
-      fixed_padding(x, 3)
+      ops.fixed_padding(x, 3)
     )
-    return max_pool_3x3_s2_zero_padded(gradient_barrier(x))
+    return ops.zero_padded_max_pool(ops.root_barrier(x))
 
 
 def create_model(arch: str, num_classes: int, dtype: Any = jnp.float32) -> ResNetV2:
@@ -478,7 +241,7 @@ def fold_for_inference(params):
   def fold(path, leaf):
     names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
     if names[-1] == 'kernel' and len(names) >= 2 and str(names[-2]).startswith('conv') and leaf.ndim == 4:
-      return standardize(leaf)
+      return ops.standardize(leaf)
     return leaf
 
   return jax.jit(lambda p: jax.tree_util.tree_map_with_path(fold, p))(params)

@@ -16,6 +16,7 @@ process.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -30,8 +31,27 @@ from bit.errors import ConfigError
 DATA_AXIS = 'data'
 MODES = ('shard_map', 'pmap')
 
-# CPU backends cannot donate buffers; the donation is for accelerators and the warning is noise.
-warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
+# JAX warns when a donated input buffer could not be reused for an output. On a GPU or TPU that is memory the
+# step holds twice, so the warning stays; on CPU it is only noise, so it is silenced there, and only around
+# the calls of the functions `DataParallel.wrap` returns (never process-wide).
+_DONATION_WARNING = 'Some donated buffers were not usable'
+
+
+def _without_donation_warning(fn):
+  """`fn` (and its `.lower`) with the donation warning silenced while it runs."""
+
+  def quiet(f):
+    @functools.wraps(f)
+    def call(*args, **kwargs):
+      with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message=_DONATION_WARNING)
+        return f(*args, **kwargs)
+
+    return call
+
+  wrapped = quiet(fn)
+  wrapped.lower = quiet(fn.lower)
+  return wrapped
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None) -> bool:
@@ -160,8 +180,12 @@ class DataParallel:
     donate_argnums = (0,) if donate else ()
     if self.mode == 'pmap':
       # pmap maps over local devices; the axis still spans every device of every process.
-      return jax.pmap(fn, axis_name=DATA_AXIS, devices=self.devices, donate_argnums=donate_argnums)
-    # check_vma=False: fn is also the body of pmap, so it cannot carry shard_map's varying-axis annotations;
-    # replication of the outputs is guaranteed by fn's own collectives.
-    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(), check_vma=False)
-    return xla.jit(mapped, donate_argnums=donate_argnums)
+      wrapped = jax.pmap(fn, axis_name=DATA_AXIS, devices=self.devices, donate_argnums=donate_argnums)
+    else:
+      # check_vma=False: fn is also the body of pmap, so it cannot carry shard_map's varying-axis
+      # annotations; replication of the outputs is guaranteed by fn's own collectives.
+      mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(), check_vma=False)
+      wrapped = xla.jit(mapped, donate_argnums=donate_argnums)
+    if donate and all(d.platform == 'cpu' for d in self.devices):
+      wrapped = _without_donation_warning(wrapped)
+    return wrapped

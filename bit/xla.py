@@ -6,6 +6,8 @@ against 300-400 in XLA's own (Eigen) convolution; YNNPACK's matmuls and reductio
 R50x1, 128 px, batch 16, fp32 (`python -m bit.benchmark`): train 22.4 -> 26.8 img/s, inference 85 -> 117.
 
 A user's own `--xla_cpu_experimental_ynn_fusion_type` in `XLA_FLAGS` always wins: then nothing is changed.
+`jit` applies the setting to each function bit compiles (on CPU); `configure_environment` puts it in
+`XLA_FLAGS`, which only `bit.runtime` (the tools, `bit.configure_cpu()`) calls.
 """
 
 import functools
@@ -53,7 +55,7 @@ def configure_environment() -> None:
 
 def compiler_options() -> dict | None:
   """The per-compilation form of the same setting, or None off CPU or when the user set the flag."""
-  import jax  # here: `import bit` imports this module before it sets up JAX (bit/malloc.py)
+  import jax  # here: bit.runtime imports this module before JAX's settings are made (bit/malloc.py)
 
   if user_has_set() or not _jaxlib_known() or jax.default_backend() != 'cpu' or not _options_accepted():
     return None

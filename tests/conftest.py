@@ -1,5 +1,5 @@
 """Test set-up: four virtual CPU devices for the whole session (multi-device tests use them; single-device
-tests use the first), TensorFlow kept off accelerators and quiet."""
+tests use the first), TensorFlow kept off accelerators and quiet, and the CPU runtime settings of the tools."""
 
 import os
 
@@ -10,6 +10,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+
+from bit import runtime  # noqa: E402
+
+# The tests run under the settings the command-line tools make (as fast as they are); `import bit` makes none.
+runtime.configure_tool()
 
 DATA = pathlib.Path(__file__).parent / 'data'
 

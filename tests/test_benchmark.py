@@ -1,6 +1,5 @@
-"""The speed benchmark (a tiny smoke run, no timing assertions) and the model's fast paths it measures:
-1x1 convolutions as matmuls, the custom-gradient weight standardization and the
-folded inference model must equal their straightforward forms, values and gradients."""
+"""The speed benchmark (a tiny smoke run, no timing assertions) and the folded inference model it measures
+(equal to the training model). The fast ops are tested against their references in tests/test_ops.py."""
 
 import json
 import math
@@ -9,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -42,25 +40,105 @@ def test_cli_prints_one_json_line_last():
     'train_peak_fraction',
     'infer_peak_fraction',
     'forward_gflops_per_image',
+    'model_flops_per_image',
+    'train_mfu',
+    'infer_mfu',
+    'peak_flops',
   ):
     _finite_positive(result, key)
   assert (result['model'], result['size'], result['batch'], result['dtype']) == ('R26x1', 32, 2, 'float32')
   # The fractions are of a peak measured in the same run: far above 1 would mean a wrong FLOP count.
   assert result['train_peak_fraction'] < 3 and result['infer_peak_fraction'] < 3
+  # On CPU the peak is the matmul measured in the same run.
+  assert result['peak_flops'] == pytest.approx(result['matmul_peak_gflops'] * 1e9)
+  assert result['train_mfu'] == pytest.approx(
+    3 * result['model_flops_per_image'] * result['train_images_per_sec'] / result['peak_flops'], rel=0.02
+  )
   assert result['compile_seconds'] >= result['train_compile_seconds']
   assert math.isfinite(result['train_loss'])
   assert '[bench]' in proc.stderr  # progress goes to stderr, so stdout stays machine-readable
   assert set(result['host_malloc']) == {'malloc', 'dispatch'}
+  assert result['parallelism'] == 'shard_map' and result['fast_ops'] == 'auto'
   assert isinstance(result['train_page_faults_per_step'], int) and result['train_page_faults_per_step'] >= 0
 
 
-def test_data_parallel_run_over_two_devices():
+def test_the_real_step_with_pmap_accumulation_a_transfer_mask_and_the_reference_ops():
+  from bit import ops
+
   if len(jax.devices()) < 2:
     pytest.skip('needs XLA_FLAGS=--xla_force_host_platform_device_count>=2 (tests/conftest.py sets 4)')
-  result = benchmark.run(**{**TINY, 'devices': 2, 'infer': False})
-  assert result['devices'] == 2
+  before = ops.fast_ops_mode()
+  result = benchmark.run(
+    **{**TINY, 'devices': 2, 'infer': False},
+    parallelism='pmap',
+    accum_steps=2,
+    transfer='partial',
+    unfreeze_stages=1,
+    fast_ops='off',
+  )
+  assert (result['devices'], result['parallelism'], result['accum_steps']) == (2, 'pmap', 2)
+  assert (result['transfer'], result['unfreeze_stages'], result['fast_ops']) == ('partial', 1, 'off')
+  assert result['fast_ops_used'] == [] and ops.fast_ops_mode() == before  # the switch is restored
   _finite_positive(result, 'train_images_per_sec')
+  _finite_positive(result, 'train_mfu')
   assert math.isfinite(result['train_loss'])
+
+
+def test_peak_flops_table_and_its_fallback():
+  assert benchmark.table_peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16')[0] == 989e12
+  assert benchmark.table_peak_flops('NVIDIA H200', 'float32')[0] == 495e12
+  assert benchmark.table_peak_flops('NVIDIA A100-SXM4-80GB', 'bfloat16')[0] == 312e12
+  assert benchmark.table_peak_flops('NVIDIA L4', 'bfloat16')[0] == 121e12
+  assert benchmark.table_peak_flops('TPU v5 lite', 'bfloat16')[0] == 197e12
+  assert benchmark.table_peak_flops('TPU v6 lite', 'bfloat16')[0] == 918e12
+  assert benchmark.table_peak_flops('TPU v4', 'float32')[0] == 275e12
+  assert benchmark.table_peak_flops('NVIDIA H100 PCIe', 'bfloat16') is None  # a lower peak: not guessed
+  assert benchmark.table_peak_flops('NVIDIA GeForce RTX 4090', 'float32') is None  # -> the measured matmul
+
+
+# Modules the accelerator machine does not have: the suite must neither import nor need them.
+_BLOCKED = """
+import sys
+class _Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'ml_collections'):
+      raise ImportError(f'{name} is blocked: the accelerator suite must run without it')
+sys.meta_path.insert(0, _Block())
+from bit import benchmark
+sys.exit(benchmark.main(sys.argv[1:]))
+"""
+
+
+def test_accelerator_suite_runs_its_tiny_cpu_version_without_tensorflow():
+  proc = subprocess.run(
+    [sys.executable, '-c', _BLOCKED, '--suite', 'accelerator'],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=dict(os.environ),
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 1  # one JSON line
+  out = json.loads(lines[0])
+  assert out['suite'] == 'accelerator' and out['backend'] == 'cpu' and 'tiny CPU version' in out['note']
+  for dtype in ('float32', 'bfloat16'):
+    assert out['golden'][dtype]['ok'], out['golden']
+  assert out['golden']['float32']['max_abs_error'] < 1e-4
+  assert [(r['dtype'], r['fast_ops']) for r in out['runs']] == [('float32', 'auto'), ('float32', 'off')]
+  auto, off = out['runs']
+  assert len(auto['fast_ops_used']) == 6 and off['fast_ops_used'] == []
+  for r in out['runs']:
+    assert (r['model'], r['size']) == ('R26x1', 64)
+    for key in (
+      'train_images_per_sec',
+      'train_mfu',
+      'infer_images_per_sec',
+      'infer_mfu',
+      'train_compile_seconds',
+    ):
+      _finite_positive(r, key)
+  assert 'skipped' in out['large']
 
 
 def test_train_step_on_real_jpegs_against_synthetic_batches(tmp_path):
@@ -94,7 +172,15 @@ def test_compile_only_allocates_nothing_and_reports_compile_times():
 
 @pytest.mark.parametrize(
   'kwargs, match',
-  [({'devices': 64}, 'device'), ({'batch': 3, 'devices': 2}, 'split'), ({'dtype': 'float16'}, 'float16')],
+  [
+    ({'devices': 64}, 'device'),
+    ({'batch': 3, 'devices': 2}, 'split'),
+    ({'batch': 4, 'accum_steps': 3}, 'accum-steps 3'),
+    ({'dtype': 'float16'}, 'float16'),
+    ({'fast_ops': 'fast'}, "--fast-ops='fast' is not one of auto, on, off"),
+    ({'parallelism': 'dp'}, "--parallelism 'dp'"),
+    ({'transfer': 'some'}, "--transfer 'some'"),
+  ],
 )
 def test_bad_options_are_clear_errors(kwargs, match):
   with pytest.raises(BitError, match=match):
@@ -110,38 +196,6 @@ def test_forward_flops_match_published_macs():
   # ResNet-50 at 224px: 4.1 GMACs; ResNet-101: 7.8 GMACs (the usual published figures).
   assert benchmark.forward_flops(models.ResNetV2(50, 1, 1000), 224) / 2e9 == pytest.approx(4.09, abs=0.02)
   assert benchmark.forward_flops(models.ResNetV2(101, 1, 1000), 224) / 2e9 == pytest.approx(7.80, abs=0.03)
-
-
-def _reference_conv(x, kernel, strides):
-  return jax.lax.conv_general_dilated(x, kernel, strides, 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-@pytest.mark.parametrize('strides', [(1, 1), (2, 2)])
-def test_conv2d_1x1_as_matmul_equals_convolution(strides):
-  kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
-  x = jax.random.normal(kx, (2, 9, 9, 8))
-  w = jax.random.normal(kw, (1, 1, 8, 16))
-  y = models.conv2d(x, w, strides)
-  np.testing.assert_allclose(y, _reference_conv(x, w, strides), atol=1e-5)
-  g = jax.random.normal(kg, y.shape)
-  fast = jax.vjp(lambda x, w: models.conv2d(x, w, strides), x, w)[1](g)
-  ref = jax.vjp(lambda x, w: _reference_conv(x, w, strides), x, w)[1](g)
-  for a, b in zip(fast, ref, strict=True):
-    np.testing.assert_allclose(a, b, atol=1e-4)
-
-
-def test_standardize_custom_gradient_equals_autodiff():
-  def plain(w, eps=1e-10):  # the textbook form, differentiated by JAX
-    w = w - jnp.mean(w, axis=(0, 1, 2), keepdims=True)
-    return w / jnp.sqrt(jnp.mean(jnp.square(w), axis=(0, 1, 2), keepdims=True) + eps)
-
-  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 8)) * 0.3 + 0.1
-  g = jax.random.normal(jax.random.PRNGKey(2), w.shape)
-  np.testing.assert_allclose(models.standardize(w), plain(w), atol=1e-5)
-  fast = jax.grad(lambda w: jnp.sum(models.standardize(w) * g))(w)
-  ref = jax.grad(lambda w: jnp.sum(plain(w) * g))(w)
-  np.testing.assert_allclose(fast, ref, atol=1e-4, rtol=1e-4)
-  assert np.abs(ref).max() > 1e-2  # the comparison is not between two zeros
 
 
 def test_folded_inference_model_equals_the_training_model():

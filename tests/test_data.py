@@ -147,11 +147,33 @@ def test_eval_two_processes_cover_every_example_once(folder, global_batch):
     np.testing.assert_array_equal(np.concatenate([b0['mask'], b1['mask']]), s['mask'])
 
 
-def test_eval_center_crop_option(folder):
-  b = next(
-    data.eval_iterator(str(folder), split='test', global_batch_size=4, crop=32, resize=40, center_crop=True)
-  )
-  assert b['image'].shape == (4, 32, 32, 3) and b['mask'].all()
+@pytest.fixture(scope='module')
+def framed(tmp_path_factory):
+  """40x40 images: a 4-pixel red frame around a green centre, so a centre crop is visible."""
+  root = tmp_path_factory.mktemp('framed')
+  (root / 'test' / 'only').mkdir(parents=True)
+  im = np.zeros((40, 40, 3), np.uint8)
+  im[..., 0] = 250
+  im[4:36, 4:36] = (0, 250, 0)
+  for i in range(2):
+    Image.fromarray(im).save(root / 'test' / 'only' / f'{i}.png')
+  return root
+
+
+def test_eval_center_crop_option(framed):
+  def batch(**kw):
+    it = data.eval_iterator(str(framed), split='test', global_batch_size=2, crop=32, **kw)
+    return next(it)['image']
+
+  centre = batch(resize=40, center_crop=True)
+  assert centre.shape == (2, 32, 32, 3)
+  # Resized to 40 (its own size) and cut to the central 32: exactly the green centre, no red frame.
+  green = 250 / 127.5 - 1
+  np.testing.assert_allclose(centre[..., 1], green, atol=1e-5)
+  np.testing.assert_allclose(centre[..., 0], -1, atol=1e-5)
+  # The official transform resizes the whole image to 32: the frame is still there at the edges.
+  whole = batch()
+  assert whole[:, 0, :, 0].min() > 0.5 and whole[:, 16, 16, 1].min() > 0.9
 
 
 def test_resume_gives_the_same_batches(folder):
@@ -178,10 +200,32 @@ def test_two_processes_read_their_slices_of_the_global_batch(folder):
       )
 
 
-def test_epoch_is_a_permutation(folder):
-  # 22 examples, 11 batches of 2: the first 22 positions are each train image exactly once.
-  labels = np.concatenate([b['label'].argmax(1) for b in _take(_train(str(folder), global_batch_size=2), 11)])
-  assert np.bincount(labels).tolist() == [TRAIN_PER_CLASS + 4, TRAIN_PER_CLASS, TRAIN_PER_CLASS]
+@pytest.fixture(scope='module')
+def grays(tmp_path_factory):
+  """12 flat train images, each its own gray level (10, 30, ..., 230): an image's mean says which file it is."""
+  root = tmp_path_factory.mktemp('grays')
+  for i in range(12):
+    cls = root / 'train' / f'c{i % 2}'
+    cls.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((32, 32, 3), 10 + 20 * i, np.uint8)).save(cls / f'{i}.png')
+  for c in ('c0', 'c1'):  # a test split of its own, so that no train file is held out
+    (root / 'test' / c).mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / 'test' / c / 'x.png')
+  return root
+
+
+def _which_gray(batch) -> list[int]:
+  # Flat images survive resize, crop and flip unchanged, so the mean gives back the file's level.
+  levels = (batch['image'].mean((1, 2, 3)) + 1) * 127.5
+  return [int(round((v - 10) / 20)) for v in levels]
+
+
+def test_epoch_is_a_permutation(grays):
+  # 12 examples, batches of 4: the first 3 batches are one epoch (every file exactly once), and so are the next 3.
+  it = _train(str(grays), global_batch_size=4, resize=32, crop=32, num_classes=2)
+  seen = [i for b in _take(it, 6) for i in _which_gray(b)]
+  assert sorted(seen[:12]) == list(range(12)) and sorted(seen[12:]) == list(range(12))
+  assert seen[:12] != list(range(12)) and seen[:12] != seen[12:]  # shuffled, and anew each epoch
 
 
 def test_flip_is_random(asym):
@@ -215,7 +259,7 @@ def test_per_example_mixup(folder):
   assert len(np.unique(np.round(top, 5))) > 2  # lambdas differ between examples
 
 
-def test_few_shot_counts_and_determinism(folder):
+def test_few_shot_counts_and_determinism(folder, grays):
   info = data.get_info(str(folder), examples_per_class=2, seed=3)
   assert info.train_size == 6 and info.test_size == 3 * TEST_PER_CLASS
   labels = np.array([0] * 10 + [1] * 7 + [2] * 30)
@@ -229,9 +273,10 @@ def test_few_shot_counts_and_determinism(folder):
   with pytest.raises(DataError, match='class 1 has only 7'):
     data.few_shot_indices(labels, 8)
   # The training stream only ever shows the few-shot examples.
-  it = _train(str(folder), examples_per_class=1, seed=3)
-  seen = np.concatenate([b['image'].mean((1, 2, 3)) for b in _take(it, 2)])
-  assert len(np.unique(np.round(seen, 4))) <= 16  # 3 images x (crop, flip) variants at most 16 distinct
+  it = _train(str(grays), examples_per_class=2, seed=3, resize=32, crop=32, num_classes=2)
+  seen = [i for b in _take(it, 4) for i in _which_gray(b)]
+  assert len(set(seen)) == 4 and all(seen.count(i) == 8 for i in set(seen))  # 2 files per class, 8 times each
+  assert {i % 2 for i in set(seen)} == {0, 1}
 
 
 def test_holdout_when_there_is_no_test_split(tmp_path):

@@ -15,6 +15,7 @@ from bit import malloc
 _CODE = """
 import json, resource
 import bit
+bit.configure_cpu()  # what the command-line tools do first; `import bit` alone sets nothing
 import jax, jax.numpy as jnp
 from jax._src import xla_bridge
 
@@ -61,8 +62,9 @@ def test_buffers_are_reused_instead_of_faulted_in_every_call():
 def test_dispatch_is_left_alone_once_jax_runs():
   code = """
 import jax
-jax.devices()  # the backend starts before bit is imported
+jax.devices()  # the backend starts before bit's settings are made
 import bit
+bit.configure_cpu()
 from jax._src import xla_bridge
 print(bit.malloc.state['malloc'], bit.malloc.state['dispatch'], xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)
 """

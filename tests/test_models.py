@@ -19,7 +19,7 @@ KNOWN_PARAMS_M = {
   'R152x4': 936.53,
 }
 
-# (fixture folder, depth, width, classes, seed) as in ../shared/parity/README.md
+# (fixture folder, depth, width, classes, seed) as in tests/data/README.md
 PARITY_CASES = [('r26x1_s64', 26, 1, 5, 1), ('r50x1_s128', 50, 1, 10, 0)]
 
 

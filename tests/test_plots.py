@@ -70,13 +70,25 @@ def test_plot_curves_errors(tmp_path):
 
 
 @pytest.mark.parametrize('n', [4, 40])
-def test_plot_confusion(tmp_path, n):
+def test_plot_confusion(tmp_path, n, monkeypatch):
+  import matplotlib.axes
+
+  shown = []
+  imshow = matplotlib.axes.Axes.imshow
+  monkeypatch.setattr(
+    matplotlib.axes.Axes, 'imshow', lambda ax, x, **kw: shown.append(x) or imshow(ax, x, **kw)
+  )
   rng = np.random.default_rng(0)
   m = rng.integers(0, 5, (n, n)) + np.eye(n, dtype=int) * 20
   m[1] = 0  # a class with no examples must not break the row normalization
   names = [f'class_{i}' for i in range(n)]
   out = plots.plot_confusion(m, names, tmp_path / f'confusion_{n}.png')
   assert _is_png(out)
+  # What is drawn is each true class's row as fractions of that class; the empty row stays 0, not NaN.
+  (frac,) = shown
+  assert np.isfinite(frac).all() and (frac[1] == 0).all()
+  others = np.delete(np.arange(n), 1)
+  np.testing.assert_allclose(frac[others], m[others] / m[others].sum(1, keepdims=True))
 
 
 def test_plot_confusion_checks_its_input(tmp_path):

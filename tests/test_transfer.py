@@ -204,6 +204,10 @@ def test_scratch_model_trains_every_parameter(runs):
   model, params = checkpoints.load(str(workdir / 'model.npz'), keep_head=True)
   assert model.num_classes == NUM_CLASSES and result.metrics['num_examples'] == 2 * NUM_CLASSES
   assert not changed_keys(flat(params), flat(result.params))
+  # Every array moved away from the random init the run started from (the run's seed is 0).
+  _, init = checkpoints.load('R26x1', num_classes=NUM_CLASSES, seed=0)
+  init, trained = flat(init), flat(params)
+  assert changed_keys(init, trained) == set(init), sorted(set(init) - changed_keys(init, trained))
 
 
 @pytest.mark.parametrize(
