@@ -66,6 +66,7 @@ if typing.TYPE_CHECKING:
   from bit.evaluation import evaluate  # noqa: F401
   from bit.models import ARCHITECTURES, ResNetV2, create_model, init_params, parse_architecture  # noqa: F401
   from bit.prediction import predict  # noqa: F401
+  from bit.runtime import configure_cpu  # noqa: F401
   from bit.train import train_and_evaluate  # noqa: F401
 
 

@@ -11,6 +11,7 @@ non-zero exit code, without a traceback. To add a command: write `_define_<cmd>_
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
