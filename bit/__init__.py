@@ -9,6 +9,7 @@ applies the CPU runtime settings the command-line tools use (see bit/runtime.py)
 """
 
 import importlib
+import typing
 
 __version__ = '0.1.0'
 
@@ -49,6 +50,26 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+# Real signatures for mypy/pyright; at run time the names load lazily (no TensorFlow at `import bit`).
+if typing.TYPE_CHECKING:
+  from bit import hyperrule  # noqa: F401
+  from bit.checkpoints import (  # noqa: F401
+    REGISTRY,
+    cache_dir,
+    download,
+    label_names,
+    list_models,
+    load,
+    load_npz,
+    save_npz,
+  )
+  from bit.errors import BitError, CheckpointError, ConfigError, DataError, DownloadError  # noqa: F401
+  from bit.evaluation import evaluate  # noqa: F401
+  from bit.models import ARCHITECTURES, ResNetV2, create_model, init_params, parse_architecture  # noqa: F401
+  from bit.prediction import predict  # noqa: F401
+  from bit.runtime import configure_cpu  # noqa: F401
+  from bit.train import train_and_evaluate  # noqa: F401
+
 
 def __getattr__(name):
   module = _EXPORTS.get(name)
@@ -63,4 +84,4 @@ def __getattr__(name):
 
 
 def __dir__():
-  return sorted(list(globals()) + __all__)
+  return sorted(__all__ + ['__version__'])  # the public API only, not the modules used to set it up

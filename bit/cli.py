@@ -11,6 +11,7 @@ non-zero exit code, without a traceback. To add a command: write `_define_<cmd>_
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -28,6 +29,38 @@ def _fail(prog: str, message: str, code: int = EXIT_BAD_INPUT):
   message = ' '.join(str(message).split())
   print(f'{prog}: error: {message}', file=sys.stderr, flush=True)
   sys.exit(code)
+
+
+# The library's errors name Python arguments (`dataset=`, `workdir=`) and config keys (`config.crop=`); each
+# command shows them as its flags.
+_CONFIG_ARGUMENTS = {
+  'dataset': '--config.dataset',
+  'data_dir': '--config.data_dir',
+  'model': '--config.model',
+}
+_FLAGS_OF_ARGUMENTS = {
+  'bit-train': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
+  'bit-bench': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
+  'bit-probe': {
+    'dataset': '--dataset',
+    'model': '--model',
+    'data_dir': '--config.data_dir',
+    'workdir': '--workdir',
+  },
+  'bit-eval': {'workdir': '--workdir'},
+  'bit-predict': {'workdir': '--workdir', 'model': '--model'},
+}
+
+
+def as_flags(prog: str, message: str) -> str:
+  """A library error message with its Python argument names (`dataset=`) written as `prog`'s flags."""
+  names = _FLAGS_OF_ARGUMENTS.get(prog, {})
+  if names:
+    pattern = r'(?<![\w.-])(' + '|'.join(map(re.escape, names)) + r')='
+    message = re.sub(pattern, lambda m: names[m.group(1)] + '=', message)
+  if prog in ('bit-train', 'bit-bench', 'bit-probe'):
+    message = re.sub(r'(?<![\w.-])config\.(\w+)=', r'--config.\1=', message)
+  return message
 
 
 def _describe_flag_error(e: BaseException) -> str:
@@ -90,7 +123,11 @@ def _run(prog: str, define_flags, main, *, positional: bool = False) -> None:
       if code:  # a run stopped on a signal (bit.errors.Interrupted): not bad input, its own status
         print(f'{prog}: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
         sys.exit(code)
-      _fail(prog, str(e))
+      _fail(prog, as_flags(prog, str(e)))
+    except OSError as e:  # a file or folder that cannot be written or read (read-only, full disk, ...)
+      if e.filename is None:
+        raise
+      _fail(prog, f'{e.filename}: {e.strerror or e}; fix it (a writable folder, free disk space) and rerun.')
     except KeyboardInterrupt:
       # Outside the training loop, which reports its own checkpoint (bit.errors.Interrupted).
       _fail(
@@ -262,6 +299,12 @@ def _predict(argv) -> None:
     )
   if FLAGS.top < 1:
     raise BitError(f'--top must be at least 1, got {FLAGS.top}.')
+  for folder in (p for p in images if os.path.isdir(os.path.expanduser(p))):
+    if not prediction.expand_paths([folder]):
+      raise BitError(
+        f'{folder} holds no image files ({"/".join(prediction.IMAGE_SUFFIXES)}) directly in it: give image '
+        'files, or a folder that holds them (its subfolders are not searched).'
+      )
   model, params, names, size = prediction.load_for_prediction(workdir=FLAGS.workdir, model=FLAGS.model)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')  # bad files are reported below, once

@@ -2,8 +2,9 @@
 host batches for one process of a (possibly multi-host) run.
 
 A dataset spec is a TFDS name (`'cifar10'`, `'oxford_flowers102'`, `'name:1.2.0'`) or a path to an image folder
-`ROOT/<split>/<class>/<image>` (class order sorted by name; JPEG/PNG/BMP/GIF; grayscale and RGBA become RGB;
-unreadable files are logged by path and skipped). A dataset without a `test` split (tf_flowers, a folder with
+`ROOT/<split>/<class>/<image>` (class order sorted by name; the formats and the decoding of `bit.images`, the
+one decoder of every reader: JPEG/PNG/BMP/GIF/WebP, EXIF orientation applied, every mode to 8-bit RGB;
+unreadable files are logged by path, skipped and counted). A dataset without a `test` split (tf_flowers, a folder with
 only `train/`) is divided by a stratified seeded holdout: 10% of each class is `test`, the rest `train`.
 
 Determinism: the example at global position p of the training stream (step s holds positions
@@ -166,25 +167,12 @@ def _local_batch(global_batch_size, process_index, process_count) -> int:
 
 
 def _decode(tf, raw, min_side: int):
-  """Decodes an encoded image to uint8 RGB (h, w, 3); big JPEGs are downscaled in the DCT while decoding.
+  """Decodes an encoded image to uint8 RGB (h, w, 3) with the one decoder of every reader (`bit.images`):
+  EXIF orientation applied; big JPEGs downscaled in the DCT, never below `min_side`, the size the image is
+  resized to next."""
+  from bit import images
 
-  The downscale (by 2, 4 or 8) never takes the short side below `min_side`, the size the image is resized to
-  next, so it only saves time on photos much larger than the model input.
-  """
-
-  def jpeg():
-    shape = tf.image.extract_jpeg_shape(raw)
-    short = tf.minimum(shape[0], shape[1])
-    k = tf.add_n([tf.cast(short // r >= min_side, tf.int32) for r in (2, 4, 8)])
-    branches = [lambda r=r: tf.io.decode_jpeg(raw, channels=3, ratio=r) for r in (1, 2, 4, 8)]
-    return tf.switch_case(k, branches)
-
-  def other():  # PNG, BMP, GIF (first frame); grayscale and RGBA become RGB
-    return tf.io.decode_image(raw, channels=3, expand_animations=False)
-
-  image = tf.cond(tf.io.is_jpeg(raw), jpeg, other)
-  image.set_shape([None, None, 3])
-  return image
+  return images.decode_op(tf, raw, min_side)
 
 
 def _check_labels(records, num_classes):

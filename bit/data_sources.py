@@ -26,6 +26,7 @@ import threading
 
 import numpy as np
 
+from bit import images
 from bit.errors import ConfigError, DataError
 
 _TF_READY = False  # tf_hidden() has hidden the GPUs from TensorFlow
@@ -34,9 +35,9 @@ log = logging.getLogger(__name__)
 
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 0
-# Extensions of the formats tf.io.decode_image reads (MPO is the multi-picture JPEG of many cameras).
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
-DECODABLE_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'GIF')
+# The formats of the one decoder of every reader (bit.images).
+IMAGE_EXTENSIONS = images.EXTENSIONS
+DECODABLE_FORMATS = images.FORMATS
 # Images whose header gives the typical size of a dataset with images of varying size.
 SIZE_SAMPLE = 256
 # A TFDS split with more encoded bytes than this is streamed from its files instead of read into memory.
@@ -220,17 +221,11 @@ def folder_class_names(root) -> list[str]:
 
 
 def _probe(path):
-  """Returns (h, w) of a decodable image, or the reason it cannot be used (a string)."""
-  from PIL import Image
-
+  """Returns (h, w) of a decodable image (EXIF orientation applied), or the reason it cannot be used."""
   try:
-    with Image.open(path) as im:
-      if im.format not in DECODABLE_FORMATS:
-        return f'format {im.format} is not one of JPEG/PNG/BMP/GIF'
-      w, h = im.size
-      return (h, w)
-  except Exception as e:  # noqa: BLE001 - any failure means the file cannot be used
-    return f'{type(e).__name__}: {e}'
+    return images.probe(path)
+  except images.ImageDecodeError as e:
+    return str(e).removeprefix(f'{path}: ')
 
 
 def _read_folder(root, split: str) -> Records:
@@ -296,8 +291,8 @@ def _tfds_builder(name, data_dir):
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # noqa: BLE001 - TFDS raises several types for an unknown name
-    raise DataError(f'{name!r} is neither an image folder nor a TFDS dataset ({e})') from e
+  except Exception as e:  # noqa: BLE001 - TFDS raises several types for an unknown name, config or version
+    raise DataError(_unknown_tfds_message(tfds, name, e)) from None
   for key in ('image', 'label'):
     if key not in builder.info.features:
       raise DataError(
@@ -308,8 +303,77 @@ def _tfds_builder(name, data_dir):
     # Like tfds.load: prepare on first use (imagenet2012 needs its files in <data_dir>/downloads/manual).
     builder.download_and_prepare()
   except Exception as e:  # noqa: BLE001
-    raise DataError(f'could not download and prepare TFDS dataset {name!r} in {builder.data_dir}: {e}') from e
+    raise DataError(_prepare_error_message(name, builder, e)) from e
   return builder
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  text = str(e).strip().splitlines()
+  text = text[0] if text else type(e).__name__
+  return text if len(text) <= limit else text[: limit - 3] + '...'
+
+
+def _unknown_tfds_message(tfds, name: str, e: BaseException) -> str:
+  """What is wrong with a dataset name TFDS refused: a few close names, never TFDS's whole catalogue."""
+  import difflib
+
+  base = name.split(':')[0].split('/')[0].strip()
+  known = tfds.list_builders(with_community_datasets=False)
+  if base in known:  # the name is right, its config or version is not
+    return f'TFDS dataset {name!r} cannot be built ({_first_line(e)}); fix dataset={name!r}'
+  close = difflib.get_close_matches(base, known, n=3, cutoff=0.6)
+  hint = (
+    f'did you mean {" or ".join(repr(c) for c in close)}?' if close else 'tfds.list_builders() lists them'
+  )
+  return (
+    f'dataset={name!r} is neither an image folder nor a TFDS dataset ({hint}); give a TFDS name such as '
+    "'cifar10' or a folder ROOT/<split>/<class>/<image>"
+  )
+
+
+def _network_failure(e: BaseException) -> BaseException | None:
+  """The exception in `e`'s chain that says the network (or a host) could not be reached, if any."""
+  import socket
+  import urllib.error
+
+  kinds = [ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError]
+  try:
+    import requests
+
+    kinds += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+  except ImportError:  # pragma: no cover - requests is a dependency
+    pass
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, tuple(kinds)):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _prepare_error_message(name: str, builder, e: BaseException) -> str:
+  """One line on why TFDS could not download or prepare `name`, and what to do about it."""
+  import re
+
+  where = f'in {builder.data_dir}'
+  if isinstance(e, ImportError) and getattr(e, 'name', None):
+    package = e.name.split('.')[0]
+    return (
+      f'preparing TFDS dataset {name!r} needs the Python package {package!r}, which is not installed: '
+      f'pip install {package.replace("_", "-")}, then rerun'
+    )
+  network = _network_failure(e)
+  if network is not None:
+    host = re.search(r"host='([^']+)'", str(network))
+    what = f'{host.group(1)} cannot be reached' if host else 'the download failed'
+    return (
+      f'could not download TFDS dataset {name!r}: {what} ({type(network).__name__}: the network is '
+      'unreachable from here, or blocked). Connect this machine to the internet (behind a proxy: set '
+      f'HTTPS_PROXY) and rerun, or prepare {name!r} on a machine that has a network and copy its TFDS data '
+      f"folder (~/tensorflow_datasets/{builder.name}) here, passing that folder's parent as data_dir="
+    )
+  return f'could not download and prepare TFDS dataset {name!r} {where}: {_first_line(e)}'
 
 
 def tfds_split_names(builder) -> list[str]:

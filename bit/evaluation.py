@@ -15,6 +15,7 @@ import csv
 import functools
 import io
 import json
+import logging
 import math
 import pathlib
 import re
@@ -26,6 +27,8 @@ import numpy as np
 
 from bit import files, models, xla
 from bit.errors import BitError, DataError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -174,7 +177,8 @@ def evaluate(
   (`hyperrule.train_resolution`); pass the crop the model was trained at (a workdir's config.json has it).
   `num_classes` defaults to the model's.
 
-  Returns a dict: `top1`, `top5`, `loss` (mean cross-entropy), `count` (the split size),
+  Returns a dict: `top1`, `top5`, `loss` (mean cross-entropy), `count` (the examples evaluated), `skipped`
+  (files that did not decode: logged by path and left out, as in training),
   `mean_per_class_accuracy`, `per_class_accuracy` (float array, NaN for a class with no examples),
   `class_counts`, `confusion` (int array [true, predicted]), `class_names`, `split`, `crop`.
   """
@@ -210,13 +214,17 @@ def evaluate(
   finally:
     if bar is not None:
       bar.close()
-  if result['count'] != len(records):
-    raise DataError(
-      f'Evaluated {result["count"]} of the {len(records)} examples of {dataset!r} split {split!r}: some images '
-      'could not be decoded (see the warnings above); fix or remove them.'
+  skipped = len(records) - result['count']
+  if skipped:  # the policy of every reader (training too): logged by path above, skipped, counted
+    log.warning(
+      '%d of the %d images of %r split %r could not be decoded and were skipped (named above).',
+      skipped,
+      len(records),
+      str(dataset),
+      split,
     )
   names = list(records.class_names) + [str(i) for i in range(len(records.class_names), num_classes)]
-  result.update(class_names=names, split=split, crop=int(crop))
+  result.update(class_names=names, split=split, crop=int(crop), skipped=int(skipped))
   return result
 
 
@@ -252,7 +260,7 @@ def confusion_csv(result: dict, class_names) -> str:
 
 def summary(result: dict) -> dict:
   """The JSON-friendly scalars of a result (no arrays)."""
-  keep = ('top1', 'top5', 'loss', 'count', 'mean_per_class_accuracy', 'split', 'crop')
+  keep = ('top1', 'top5', 'loss', 'count', 'skipped', 'mean_per_class_accuracy', 'split', 'crop')
   return {k: result[k] for k in keep if k in result}
 
 
@@ -357,6 +365,8 @@ def format_result(result: dict, *, max_classes: int = 100) -> str:
     f'top-1 {100 * result["top1"]:.2f}%   top-5 {100 * result["top5"]:.2f}%   '
     f'mean per-class {100 * result["mean_per_class_accuracy"]:.2f}%   loss {result["loss"]:.4f}',
   ]
+  if result.get('skipped'):
+    lines.insert(1, f'{result["skipped"]} image(s) skipped: they could not be decoded (named in the log)')
   names = result.get('class_names') or [str(i) for i in range(len(result['per_class_accuracy']))]
   order = list(range(len(names)))
   if len(order) > max_classes:

@@ -3,9 +3,10 @@
   probs = bit.predict(model, params, images)              # (N, C) softmax probabilities
   probs, idx = bit.predict(model, params, images, top=3)  # the 3 best classes of each image
 
-Image files get the preprocessing of evaluation (`bit.data.eval_iterator`): decoded to RGB (grayscale and
-palette images expanded, an alpha channel dropped, the first frame of a GIF), resized straight to
-`size` x `size` with bilinear interpolation (no antialiasing, like `tf.image.resize`), values to [-1, 1].
+Image files get the preprocessing of evaluation (`bit.data.eval_iterator`): decoded by the one decoder of
+every reader (`bit.images`: EXIF orientation applied, grayscale/palette/CMYK/16-bit to 8-bit RGB, alpha
+dropped, the first frame of a GIF), resized straight to `size` x `size` with bilinear interpolation (no
+antialiasing, like `tf.image.resize`), values to [-1, 1].
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 224
 DEFAULT_BATCH_SIZE = 32
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')  # bit.images.EXTENSIONS
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,26 +99,14 @@ def predict(model, params, images, *, top: int | None = None, batch_size: int = 
 
 
 def load_image(path, size: int) -> np.ndarray:
-  """An image file as float32 (size, size, 3) in [-1, 1], preprocessed as in evaluation.
+  """An image file as float32 (size, size, 3) in [-1, 1], preprocessed as in evaluation (the same decoder,
+  `bit.images`: EXIF orientation applied, every mode to 8-bit RGB, the same DCT downscale for `size`).
 
   Raises BitError naming the file when it is missing or not a readable image.
   """
-  from PIL import Image, UnidentifiedImageError
+  from bit import images
 
-  path = pathlib.Path(path)
-  try:
-    with Image.open(path) as im:
-      im.load()
-      # Like tf.io.decode_image(channels=3): grayscale/palette expanded, alpha dropped (not composited).
-      rgb = np.asarray(im.convert('RGB'), np.uint8)
-  except FileNotFoundError:
-    raise BitError(f'{path}: no such file.') from None
-  except IsADirectoryError:
-    raise BitError(f'{path}: is a folder, not an image.') from None
-  except UnidentifiedImageError:
-    raise BitError(f'{path}: not an image (or a format Pillow cannot read).') from None
-  except (OSError, ValueError, SyntaxError) as e:  # truncated or damaged files
-    raise BitError(f'{path}: cannot decode the image ({e}).') from None
+  rgb = images.decode(pathlib.Path(path), int(size))
   return resize_bilinear(rgb.astype(np.float32), size) / 127.5 - 1.0
 
 

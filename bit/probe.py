@@ -148,10 +148,13 @@ def extract_features(
     np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, model.num_features), np.float32)
   )
   labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros((0,), np.int64)
-  if len(labels) != len(records):
-    raise DataError(
-      f'Extracted features for {len(labels)} of the {len(records)} examples of {dataset!r} split {split!r}: '
-      'some images could not be decoded (see the warnings above); fix or remove them.'
+  if len(labels) != len(records):  # the policy of every reader: logged by path above, skipped, counted
+    log.warning(
+      '%d of the %d images of %r split %r could not be decoded and were skipped (named above).',
+      len(records) - len(labels),
+      len(records),
+      str(dataset),
+      split,
     )
   if path is not None:
     files.save_npz(path, features=features, labels=labels, key=np.array(json.dumps(key, sort_keys=True)))
@@ -458,6 +461,10 @@ def run_probe(
   _, acc = fit_linear_probe(
     fit_x, fit_y, num_classes, method=method, l2_reg=l2_reg, test_x=test_x, test_y=test_y, seed=seed
   )
+  skipped = sum(
+    len(data_sources.load_split(dataset, s, data_dir)) - len(y)
+    for s, y in ((train_split, train_y), (test_split, test_y))
+  )
   result = {
     'model': str(model_name),
     'dataset': str(dataset),
@@ -468,6 +475,7 @@ def run_probe(
     'num_features': int(train_x.shape[1]),
     'num_classes': num_classes,
     'crop': int(crop),
+    'skipped': int(skipped),
   }
   if method == 'ridge':
     result['l2_reg'] = float(l2_reg)

@@ -25,6 +25,7 @@ Workdir:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -211,6 +212,24 @@ def _check_transfer_config(config) -> None:
     )
 
 
+@contextlib.contextmanager
+def _workdir_errors(workdir: pathlib.Path):
+  """An OS error on the workdir (it is a file, read-only, the disk is full) as a one-line ConfigError."""
+  try:
+    yield
+  except OSError as e:
+    where = e.filename or workdir
+    raise ConfigError(
+      f'workdir={str(workdir)!r} cannot be used: {where}: {e.strerror or e}; give a writable folder.'
+    ) from e
+
+
+def _same_value(key: str, a, b) -> bool:
+  if key in ('dataset', 'data_dir') and isinstance(a, str) and isinstance(b, str) and ('/' in a or '/' in b):
+    return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
+  return a == b
+
+
 def _check_workdir_config(workdir: pathlib.Path, resolved: dict, write: bool) -> None:
   """Writes config.json, or checks that the one there describes the same run."""
   path = workdir / CONFIG_FILE
@@ -224,7 +243,9 @@ def _check_workdir_config(workdir: pathlib.Path, resolved: dict, write: bool) ->
     operational = OPERATIONAL_KEYS
     if new.get('early_stopping_patience'):
       operational = operational - {'eval_every'}  # it decides when an early-stopped run stops
-    diff = sorted(k for k in set(old) | set(new) if k not in operational and old.get(k) != new.get(k))
+    diff = sorted(
+      k for k in set(old) | set(new) if k not in operational and not _same_value(k, old.get(k), new.get(k))
+    )
     if diff:
       details = ', '.join(f'{k}: {old.get(k)!r} there vs {new.get(k)!r} now' for k in diff[:4])
       raise ConfigError(
@@ -565,9 +586,10 @@ def _setup(config, workdir) -> _Setup:
   cfg = resolve_config(config, info)
   del config  # from here on, the resolved one
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
   primary = jax.process_index() == 0
-  _check_workdir_config(workdir, cfg, write=primary)
+  with _workdir_errors(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_workdir_config(workdir, cfg, write=False)  # written below, once the model loads too
 
   model, params = checkpoints.load(
     cfg['model'], num_classes=info.num_classes, dtype=DTYPES[cfg['dtype']], seed=cfg['seed']
@@ -595,6 +617,9 @@ def _setup(config, workdir) -> _Setup:
   template = state_to_tree(state)
   if best is not None:
     template['early_stopping'] = best.to_tree()
+  if primary:
+    with _workdir_errors(workdir):
+      _check_workdir_config(workdir, cfg, write=True)
   manager = _checkpoint_manager(workdir, int(cfg['keep_checkpoints']))
   if cfg.get('restart'):
     moved = _set_all_aside(manager, primary)

@@ -199,3 +199,14 @@ def test_bit_predict_usage_errors(workdir, capsys, monkeypatch):
   assert code != 0 and 'no image files given' in err and 'Traceback' not in err
   code, _, err = run_cli(cli.predict_main, ['bit-predict', 'x.jpg'], capsys, monkeypatch)
   assert code != 0 and 'either --workdir' in err
+
+
+def test_bit_predict_on_a_folder_without_images_says_so(workdir, tmp_path, capsys, monkeypatch):
+  (tmp_path / 'only_subfolders' / 'cats').mkdir(parents=True)
+  Image.new('RGB', (32, 32)).save(tmp_path / 'only_subfolders' / 'cats' / '0.png')
+  for folder in (tmp_path / 'only_subfolders', tmp_path / 'only_subfolders' / 'cats' / 'missing'):
+    folder.mkdir(exist_ok=True)
+    code, out, err = run_cli(
+      cli.predict_main, ['bit-predict', '--workdir', workdir, folder], capsys, monkeypatch
+    )
+    assert code == 2 and f'{folder} holds no image files' in err and not out.strip()

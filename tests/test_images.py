@@ -1,0 +1,122 @@
+"""The one decoder of every reader (bit.images): EXIF orientation, every mode to 8-bit RGB, WebP, and the
+same pixels and the same skip policy in training/eval, probe and predict."""
+
+import io
+import logging
+
+import numpy as np
+import pytest
+from helpers import fast_params
+from PIL import Image
+
+from bit import data, data_sources, evaluation, images, models, prediction
+from bit.errors import DataError
+
+# An upright picture whose quadrants tell every rotation and mirror apart.
+QUADRANTS = {'tl': (230, 20, 20), 'tr': (20, 230, 20), 'bl': (20, 20, 230), 'br': (230, 230, 20)}
+
+
+def upright(h=48, w=64) -> np.ndarray:
+  x = np.zeros((h, w, 3), np.uint8)
+  x[: h // 2, : w // 2], x[: h // 2, w // 2 :] = QUADRANTS['tl'], QUADRANTS['tr']
+  x[h // 2 :, : w // 2], x[h // 2 :, w // 2 :] = QUADRANTS['bl'], QUADRANTS['br']
+  return x
+
+
+# EXIF orientation -> how the camera stored the upright picture (the decoder must undo it).
+STORED = {
+  3: lambda x: np.rot90(x, 2),  # upside down
+  6: lambda x: np.rot90(x, 1),  # the camera turned clockwise: stored turned counter-clockwise
+  8: lambda x: np.rot90(x, -1),
+}
+
+
+def jpeg_with_orientation(path, orientation):
+  stored = np.ascontiguousarray(STORED[orientation](upright()))
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  Image.fromarray(stored).save(path, 'JPEG', quality=95, exif=exif.tobytes())
+  return path
+
+
+def quadrant_colors(x):
+  h, w = x.shape[:2]
+  q = {'tl': x[: h // 4, : w // 4], 'tr': x[: h // 4, -w // 4 :], 'bl': x[-h // 4 :, : w // 4]}
+  q['br'] = x[-h // 4 :, -w // 4 :]
+  return {k: tuple(np.asarray(v, np.float64).reshape(-1, 3).mean(0).round(-1)) for k, v in q.items()}
+
+
+def expected_colors(scale=lambda c: c):
+  return {k: tuple(np.round(np.array(scale(np.array(v, np.float64))), -1)) for k, v in QUADRANTS.items()}
+
+
+@pytest.fixture(scope='module')
+def photos(tmp_path_factory):
+  """A folder ROOT/test/<class>/ with photos carrying EXIF orientations 3, 6, 8 and other modes."""
+  root = tmp_path_factory.mktemp('photos')
+  d = root / 'test' / 'photo'
+  d.mkdir(parents=True)
+  for o in STORED:
+    jpeg_with_orientation(d / f'orient{o}.jpg', o)
+  other = root / 'test' / 'other'
+  other.mkdir()
+  Image.fromarray(np.full((40, 40), 32768, np.uint16)).save(other / 'gray16.png')  # mode I;16
+  Image.fromarray(upright()).convert('P', palette=Image.Palette.ADAPTIVE, colors=8).save(
+    other / 'palette.png'
+  )
+  Image.fromarray(upright()).convert('CMYK').save(other / 'cmyk.jpg', quality=95)
+  Image.fromarray(upright()).save(other / 'photo.webp', lossless=True)
+  return root
+
+
+@pytest.mark.parametrize('orientation', [3, 6, 8])
+def test_exif_orientation_is_applied(tmp_path, orientation):
+  path = jpeg_with_orientation(tmp_path / 'p.jpg', orientation)
+  x = images.decode(path)
+  assert x.shape == (48, 64, 3)  # upright: quarter turns swap the stored sides back
+  assert quadrant_colors(x) == expected_colors()
+  assert images.probe(path) == (48, 64)
+
+
+def test_modes_become_8bit_rgb(photos):
+  other = photos / 'test' / 'other'
+  gray = images.decode(other / 'gray16.png')
+  assert Image.open(other / 'gray16.png').mode.startswith('I')
+  assert gray.dtype == np.uint8 and gray.shape == (40, 40, 3) and (gray == 128).all()  # not all white
+  for name in ('palette.png', 'cmyk.jpg', 'photo.webp'):
+    x = images.decode(other / name)
+    assert x.shape == (48, 64, 3) and quadrant_colors(x) == expected_colors(), name
+  with pytest.raises(images.ImageDecodeError, match='notes.txt'):
+    (other.parent / 'notes.txt').write_text('not an image')
+    images.decode(other.parent / 'notes.txt')
+
+
+def test_every_reader_gives_the_same_pixels(photos):
+  """The eval pipeline (train/eval/probe) and bit-predict read a file the same: same decoder, same scale."""
+  records = data_sources.load_split(str(photos), 'test')
+  assert len(records) == 7  # the WebP file is a dataset image too
+  batches = list(data.eval_iterator(str(photos), split='test', global_batch_size=8, crop=32))
+  pipeline = np.concatenate([b['image'] for b in batches])[np.concatenate([b['mask'] for b in batches])]
+  for path, x in zip(records.payload, pipeline, strict=True):
+    np.testing.assert_allclose(prediction.load_image(path, 32), x, atol=2e-5, err_msg=path)
+  for i, path in enumerate(records.payload):  # oriented upright in the pipeline too
+    if 'orient' in path:
+      assert quadrant_colors((pipeline[i] + 1) * 127.5) == expected_colors(), path
+
+
+def test_a_file_that_does_not_decode_is_skipped_and_counted_by_evaluate(tmp_path, caplog):
+  d = tmp_path / 'test' / 'a'
+  d.mkdir(parents=True)
+  for i in range(3):
+    Image.fromarray(upright()).save(d / f'{i}.jpg')
+  buf = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(buf, 'JPEG')
+  (d / 'trunc.jpg').write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+  model = models.create_model('R26x1', num_classes=1)
+  with caplog.at_level(logging.WARNING):
+    result = evaluation.evaluate(model, fast_params(model), str(tmp_path), crop=32, batch_size=4)
+  assert result['count'] == 3 and result['skipped'] == 1  # as training: logged, skipped, counted
+  assert 'trunc.jpg' in caplog.text
+  assert evaluation.summary(result)['skipped'] == 1
+  with pytest.raises(DataError, match='trunc.jpg'):
+    prediction.load_image(d / 'trunc.jpg', 32)
