@@ -37,6 +37,10 @@ def run_cli(main, argv, capsys, monkeypatch):
   from absl import flags
 
   flags.FLAGS.unparse_flags()  # flag values must not leak from one command to the next
+  # config_flags defines --config and its --config.<key> overrides when a config is parsed; another
+  # command's config (or the same one again) must be able to define them anew.
+  for name in [n for n in flags.FLAGS if n == 'config' or n.startswith('config.')]:
+    delattr(flags.FLAGS, name)
   monkeypatch.setattr(sys, 'argv', [str(a) for a in argv])
   with pytest.raises(SystemExit) as e:
     main()
