@@ -15,8 +15,9 @@ from make_checkpoint import random_checkpoint
 from tfds_builders import bit_tiny_download as tiny
 
 import bit
-from bit import cli, data_sources, models, train
+from bit import data_sources, models, train
 from bit.errors import DataError
+from bit.tools import cli
 from configs import common
 
 

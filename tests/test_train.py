@@ -218,7 +218,7 @@ def cli_command(workdir, model, dataset):
   return [
     sys.executable,
     '-c',
-    'from bit.cli import train_main; train_main()',
+    'from bit.tools.cli import train_main; train_main()',
     '--config',
     str(HERE.parent / 'configs' / 'common.py'),
     '--workdir',

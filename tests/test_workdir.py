@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bit import cli, train
+from bit import train
 from bit.errors import BitError, ConfigError
+from bit.tools import cli
 from configs import common
 
 

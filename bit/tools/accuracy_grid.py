@@ -34,8 +34,9 @@ import statistics
 import time
 import traceback
 
-from bit import demo, files
+from bit import files
 from bit.errors import ConfigError, DataError, DownloadError
+from bit.tools import demo
 
 CELLS_DIR = 'cells'
 STATUS_FILE = 'status.json'  # the last outcome of a cell that has not been measured
@@ -118,7 +119,7 @@ def cells(config) -> list[Cell]:
 
 
 def _demo_config(config):
-  """The bench's base keys plus its `demo` section: what bit.demo needs to export and pretrain."""
+  """The bench's base keys plus its `demo` section: what bit.tools.demo needs to export and pretrain."""
   if 'demo' not in config:
     raise ConfigError(
       'a bench grid uses the demo names (demo:...), so the bench config needs a `demo` '

@@ -224,7 +224,7 @@ def _train(argv) -> None:
     raise BitError('--workdir is required: the directory that receives checkpoints, metrics and model.npz.')
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if 'demo' in FLAGS.config:  # configs/demo.py: the offline demo's stages (pretrain, fine-tune, scratch)
-    from bit.demo import run_demo
+    from bit.tools.demo import run_demo
 
     run_demo(FLAGS.config, FLAGS.workdir)
     return
@@ -408,13 +408,13 @@ def _bench(argv) -> None:
     )
   if not FLAGS.workdir:
     raise BitError('--workdir is required: the directory that receives the cells and results.md.')
-  from bit.bench import run_bench
+  from bit.tools.accuracy_grid import run_bench
 
   run_bench(FLAGS.config, FLAGS.workdir)
 
 
 def bench_main() -> None:
-  """bit-bench: a grid of fine-tunes against the official figures; see `bit.bench` and configs/bench_*.py."""
+  """bit-bench: a grid of fine-tunes against the official figures; see `bit.tools.accuracy_grid` and configs/bench_*.py."""
   _run('bit-bench', _define_bench_flags, _bench)
 
 
