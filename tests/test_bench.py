@@ -16,14 +16,17 @@ import sys
 
 import pytest
 
+from bit import config
 from bit.errors import ConfigError
 from bit.tools import accuracy_grid
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # A tiny version of configs/bench_demo.py (4 devices in the test session: batches of 8).
-TINY_CONFIG = """
-from configs import bench_demo
+TINY_CONFIG = f"""
+from bit import config
+
+bench_demo = config.load_module({str(ROOT / 'configs' / 'bench_demo.py')!r})
 
 def get_config(arg=None):
   c = bench_demo.get_config()
@@ -36,7 +39,7 @@ def get_config(arg=None):
   c.grids.digits.seeds = (0,)
   with c.unlocked():
     c.grids.missing = dict(models=('R26x1',), datasets=('no_such_dataset_xyz',), examples_per_class=(2,),
-                           seeds=(0,), overrides={})
+                           seeds=(0,), overrides={{}})
   return c
 """
 
@@ -99,9 +102,7 @@ def test_official_figures():
 
 
 def test_paper_config_is_the_official_setting():
-  from configs import bench_paper
-
-  c = bench_paper.get_config()
+  c = accuracy_grid.load_config(ROOT / 'configs' / 'bench_paper.py')
   cells = accuracy_grid.cells(c)
   assert {(x.model, x.dataset, x.examples_per_class) for x in cells} >= {
     ('BiT-M-R50x1', 'cifar10', 1),
@@ -114,8 +115,7 @@ def test_paper_config_is_the_official_setting():
 
 
 def test_bad_grid_is_refused(tmp_path):
-  from configs import bench_demo
-
+  bench_demo = config.load_module(ROOT / 'configs' / 'bench_demo.py')
   c = bench_demo.get_config()
   c.grids.digits.seeds = ()
   with pytest.raises(ConfigError, match='seeds'):

@@ -101,7 +101,7 @@ def test_scaled_schedule_keeps_the_hyperrule_shape():
 
 
 def test_finished_result_refuses_other_settings(tmp_path):
-  from configs import common
+  from bit import config as common
 
   c = common.get_config()
   c.dataset, c.model = '/data/x', 'R26x1'

@@ -238,7 +238,7 @@ from bit import parallel
 parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 from bit import train
 from bit.errors import Interrupted
-from configs import common
+from bit import config as common
 c = common.get_config()
 c.model, c.dataset, c.batch_size, c.resize, c.crop = sys.argv[3], sys.argv[4], 8, 40, 32
 c.schedule, c.mixup_alpha, c.checkpoint_every, c.log_every = (2, 4, 6, 8, 10), 0.0, 0, 1

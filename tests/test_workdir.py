@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bit import config as common
 from bit import train
 from bit.errors import BitError, ConfigError
 from bit.tools import cli
-from configs import common
 
 
 @pytest.fixture
