@@ -213,12 +213,31 @@ def setup(
     'image': rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
     'label': np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)],
   }
-  params = models.init_params(net, seed=0, image_size=min(size, 64))
-  # A non-zero head so the gradients flow through the whole network as in a real run.
-  params['head']['kernel'] = 0.01 * jax.random.normal(jax.random.PRNGKey(1), params['head']['kernel'].shape)
+  params = _random_params(net)
   result['model_flops_per_image'] = forward_flops(net, size)
   result['forward_gflops_per_image'] = round(result['model_flops_per_image'] / 1e9, 3)
   return Setup(net, dp, batch, size, host_batch, params, transfer, accum_steps, result)
+
+
+def _random_params(net) -> dict:
+  """Random float32 params from the shapes alone, on the host: the timings do not depend on the values, and
+  compiling the model's init (`models.init_params`) cost as much as compiling the train step.
+
+  Normal kernels (every convolution standardizes its weights, so any scale works), GroupNorm scales 1, biases
+  0, and a small non-zero head so the gradients flow through the whole network as in a real run.
+  """
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if 'scale' in name:
+      return np.ones(leaf.shape, np.float32)
+    if 'bias' in name:
+      return np.zeros(leaf.shape, np.float32)
+    std = 0.01 if 'head' in name else 1.0
+    return (std * rng.standard_normal(leaf.shape, dtype=np.float32)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, models.param_shapes(net))
 
 
 def real_train_step(s: Setup):
@@ -410,6 +429,8 @@ def run(
       'host_malloc': dict(malloc.state),
     }
     _log(f'[speed] {result["model"]} {size}px batch {batch} {dtype} on {n_dev} {result["backend"]} device(s)')
+    if train and pipeline not in (None, 'generate') and not compile_only:
+      _pipeline_info(pipeline, num_classes)  # a bad --classes fails before anything compiles
     measure_peak(result, dtype, matmul_n, n_dev)
     s = setup(model, size, batch, dtype, n_dev, parallelism, num_classes, accum_steps, settings, result)
     if compile_only:
@@ -479,10 +500,8 @@ def _real_data_runs(step, state, synthetic, folder, s: Setup, steps: int, warmup
     jax.block_until_ready((state, metrics))
     return steps * batch / (time.perf_counter() - t0)
 
-  info = data.get_info(str(folder), train_split='train', test_split='train')
+  info = _pipeline_info(folder, num_classes)
   resize, crop = hyperrule.train_resolution(info.image_size, crop=size)
-  if info.num_classes > num_classes:
-    raise BitError(f'{folder} has {info.num_classes} classes; use --classes {info.num_classes} or more.')
   synthetic_ips = loop(lambda: synthetic)
   result['train_synthetic_loop_images_per_sec'] = round(synthetic_ips, 2)
   for key, cache_gb in (('train_real', None), ('train_real_nocache', 0.0)):
@@ -518,6 +537,16 @@ def _real_data_runs(step, state, synthetic, folder, s: Setup, steps: int, warmup
     'image_size': list(info.image_size),
   }
   return state
+
+
+def _pipeline_info(folder, num_classes: int):
+  """The folder's dataset info; BitError when it has more classes than the benchmark's head."""
+  from bit import data  # imported late: TensorFlow
+
+  info = data.get_info(str(folder), train_split='train', test_split='train')
+  if info.num_classes > num_classes:
+    raise BitError(f'{folder} has {info.num_classes} classes; use --classes {info.num_classes} or more.')
+  return info
 
 
 # --- the accelerator suite ----------------------------------------------------------------------------------
