@@ -125,3 +125,8 @@ def checkpoint_bytes(depth=26, classes=10, seed=0) -> bytes:
   buf = io.BytesIO()
   np.savez(buf, **random_checkpoint(depth=depth, width=1, classes=classes, seed=seed))
   return buf.getvalue()
+
+
+def without_compilation_cache(env):
+  """`env` without the session's JAX compilation cache (tests/conftest.py), for processes joined by gloo."""
+  return {k: v for k, v in env.items() if k != 'JAX_COMPILATION_CACHE_DIR'}

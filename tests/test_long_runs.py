@@ -18,6 +18,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from helpers import without_compilation_cache  # noqa: E402
 from test_train import base_config, make_folder, make_npz  # noqa: E402
 
 from bit import checkpoints, models, train  # noqa: E402
@@ -259,9 +260,9 @@ def _free_port():
 def _two_processes(args, tmp_path):
   address = f'127.0.0.1:{_free_port()}'
   env = dict(
-    os.environ,
+    without_compilation_cache(os.environ),  # a cached step deadlocked the gloo collectives of a rerun
     XLA_FLAGS='--xla_force_host_platform_device_count=2',
-    JAX_PLATFORMS='cpu',  # no compilation cache: a cached step deadlocked the gloo collectives of a rerun
+    JAX_PLATFORMS='cpu',
   )
   return [
     subprocess.Popen(

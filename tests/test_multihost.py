@@ -13,6 +13,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from helpers import without_compilation_cache  # noqa: E402
 from test_train import assert_params_close, make_folder, make_npz  # noqa: E402
 
 CONFIG = r"""
@@ -57,7 +58,11 @@ def test_two_processes_end_with_the_same_params(tmp_path):
   npz = make_npz(tmp_path / 'm.npz')
   workdir = tmp_path / 'w'
   address = f'127.0.0.1:{free_port()}'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+  env = dict(
+    without_compilation_cache(os.environ),  # a cached step deadlocked gloo collectives (test_long_runs.py)
+    XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    JAX_PLATFORMS='cpu',
+  )
   procs = [
     subprocess.Popen(
       [sys.executable, '-c', WORKER, address, str(i), str(npz), str(folder), str(workdir)],
