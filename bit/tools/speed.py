@@ -619,7 +619,7 @@ _RUN_KEYS = (
 
 def golden_check(name: str) -> dict:
   """Max |logits - golden| on the default device, float32 (highest precision) and bfloat16, with pass flags."""
-  root = pathlib.Path(__file__).resolve().parent.parent / 'tests'
+  root = pathlib.Path(__file__).resolve().parents[2] / 'tests'
   case, maker = root / 'data' / name, root / 'make_checkpoint.py'
   if not (case / 'logits.npy').exists() or not maker.exists():
     return {'fixture': name, 'skipped': f'{case} not found: the check needs a source checkout of bit'}
