@@ -250,6 +250,52 @@ def test_sigterm_saves_the_step_in_flight_and_the_rerun_equals_a_straight_run(as
   assert json.loads(done.stdout.strip().splitlines()[-1])['step'] == 10 == straight.metrics['step']
 
 
+def test_sigterm_during_the_evaluation_or_the_export_keeps_the_checkpoint_and_redoes_the_export(
+  assets, tmp_path, monkeypatch
+):
+  from bit import checkpoints as ckpt
+  from bit.errors import Interrupted
+
+  config = base_config(assets['npz'], assets['folder'], num_devices=1, schedule=(1, 2, 3, 4, 5))
+  workdir = tmp_path / 'w'
+  real_evaluator, real_save_npz = train._evaluator, ckpt.save_npz
+
+  def evaluator_signalled(setup):  # the signal arrives while the test split is being evaluated
+    evaluate = real_evaluator(setup)
+
+    def run(dstate):
+      os.kill(os.getpid(), signal.SIGTERM)
+      return evaluate(dstate)
+
+    return run
+
+  def save_npz_signalled(params, path):  # ... while model.npz is being written
+    os.kill(os.getpid(), signal.SIGTERM)
+    real_save_npz(params, path)
+
+  # 1: during the evaluation of the last step: that step's checkpoint is saved, nothing exported.
+  monkeypatch.setattr(train, '_evaluator', evaluator_signalled)
+  with pytest.raises(Interrupted, match='stopped by SIGTERM after step 5 of 5') as e:
+    train.fit(config, workdir)
+  assert e.value.exit_code == 143
+  assert (workdir / 'checkpoints' / '5').is_dir() and not (workdir / 'model.npz').exists()
+  # 2: the rerun evaluates again, then the signal comes during the export: model.npz is whole (written
+  # atomically) and the pictures are not drawn.
+  monkeypatch.setattr(train, '_evaluator', real_evaluator)
+  monkeypatch.setattr(ckpt, 'save_npz', save_npz_signalled)
+  with pytest.raises(Interrupted, match='stopped by SIGTERM') as e:
+    train.fit(config, workdir)
+  assert e.value.exit_code == 143
+  assert not (workdir / 'curves.png').exists() and not [p for p in workdir.iterdir() if '.tmp' in p.name]
+  assert sorted(np.load(workdir / 'model.npz').files) == sorted(np.load(assets['npz']).files)
+  # 3: the next rerun exports everything; the checkpoint was kept throughout.
+  monkeypatch.setattr(ckpt, 'save_npz', real_save_npz)
+  result = train.fit(config, workdir)
+  assert result.metrics['step'] == 5 and (workdir / 'curves.png').is_file()
+  assert [m['step'] for m in read_metrics(workdir) if m.get('preempted')] == [5, 5]
+  assert (workdir / 'checkpoints' / '5').is_dir()
+
+
 TWO_PROCESSES = r"""
 import sys
 from bit import parallel
