@@ -12,7 +12,7 @@ The train step is the one `bit.train.train_and_evaluate` runs, built the same wa
 (the BiT learning-rate schedule, the transfer mask of `--transfer`, `--accum-steps` micro-batches) and
 `train_state.train_step` wrapped by `parallel.DataParallel` (`--parallelism`, donated state), fed through
 `DataParallel.replicate`/`shard`. Inference is the jitted forward pass, by default on weights standardized
-once (`models.fold_for_inference`, what evaluation and prediction use); the per-call standardization figure
+once (`models.Inference`, what evaluation and prediction use); the per-call standardization figure
 is reported too as `infer_unfolded_images_per_sec`.
 
 Peak: on CPU a float matmul measured in the same run (`matmul_peak_gflops`; the CPU is often shared, so the
@@ -51,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 from bit import freeze, hyperrule, malloc, models, ops, parallel, train_state, xla
 from bit.errors import BitError
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = models.DTYPES
 # The learning-rate schedule of a mid-size dataset (hyper-rule, 20k-500k examples) and BiT's base rate: the
 # benchmark runs only its first steps, but the schedule is computed in the step as in a real run.
 SUPPORTS = hyperrule.schedule(50_000)
@@ -275,12 +275,13 @@ def measure_infer(s: Setup, steps: int, warmup: int, folded: bool) -> float:
   replicated = NamedSharding(s.dp.mesh, P())
   images = jax.device_put(s.host_batch['image'], NamedSharding(s.dp.mesh, P(parallel.DATA_AXIS)))
   if folded:
-    variables, fwd_model = {'params': models.fold_for_inference(s.params)}, s.net.clone(folded=True)
+    inference = models.Inference(s.net)
+    variables, forward = inference.prepare(s.params), inference
   else:
-    variables, fwd_model = {'params': s.params}, s.net
+    variables, forward = s.params, lambda p, x, m=s.net: m.apply({'params': p}, x)
   variables = jax.device_put(variables, replicated)
   t0 = time.perf_counter()
-  fwd = xla.jit(lambda v, x, m=fwd_model: m.apply(v, x)).lower(variables, images).compile()
+  fwd = xla.jit(forward).lower(variables, images).compile()
   compile_s = time.perf_counter() - t0
   for _ in range(max(1, warmup)):
     jax.block_until_ready(fwd(variables, images))
