@@ -262,8 +262,8 @@ def fold_for_inference(params):
   """Params with every conv kernel weight-standardized once, for `ResNetV2(..., folded=True)`.
 
   The result has the same tree and shapes; `model.clone(folded=True).apply({'params': folded}, x)` equals
-  `model.apply({'params': params}, x)` up to float rounding, without re-standardizing at every call
-  (~10-15% of an inference step on CPU). Not for training: the gradients would skip the standardization.
+  `model.apply({'params': params}, x)` up to float rounding, without re-standardizing at every call (a
+  noticeable share of an inference step on CPU). Not for training: the gradients would skip the standardization.
   """
 
   def fold(path, leaf):

@@ -67,7 +67,7 @@ def make_npz(path, classes=5, seed=0):
 
 
 def base_config(model, dataset, **overrides):
-  """The shared tiny config: the same values as the CLI command of the issue."""
+  """The shared tiny config: the same values as `cli_command` passes on the command line."""
   c = common.get_config()
   c.model, c.dataset = str(model), str(dataset)
   c.batch_size, c.resize, c.crop, c.schedule, c.mixup_alpha = 8, 40, 32, SCHEDULE, 0.1
@@ -214,7 +214,7 @@ def test_mock_tfds_dataset(assets, tmp_path):
 
 
 def cli_command(workdir, model, dataset):
-  """The exact command of the issue."""
+  """bit-train with the values of `base_config`, as a user types it."""
   return [
     sys.executable,
     '-c',
