@@ -20,6 +20,7 @@ from PIL import Image
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from helpers import train_command  # noqa: E402
 from make_checkpoint import random_checkpoint  # noqa: E402
 
 from bit import checkpoints, train  # noqa: E402
@@ -215,27 +216,16 @@ def test_mock_tfds_dataset(assets, tmp_path):
 
 def cli_command(workdir, model, dataset):
   """bit-train with the values of `base_config`, as a user types it."""
-  return [
-    sys.executable,
-    '-c',
-    'from bit.tools.cli import train_main; train_main()',
-    '--config',
-    str(HERE.parent / 'configs' / 'common.py'),
-    '--workdir',
-    str(workdir),
-    f'--config.model={model}',
-    f'--config.dataset={dataset}',
-    '--config.batch_size=8',
-    '--config.resize=40',
-    '--config.crop=32',
-    '--config.schedule=[2,4,6,8,10]',
-    '--config.mixup_alpha=0.1',
+  return train_command(
+    workdir,
+    model,
+    dataset,
     '--config.seed=0',
     '--config.eval_every=0',
     '--config.checkpoint_every=2',
     '--config.log_every=1',
     '--config.parallelism=pmap',
-  ]
+  )
 
 
 @pytest.mark.slow
