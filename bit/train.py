@@ -526,7 +526,7 @@ def _sum_over_processes(result: dict) -> dict:
 def train_and_evaluate(config, workdir) -> dict:
   """Fine-tunes `config.model` on `config.dataset` in `workdir`; returns the final metrics.
 
-  `config`: a ConfigDict (configs/common.py's `get_config()` lists every key) or a plain dict of those keys,
+  `config`: a ConfigDict (`bit.config.get_config()`; bit/config.py lists every key) or a plain dict of those keys,
   put onto the defaults, e.g. `{'model': 'BiT-M-R50x1', 'dataset': 'cifar10'}`.
 
   The dict has `step` (the last trained step), `top1`, `top5`, `eval_loss`, `mean_per_class_accuracy` and
@@ -832,10 +832,10 @@ def _train_iterator(setup: _Setup):
 
 
 def as_config(config):
-  """`config` as a ConfigDict: one as given, or a plain dict put onto configs/common.py's defaults.
+  """`config` as a ConfigDict: one as given, or a plain dict put onto the defaults (bit/config.py).
 
-  A dict's unknown keys are refused, naming them (configs/common.py lists every key); so is a value of the
-  wrong type for its key.
+  A dict's unknown keys are refused, naming them (bit/config.py lists every key); so is a value of the wrong
+  type for its key.
   """
   import ml_collections
 
@@ -843,12 +843,12 @@ def as_config(config):
     return config
   if not isinstance(config, dict):
     raise ConfigError(
-      'config= must be an ml_collections.ConfigDict (e.g. configs.common.get_config()) or a dict of its keys, '
+      'config= must be an ml_collections.ConfigDict (e.g. bit.config.get_config()) or a dict of its keys, '
       f'got {type(config).__name__}.'
     )
-  from configs import common
+  from bit import config as config_lib
 
-  base = common.get_config()
+  base = config_lib.get_config()
   unknown = sorted(str(k) for k in config if k not in base)
   if unknown:
     import difflib
@@ -857,7 +857,7 @@ def as_config(config):
       f'{k} (did you mean {m[0]}?)' if (m := difflib.get_close_matches(k, list(base), 1)) else k
       for k in unknown
     ]
-    raise ConfigError(f'config= has unknown keys: {", ".join(hints)}; configs/common.py lists every key.')
+    raise ConfigError(f'config= has unknown keys: {", ".join(hints)}; bit/config.py lists every key.')
   for key, value in config.items():
     try:
       base[key] = value

@@ -13,7 +13,8 @@ from helpers import fast_params
 from PIL import Image
 
 import bit
-from bit import checkpoints, cli, models, train
+from bit import checkpoints, models, train
+from bit.tools import cli
 
 
 def test_dir_shows_the_public_api_only():
@@ -119,10 +120,10 @@ def test_wrong_arguments_get_one_sentence_naming_them(run_dir, photo_folder):
 
 
 def test_a_dict_config_is_put_onto_the_defaults(tmp_path):
-  from configs import common
+  from bit import config as config_lib
 
   config = train.as_config({'model': 'R26x1', 'dataset': 'cifar10', 'crop': 32, 'schedule': [1, 2, 3, 4, 5]})
-  expected = common.get_config()
+  expected = config_lib.get_config()
   expected.update(model='R26x1', dataset='cifar10', crop=32, schedule=(1, 2, 3, 4, 5))
   assert config.to_dict() == expected.to_dict()
   with pytest.raises(bit.ConfigError, match=r'unknown keys: datset \(did you mean dataset\?\), zoom;'):
