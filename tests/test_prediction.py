@@ -309,3 +309,10 @@ def test_progress_bar_for_long_inputs(tiny, capsys, monkeypatch):
   assert '5/5' in capsys.readouterr().err
   prediction.predict(model, params, pixels, batch_size=2, progress=False)
   assert capsys.readouterr().err == ''
+
+
+def test_bit_predict_shows_python_errors_as_flags(workdir, folder, capsys, monkeypatch):
+  argv = ['bit-predict', '--workdir', workdir, '--size', '16', folder / 'odd' / 'gray.png']
+  code, _, err = run_cli(cli.predict_main, argv, capsys, monkeypatch)
+  assert code == 2 and 'error: --size= must be an image side in pixels, at least 32, got 16.' in err
+  assert 'bit.predict_files' not in err and 'Traceback' not in err
