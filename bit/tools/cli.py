@@ -55,9 +55,8 @@ _FLAGS_OF_ARGUMENTS = {
 def as_flags(prog: str, message: str) -> str:
   """A library error message with its Python argument names (`dataset=`) written as `prog`'s flags."""
   names = _FLAGS_OF_ARGUMENTS.get(prog, {})
-  message = re.sub(
-    r'^bit\.\w+: ', '', message
-  )  # the Python function a message names (bit.predict_files: ...)
+  # A message may start with the Python function it comes from (bit.predict_files: ...); the command is its own.
+  message = re.sub(r'^bit\.\w+: ', '', message)
   if names:
     pattern = r'(?<![\w.-])(' + '|'.join(map(re.escape, names)) + r')='
     message = re.sub(pattern, lambda m: names[m.group(1)] + '=', message)
