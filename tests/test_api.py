@@ -68,7 +68,7 @@ def test_a_loaded_model_knows_its_input_size(run_dir, tmp_path, monkeypatch):
 
 
 def test_evaluate_a_fine_tuned_model_at_its_size(run_dir, photo_folder):
-  # Without crop=, evaluation used to take the hyper-rule's crop for the images (128 px for these).
+  # Without the model's size, crop=None would take the hyper-rule's crop for these images (128 px).
   model, params = bit.load(run_dir / 'model.npz', keep_head=True)
   result = bit.evaluate(model, params, str(photo_folder), batch_size=4)
   assert result['crop'] == 32 and result['count'] == 3
