@@ -204,6 +204,10 @@ class ResNetV2(nn.Module):
 
   `folded=True` is the inference form: it expects params from `fold_for_inference` (kernels standardized
   once) and skips the per-call standardization; use it for evaluation and prediction, not for training.
+
+  `input_size` is the image side the model was trained (or fine-tuned) at, when known (`bit.load` sets it from
+  the registry or a run's config.json); `bit.evaluate` and `bit.predict` use it when given no size. It does
+  not change the params or the computation: the model takes any size >= 32.
   """
 
   depth: int = 50
@@ -212,6 +216,7 @@ class ResNetV2(nn.Module):
   dtype: Any = jnp.float32
   folded: bool = False
   remat: str = 'none'  # 'none', 'unit' or 'stage': what the backward pass recomputes instead of storing
+  input_size: int | None = None
 
   @property
   def num_features(self) -> int:
@@ -274,12 +279,16 @@ class RootBlock(nn.Module):
     return ops.zero_padded_max_pool(ops.root_barrier(x))
 
 
-def create_model(arch: str, num_classes: int, dtype: Any = jnp.float32) -> ResNetV2:
+def create_model(
+  arch: str, num_classes: int, dtype: Any = jnp.float32, input_size: int | None = None
+) -> ResNetV2:
   """A ResNetV2 for an architecture name such as 'R50x1'."""
   depth, width = parse_architecture(arch)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise BitError(f'num_classes must be a positive integer, got {num_classes!r}.')
-  return ResNetV2(depth=depth, width=width, num_classes=num_classes, dtype=dtype)
+  if input_size is not None and (not isinstance(input_size, int) or input_size < MIN_IMAGE_SIZE):
+    raise BitError(f'input_size must be an integer >= {MIN_IMAGE_SIZE}, got {input_size!r}.')
+  return ResNetV2(depth=depth, width=width, num_classes=num_classes, dtype=dtype, input_size=input_size)
 
 
 def fold_for_inference(params):
