@@ -17,7 +17,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from helpers import fast_params, start_two_processes, train_command  # noqa: E402
+from helpers import start_two_processes, train_command  # noqa: E402
 from test_train import base_config, make_folder, make_npz  # noqa: E402
 
 from bit import checkpoints, models, train  # noqa: E402
@@ -123,7 +123,7 @@ def test_remat_gives_the_same_loss_and_gradients():
   from bit.train_state import cross_entropy
 
   model = models.create_model('R26x1', 4)
-  params = fast_params(model)  # from the shapes: no compiled init
+  params = models.init_params(model, image_size=32)
   params['head']['kernel'] = jax.random.normal(jax.random.PRNGKey(1), params['head']['kernel'].shape) * 0.1
   images = jax.random.uniform(jax.random.PRNGKey(2), (2, 32, 32, 3), minval=-1, maxval=1)
   labels = jax.nn.one_hot(jnp.array([0, 3]), 4)

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import fast_params
 
 from bit import models, ops
 from bit.errors import ConfigError
@@ -139,7 +138,7 @@ def test_whole_r26x1_train_step_is_the_same_with_and_without_the_fast_ops():
   every 3x3 convolution takes the im2col path. Tolerance: each gradient leaf within 1e-3 of that leaf's
   largest magnitude, the loss within 1e-5 (relative), from float rounding in a different summation order."""
   model = models.create_model('R26x1', 3)
-  params = fast_params(model)  # from the shapes: no compiled init
+  params = models.init_params(model, seed=0, image_size=32)
   params['head']['kernel'] = jnp.asarray(np.random.default_rng(3).normal(0, 0.01, (2048, 3)), jnp.float32)
   rng = np.random.default_rng(4)
   batch = {
