@@ -1,10 +1,10 @@
-"""timm's ResNetV2 (PyTorch) at the settings of `python -m bit.benchmark`: eager, torch.compile and ONNX.
+"""timm's ResNetV2 (PyTorch) at the settings of `python -m bit.tools.speed`: eager, torch.compile and ONNX.
 
 Not part of the package or the test suite; run it from a separate venv so torch never enters bit's:
 
-  python3 -m venv /work/torchvenv
-  /work/torchvenv/bin/pip install torch torchvision timm onnx onnxruntime onnxscript
-  /work/torchvenv/bin/python benchmarks/timm_compare.py --depth 50 --size 128 --batch 16
+  python3 -m venv ~/torchvenv
+  ~/torchvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm onnx onnxruntime onnxscript
+  ~/torchvenv/bin/python benchmarks/timm_compare.py --depth 50 --size 128 --batch 16
 
 In one run, in this order (`--modes` picks some):
 - eager: train_images_per_sec (forward + backward + SGD momentum 0.9, softmax cross-entropy) and

@@ -1,7 +1,7 @@
 """bit against timm on this CPU in alternating rounds: bit's real train step and inference, then timm eager,
 timm under torch.compile and timm in onnxruntime (benchmarks/timm_compare.py, run in a torch venv).
 
-  python benchmarks/timm_rounds.py --timm-python /work/torchvenv/bin/python --rounds 3
+  python benchmarks/timm_rounds.py --timm-python ~/torchvenv/bin/python --rounds 3
 
 Each round runs `python -m bit.tools.speed` (bit's benchmark: the train step `bit.train` runs, and the folded
 forward pass) in this interpreter, then timm_compare.py with every mode in the other. Prints one line per
@@ -12,7 +12,6 @@ round and, last, one JSON line: every round's figures, their medians, and bit's 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -47,7 +46,7 @@ def main() -> int:
   ap.add_argument('--warmup', type=int, default=2)
   a = ap.parse_args()
   depth, width = a.model[1:].split('x')
-  speed = 'bit.tools.speed' if importlib.util.find_spec('bit.tools.speed') else 'bit.benchmark'
+  speed = 'bit.tools.speed'
   shape = ['--size', str(a.size), '--batch', str(a.batch), '--steps', str(a.steps), '--warmup', str(a.warmup)]
   bit_cmd = [sys.executable, '-m', speed, '--model', a.model, *shape]
   timm_cmd = [a.timm_python, str(pathlib.Path(__file__).with_name('timm_compare.py'))]

@@ -1,7 +1,7 @@
 """The process-wide CPU runtime settings bit's speed figures were measured with, applied only when asked.
 
 `import bit` changes nothing global. The command-line tools (bit-train, bit-eval, bit-predict, bit-probe,
-bit-bench, `python -m bit.benchmark`, `python -m bit.benchmark_data`, the demo) call `configure_tool()`
+bit-bench, `python -m bit.tools.speed`, `python -m bit.tools.input_speed`, the demo) call `configure_tool()`
 first thing, before JAX's backend starts; a program that uses bit as a library can call
 `bit.configure_cpu()` itself, before its first JAX computation. What `configure_cpu()` changes:
 
@@ -12,8 +12,7 @@ first thing, before JAX's backend starts; a program that uses bit as a library c
 - glibc's `mallopt` (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GB) and JAX's `jax_cpu_enable_async_dispatch` off
   (bit/malloc.py): XLA's per-step buffers are reused instead of faulted in anew. `BIT_MALLOC=system` skips it.
 
-What it buys, measured on the project's 2-core CPU (README, Performance): R50x1 at 128 px, train +32% and
-inference +15% from the malloc settings, and train 22.4 -> 26.8 img/s from the XLA flag. Off a CPU backend
+What each setting buys is in the README (Performance), with the command that measured it. Off a CPU backend
 it costs nothing and changes nothing that matters (the malloc settings hold for host memory only).
 """
 

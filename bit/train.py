@@ -39,17 +39,16 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bit import files, freeze, hyperrule, parallel
+from bit import config as config_keys
+from bit import files, freeze, hyperrule, models, parallel
 from bit.errors import BitError, ConfigError, Interrupted
 from bit.metrics_log import MetricsWriter
-from bit.train_state import (  # noqa: F401  (re-exported: the documented home of the step functions)
+from bit.train_state import (
   TrainState,
   create_state,
   lr_schedule,
-  make_optimizer,
   start_state,
   state_to_tree,
   train_step,
@@ -60,7 +59,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Keys that change how a run is carried out but not its result: a rerun may change them freely.
 OPERATIONAL_KEYS = frozenset(
   {
@@ -76,17 +74,8 @@ OPERATIONAL_KEYS = frozenset(
     'restart',
   }
 )
-# Keys added after the first workdirs were written: a config.json without them ran with these values.
-LATER_KEY_DEFAULTS = {
-  'transfer': 'full',
-  'unfreeze_stages': 0,
-  'unfreeze_units': 0,
-  'backbone_lr_scale': 1.0,
-  'early_stopping_patience': 0,
-  'remat': 'none',
-  'restart': False,
-}
-REMAT = ('none', 'unit', 'stage')
+# Keys added after the first workdirs were written: a config.json without them ran with their defaults.
+LATER_KEYS = (*config_keys.TRANSFER_KEYS, 'early_stopping_patience', 'remat', 'restart')
 
 
 class NonFiniteLossError(BitError):
@@ -151,8 +140,8 @@ def _check_config(config) -> None:
       'config.model is not set: pass --config.model=BiT-M-R50x1 (see bit.list_models()), '
       'a path to an official-layout .npz, or an architecture such as R50x1 to train from scratch.'
     )
-  if config.dtype not in DTYPES:
-    raise ConfigError(f'config.dtype={config.dtype!r} is not one of {sorted(DTYPES)}.')
+  if config.dtype not in models.DTYPES:
+    raise ConfigError(f'config.dtype={config.dtype!r} is not one of {sorted(models.DTYPES)}.')
   for key in ('batch_size', 'accum_steps'):
     if int(config[key]) < 1:
       raise ConfigError(f'config.{key} must be a positive integer, got {config[key]}.')
@@ -161,10 +150,10 @@ def _check_config(config) -> None:
       raise ConfigError(f'config.{key} must be >= 0, got {config[key]}.')
   if not float(config.base_lr) > 0:
     raise ConfigError(f'config.base_lr must be a positive number, got {config.base_lr}.')
-  remat = config.get('remat', 'none')
-  if remat not in REMAT:
+  remat = config.get('remat', config_keys.default('remat'))
+  if remat not in models.REMAT:
     raise ConfigError(
-      f'config.remat={remat!r} is not one of {", ".join(REMAT)}: "unit" recomputes each residual unit\'s '
+      f'config.remat={remat!r} is not one of {", ".join(models.REMAT)}: "unit" recomputes each residual unit\'s '
       'activations in the backward pass, "stage" each stage\'s (less memory, more compute).'
     )
   _check_transfer_config(config)
@@ -172,8 +161,7 @@ def _check_config(config) -> None:
 
 def _transfer_settings(c) -> dict:
   """The transfer-learning keys of a config (ConfigDict or resolved dict), defaults filled in."""
-  keys = ('transfer', 'unfreeze_stages', 'unfreeze_units', 'backbone_lr_scale')
-  t = {k: c.get(k, LATER_KEY_DEFAULTS[k]) for k in keys}
+  t = {k: c.get(k, config_keys.default(k)) for k in config_keys.TRANSFER_KEYS}
   t['backbone_lr_scale'] = float(t['backbone_lr_scale'])
   return t
 
@@ -185,7 +173,7 @@ def _check_transfer_config(config) -> None:
       f'config.transfer={t["transfer"]!r} is not one of {", ".join(freeze.MODES)}: "full" fine-tunes '
       'everything, "head" trains only the new head, "partial" the head plus the top stages/units.'
     )
-  patience = config.get('early_stopping_patience', 0)
+  patience = config.get('early_stopping_patience', config_keys.default('early_stopping_patience'))
   for key, value in (
     ('unfreeze_stages', t['unfreeze_stages']),
     ('unfreeze_units', t['unfreeze_units']),
@@ -239,7 +227,7 @@ def _check_workdir_config(workdir: pathlib.Path, resolved: dict, write: bool) ->
     except (OSError, json.JSONDecodeError) as e:
       raise ConfigError(f'{path} is not readable JSON ({e}): delete it or use another --workdir.') from e
     new = json.loads(json.dumps(resolved))
-    old = {**{k: v for k, v in LATER_KEY_DEFAULTS.items() if k in new}, **old}
+    old = {**{k: config_keys.default(k) for k in LATER_KEYS if k in new}, **old}
     operational = OPERATIONAL_KEYS
     if new.get('early_stopping_patience'):
       operational = operational - {'eval_every'}  # it decides when an early-stopped run stops
@@ -531,7 +519,7 @@ def train_and_evaluate(config, workdir) -> dict:
   numbers are the best eval's (the exported model), `best_step` is its step and `stopped_early` says whether
   the run stopped before the schedule's end. SIGTERM or Ctrl-C stops after the step in flight with a
   checkpoint of it and raises `bit.errors.Interrupted` (exit_code 143 or 130). See the module docstring for
-  the workdir layout; `configs/common.py` for the keys.
+  the workdir layout; `bit/config.py` for the keys.
   """
   return fit(config, workdir).metrics
 
@@ -592,7 +580,7 @@ def _setup(config, workdir) -> _Setup:
     _check_workdir_config(workdir, cfg, write=False)  # written below, once the model loads too
 
   model, params = checkpoints.load(
-    cfg['model'], num_classes=info.num_classes, dtype=DTYPES[cfg['dtype']], seed=cfg['seed']
+    cfg['model'], num_classes=info.num_classes, dtype=models.DTYPES[cfg['dtype']], seed=cfg['seed']
   )
   model = _with_remat(model, cfg)
   transfer = _transfer_settings(cfg)
@@ -784,7 +772,7 @@ def _evaluator(setup: _Setup):
   from bit import data, evaluation
 
   cfg, dp = setup.cfg, setup.dp
-  apply_fn = evaluation.apply_fn(setup.model)  # one function per model: the eval step compiles once
+  apply_fn = models.Inference(setup.model)  # hashable, one per model: the eval step compiles once
 
   def evaluate(dstate) -> dict:
     batches = data.eval_iterator(

@@ -5,17 +5,20 @@
 Runs the demo's recipe (configs/demo.py) as a grid: the demo's R26x1 pretrained on digits 0-4
 (`demo:pretrained`, trained once in WORKDIR/pretrain), the same architecture from scratch (`R26x1`), and the
 official BiT-M-R50x1 (downloaded; marked `unavailable` when there is no network), each fine-tuned on digits
-5-9 (`demo:digits5-9`) with 1 and 5 examples per class, 3 seeds. About 2 minutes on a 2-core CPU for the
-offline cells (measured: pretrained median 58.2 / 85.3% at 1 / 5 shots vs scratch 59.9 / 75.6%); results in
-WORKDIR/results.md and results.csv. There is no official figure for these cells.
+5-9 (`demo:digits5-9`) with 1 and 5 examples per class, 3 seeds; results in WORKDIR/results.md and
+results.csv. There is no official figure for these cells; what it measured, and how long it took, is in the
+README (Benchmarks against the paper).
 
 Smaller: --config.grids.digits.seeds=(0,) --config.grids.digits.examples_per_class=(5,)
 """
 
+import pathlib
+
 import ml_collections
 
-from configs import common
-from configs import demo as demo_config
+from bit import config
+
+demo_config = config.load_module(pathlib.Path(__file__).with_name('demo.py'))  # the sibling configs/demo.py
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -23,7 +26,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   demo = demo_config.get_config()
   c = ml_collections.ConfigDict()
   # The training config of every cell: the demo's few-shot recipe (each cell sets model, dataset, shots, seed).
-  base = common.get_config()
+  base = config.get_config()
   for key in base:
     base[key] = demo[key]
   c.base = base
