@@ -6,7 +6,7 @@
 Exports one R50x1 (random weights: speed does not depend on them) as a SavedModel and as ONNX with
 `bit.export`, then times, in alternating rounds, a batch of --batch images at --size px through: the ONNX
 model in onnxruntime, the SavedModel's `serving_default` in TensorFlow, bit's folded JAX inference
-(`models.Inference`, what `python -m bit.benchmark` times), and timm's ResNetV2 (benchmarks/timm_compare.py
+(`models.Inference`, what `python -m bit.tools.speed` times), and timm's ResNetV2 (benchmarks/timm_compare.py
 in its own venv, a subprocess per round). Each figure is the median over --steps calls after --warmup;
 prints one line per round and, last, a JSON line with the medians over rounds.
 """

@@ -1,4 +1,4 @@
-"""timm's ResNetV2 (PyTorch) at the settings of `python -m bit.benchmark`, for a same-machine comparison.
+"""timm's ResNetV2 (PyTorch) at the settings of `python -m bit.tools.speed`, for a same-machine comparison.
 
 Not part of the package or the test suite; run it from a separate venv so torch never enters bit's:
 

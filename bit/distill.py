@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 TEACHER_FILE = 'teacher.json'
 TEACHER_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 UNLABELED = -1  # the label of an unlabeled example: its one-hot label is all zeros
-# Keys of a distillation config beyond configs/common.py's (whose `model` is `student` here).
+# Keys of a distillation config beyond bit/config.py's (whose `model` is `student` here).
 KEYS = (
   'student',
   'teacher',
@@ -348,7 +348,7 @@ def check_config(config) -> None:
 
 
 def train_config(config, schedule):
-  """The configs/common.py-style config that `train.fit` runs: `model` is the student."""
+  """The training config (bit/config.py's keys) that `train.fit` runs: `model` is the student."""
   import ml_collections
 
   d = config.to_dict()

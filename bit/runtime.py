@@ -1,7 +1,7 @@
 """The process-wide CPU runtime settings bit's speed figures were measured with, applied only when asked.
 
 `import bit` changes nothing global. The command-line tools (bit-train, bit-eval, bit-predict, bit-probe,
-bit-bench, `python -m bit.benchmark`, `python -m bit.benchmark_data`, the demo) call `configure_tool()`
+bit-bench, `python -m bit.tools.speed`, `python -m bit.tools.input_speed`, the demo) call `configure_tool()`
 first thing, before JAX's backend starts; a program that uses bit as a library can call
 `bit.configure_cpu()` itself, before its first JAX computation. What `configure_cpu()` changes:
 

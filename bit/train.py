@@ -560,7 +560,7 @@ def train_and_evaluate(config, workdir) -> dict:
   numbers are the best eval's (the exported model), `best_step` is its step and `stopped_early` says whether
   the run stopped before the schedule's end. SIGTERM or Ctrl-C stops after the step in flight with a
   checkpoint of it and raises `bit.errors.Interrupted` (exit_code 143 or 130). See the module docstring for
-  the workdir layout; `configs/common.py` for the keys.
+  the workdir layout; `bit/config.py` for the keys.
   """
   return fit(config, workdir).metrics
 

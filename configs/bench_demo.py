@@ -12,10 +12,13 @@ WORKDIR/results.md and results.csv. There is no official figure for these cells.
 Smaller: --config.grids.digits.seeds=(0,) --config.grids.digits.examples_per_class=(5,)
 """
 
+import pathlib
+
 import ml_collections
 
-from configs import common
-from configs import demo as demo_config
+from bit import config
+
+demo_config = config.load_module(pathlib.Path(__file__).with_name('demo.py'))  # the sibling configs/demo.py
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -23,7 +26,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   demo = demo_config.get_config()
   c = ml_collections.ConfigDict()
   # The training config of every cell: the demo's few-shot recipe (each cell sets model, dataset, shots, seed).
-  base = common.get_config()
+  base = config.get_config()
   for key in base:
     base[key] = demo[key]
   c.base = base

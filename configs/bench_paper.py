@@ -16,13 +16,13 @@ hyper-rule batch for CIFAR is --config.grids.cifar.overrides.batch_size=512
 
 import ml_collections
 
-from configs import common
+from bit import config
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   """The paper bench config; `arg` is unused."""
   c = ml_collections.ConfigDict()
-  c.base = common.get_config()  # the hyper-rule defaults: batch 512, lr 0.003, the rest from the data
+  c.base = config.get_config()  # the hyper-rule defaults: batch 512, lr 0.003, the rest from the data
   c.base.eval_every = 0
   c.base.checkpoint_every = 500
   c.base.log_every = 50

@@ -10,12 +10,12 @@ The hyper-rule picks the rest: resize 160 / crop 128, MixUp alpha 0.1, 10,000 st
 ([500, 3000, 6000, 9000, 10000]).
 """
 
-from configs import common
+from bit import config
 
 
 def get_config(arg=None):
   """Returns the config; `arg` is the model name (default BiT-M-R50x1)."""
-  c = common.get_config(arg)
+  c = config.get_config(arg)
   c.dataset = 'cifar10'
   c.eval_every = 1000
   c.checkpoint_every = 500

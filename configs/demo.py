@@ -23,12 +23,12 @@ pretraining in the same workdir is reused):
 
 import ml_collections
 
-from configs import common
+from bit import config
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   """The demo config; `arg` is unused."""
-  c = common.get_config()
+  c = config.get_config()
   c.model = 'R26x1'  # the architecture of every stage; pretrain/ trains it from scratch
   c.examples_per_class = 10  # shots per digit in the transfer stage (drawn from the train split, per seed)
   c.batch_size = 10

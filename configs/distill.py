@@ -22,18 +22,18 @@ optimizer is the project's one SGD with momentum (the paper: Adam with decoupled
 gradient clipping), and the crop is the hyper-rule's random crop of the resized image (the paper: an
 inception crop).
 
-Every key of configs/common.py but `model` (here `student` and `teacher`) means what it means there.
+Every key of bit/config.py but `model` (here `student` and `teacher`) means what it means there.
 """
 
 import ml_collections
 from ml_collections import config_dict
 
-from configs import common
+from bit import config
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   """The distillation config; `arg`, if given, is the student."""
-  c = common.get_config()
+  c = config.get_config()
   with c.unlocked():
     del c['model']  # the student and the teacher instead
     c.student = arg or 'R50x1'  # registry name or .npz (new zero head), or an architecture (from scratch)

@@ -15,12 +15,12 @@ The hyper-rule picks the rest: resize 512 / crop 224 (the paper: 480; --config.c
 no MixUp, 500 steps.
 """
 
-from configs import common
+from bit import config
 
 
 def get_config(arg=None):
   """Returns the config; `arg` is the model name (default BiT-M-R50x1)."""
-  c = common.get_config(arg)
+  c = config.get_config(arg)
   c.dataset = 'oxford_flowers102'
   c.train_split = 'train'  # the official 1,020; 'train+validation' for the 2,040 most papers train on
   c.eval_every = 100

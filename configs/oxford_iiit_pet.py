@@ -10,12 +10,12 @@ The hyper-rule picks the rest: resize 512 / crop 224 (the paper: 480; --config.c
 no MixUp, 500 steps.
 """
 
-from configs import common
+from bit import config
 
 
 def get_config(arg=None):
   """Returns the config; `arg` is the model name (default BiT-M-R50x1)."""
-  c = common.get_config(arg)
+  c = config.get_config(arg)
   c.dataset = 'oxford_iiit_pet'
   c.eval_every = 100
   c.checkpoint_every = 100

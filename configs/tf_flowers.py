@@ -10,12 +10,12 @@ The hyper-rule picks the rest: resize 512 / crop 224, no MixUp (< 20k examples),
 ([100, 200, 300, 400, 500]) at batch 512.
 """
 
-from configs import common
+from bit import config
 
 
 def get_config(arg=None):
   """Returns the config; `arg` is the model name (default BiT-M-R50x1)."""
-  c = common.get_config(arg)
+  c = config.get_config(arg)
   c.dataset = 'tf_flowers'
   c.eval_every = 100
   c.checkpoint_every = 100

@@ -16,14 +16,17 @@ import sys
 
 import pytest
 
-from bit import bench
+from bit import config
 from bit.errors import ConfigError
+from bit.tools import accuracy_grid
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # A tiny version of configs/bench_demo.py (4 devices in the test session: batches of 8).
-TINY_CONFIG = """
-from configs import bench_demo
+TINY_CONFIG = f"""
+from bit import config
+
+bench_demo = config.load_module({str(ROOT / 'configs' / 'bench_demo.py')!r})
 
 def get_config(arg=None):
   c = bench_demo.get_config()
@@ -36,7 +39,7 @@ def get_config(arg=None):
   c.grids.digits.seeds = (0,)
   with c.unlocked():
     c.grids.missing = dict(models=('R26x1',), datasets=('no_such_dataset_xyz',), examples_per_class=(2,),
-                           seeds=(0,), overrides={})
+                           seeds=(0,), overrides={{}})
   return c
 """
 
@@ -59,7 +62,7 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setenv(k, v)
   # JAX's compilation cache setting is global to the process: keep the test session's untouched (the
   # command-line run below turns it on in its own process).
-  monkeypatch.setattr(bench.demo, 'enable_compilation_cache', lambda: None)
+  monkeypatch.setattr(accuracy_grid.demo, 'enable_compilation_cache', lambda: None)
   return env
 
 
@@ -92,39 +95,36 @@ def test_official_figures():
   # Two records of the same published figures, the one the grid reports and the one the README shows
   # users: they must agree in both directions, figure for figure.
   table = readme_official_table()
-  assert table == {key: value for key, (value, _) in bench.OFFICIAL.items()}
+  assert table == {key: value for key, (value, _) in accuracy_grid.OFFICIAL.items()}
   for (model, dataset, k), value in table.items():
-    assert bench.official(model, f'{dataset}:3.0.2', k)[0] == value  # TFDS versions are ignored
-  assert bench.official('BiT-M-R50x1', 'oxford_iiit_pet', 0) is None  # no figure: never made up
+    assert accuracy_grid.official(model, f'{dataset}:3.0.2', k)[0] == value  # TFDS versions are ignored
+  assert accuracy_grid.official('BiT-M-R50x1', 'oxford_iiit_pet', 0) is None  # no figure: never made up
 
 
 def test_paper_config_is_the_official_setting():
-  from configs import bench_paper
-
-  c = bench_paper.get_config()
-  cells = bench.cells(c)
+  c = accuracy_grid.load_config(ROOT / 'configs' / 'bench_paper.py')
+  cells = accuracy_grid.cells(c)
   assert {(x.model, x.dataset, x.examples_per_class) for x in cells} >= {
     ('BiT-M-R50x1', 'cifar10', 1),
     ('BiT-M-R50x1', 'cifar100', 0),
     ('BiT-M-R152x4', 'oxford_flowers102', 0),
   }
-  assert all(bench.official(x.model, x.dataset, x.examples_per_class) for x in cells)
+  assert all(accuracy_grid.official(x.model, x.dataset, x.examples_per_class) for x in cells)
   assert c.grids.paper.overrides.crop == 480 and c.grids.paper.overrides.batch_size == 512
   assert c.grids.cifar.overrides.batch_size == 128 and c.grids.cifar.overrides.base_lr == 0.001
 
 
 def test_bad_grid_is_refused(tmp_path):
-  from configs import bench_demo
-
+  bench_demo = config.load_module(ROOT / 'configs' / 'bench_demo.py')
   c = bench_demo.get_config()
   c.grids.digits.seeds = ()
   with pytest.raises(ConfigError, match='seeds'):
-    bench.cells(c)
+    accuracy_grid.cells(c)
   c = bench_demo.get_config()
   with c.unlocked():
     c.grids.digits.overrides.bach_size = 8
   with pytest.raises(ConfigError, match='bach_size'):
-    bench.run_bench(c, tmp_path / 'bench')
+    accuracy_grid.run_bench(c, tmp_path / 'bench')
   assert not (tmp_path / 'bench' / 'cells').exists()  # refused before any cell ran
 
 
@@ -132,7 +132,7 @@ def test_bench_demo_tiny(tmp_path, offline):
   config_file = tmp_path / 'bench_tiny.py'
   config_file.write_text(TINY_CONFIG)
   workdir = tmp_path / 'bench'
-  rows = bench.run_bench(bench.load_config(config_file), workdir)
+  rows = accuracy_grid.run_bench(accuracy_grid.load_config(config_file), workdir)
 
   by = {(r['grid'], r['model']): r for r in rows}
   assert len(rows) == 4
@@ -164,7 +164,7 @@ def test_bench_demo_tiny(tmp_path, offline):
   cmd = [
     sys.executable,
     '-c',
-    'from bit.cli import bench_main; bench_main()',
+    'from bit.tools.cli import bench_main; bench_main()',
     '--config',
     str(config_file),
     '--workdir',
@@ -182,6 +182,6 @@ def test_bench_demo_tiny(tmp_path, offline):
 
 def test_long_reasons_are_cut_in_the_middle():
   text = 'Cannot download URL: ' + 'x' * 1000 + ' put it at /cache/file.npz (set $BIT_CACHE)'
-  short = bench._shorten(text, 200)
+  short = accuracy_grid._shorten(text, 200)
   assert len(short) <= 200 and short.startswith('Cannot download') and short.endswith('(set $BIT_CACHE)')
-  assert bench._shorten('short', 200) == 'short'
+  assert accuracy_grid._shorten('short', 200) == 'short'

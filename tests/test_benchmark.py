@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from bit import benchmark, models
+from bit import models
 from bit.errors import BitError
+from bit.tools import speed
 
 TINY = dict(model='R26x1', size=32, batch=4, steps=2, warmup=1, num_classes=5, matmul_n=128)
 
@@ -23,7 +24,7 @@ def _finite_positive(result, key):
 
 
 def test_cli_prints_one_json_line_last():
-  cmd = [sys.executable, '-m', 'bit.benchmark', '--model', 'R26x1', '--size', '32', '--batch', '2']
+  cmd = [sys.executable, '-m', 'bit.tools.speed', '--model', 'R26x1', '--size', '32', '--batch', '2']
   cmd += ['--steps', '2', '--warmup', '1', '--classes', '3', '--matmul-n', '128']
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -56,7 +57,7 @@ def test_cli_prints_one_json_line_last():
   )
   assert result['compile_seconds'] >= result['train_compile_seconds']
   assert math.isfinite(result['train_loss'])
-  assert '[bench]' in proc.stderr  # progress goes to stderr, so stdout stays machine-readable
+  assert '[speed]' in proc.stderr  # progress goes to stderr, so stdout stays machine-readable
   assert set(result['host_malloc']) == {'malloc', 'dispatch'}
   assert result['parallelism'] == 'shard_map' and result['fast_ops'] == 'auto'
   assert isinstance(result['train_page_faults_per_step'], int) and result['train_page_faults_per_step'] >= 0
@@ -68,7 +69,7 @@ def test_the_real_step_with_pmap_accumulation_a_transfer_mask_and_the_reference_
   if len(jax.devices()) < 2:
     pytest.skip('needs XLA_FLAGS=--xla_force_host_platform_device_count>=2 (tests/conftest.py sets 4)')
   before = ops.fast_ops_mode()
-  result = benchmark.run(
+  result = speed.run(
     **{**TINY, 'devices': 2, 'infer': False},
     parallelism='pmap',
     accum_steps=2,
@@ -85,15 +86,15 @@ def test_the_real_step_with_pmap_accumulation_a_transfer_mask_and_the_reference_
 
 
 def test_peak_flops_table_and_its_fallback():
-  assert benchmark.table_peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16')[0] == 989e12
-  assert benchmark.table_peak_flops('NVIDIA H200', 'float32')[0] == 495e12
-  assert benchmark.table_peak_flops('NVIDIA A100-SXM4-80GB', 'bfloat16')[0] == 312e12
-  assert benchmark.table_peak_flops('NVIDIA L4', 'bfloat16')[0] == 121e12
-  assert benchmark.table_peak_flops('TPU v5 lite', 'bfloat16')[0] == 197e12
-  assert benchmark.table_peak_flops('TPU v6 lite', 'bfloat16')[0] == 918e12
-  assert benchmark.table_peak_flops('TPU v4', 'float32')[0] == 275e12
-  assert benchmark.table_peak_flops('NVIDIA H100 PCIe', 'bfloat16') is None  # a lower peak: not guessed
-  assert benchmark.table_peak_flops('NVIDIA GeForce RTX 4090', 'float32') is None  # -> the measured matmul
+  assert speed.table_peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16')[0] == 989e12
+  assert speed.table_peak_flops('NVIDIA H200', 'float32')[0] == 495e12
+  assert speed.table_peak_flops('NVIDIA A100-SXM4-80GB', 'bfloat16')[0] == 312e12
+  assert speed.table_peak_flops('NVIDIA L4', 'bfloat16')[0] == 121e12
+  assert speed.table_peak_flops('TPU v5 lite', 'bfloat16')[0] == 197e12
+  assert speed.table_peak_flops('TPU v6 lite', 'bfloat16')[0] == 918e12
+  assert speed.table_peak_flops('TPU v4', 'float32')[0] == 275e12
+  assert speed.table_peak_flops('NVIDIA H100 PCIe', 'bfloat16') is None  # a lower peak: not guessed
+  assert speed.table_peak_flops('NVIDIA GeForce RTX 4090', 'float32') is None  # -> the measured matmul
 
 
 # Modules the accelerator machine does not have: the suite must neither import nor need them.
@@ -104,8 +105,8 @@ class _Block:
     if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'ml_collections'):
       raise ImportError(f'{name} is blocked: the accelerator suite must run without it')
 sys.meta_path.insert(0, _Block())
-from bit import benchmark
-sys.exit(benchmark.main(sys.argv[1:]))
+from bit.tools import speed
+sys.exit(speed.main(sys.argv[1:]))
 """
 
 
@@ -142,10 +143,10 @@ def test_accelerator_suite_runs_its_tiny_cpu_version_without_tensorflow():
 
 
 def test_train_step_on_real_jpegs_against_synthetic_batches(tmp_path):
-  from bit import benchmark_data
+  from bit.tools import input_speed
 
-  folder = benchmark_data.make_jpeg_folder(tmp_path, num_images=12, num_classes=3, size=(60, 80))
-  result = benchmark.run(**{**TINY, 'infer': False, 'pipeline': str(folder)})
+  folder = input_speed.make_jpeg_folder(tmp_path, num_images=12, num_classes=3, size=(60, 80))
+  result = speed.run(**{**TINY, 'infer': False, 'pipeline': str(folder)})
   for key in (
     'pipeline_images_per_sec',
     'train_synthetic_loop_images_per_sec',
@@ -160,11 +161,11 @@ def test_train_step_on_real_jpegs_against_synthetic_batches(tmp_path):
     )
   assert result['real_data']['crop'] == 32 and result['real_data']['train_size'] == 12
   with pytest.raises(BitError, match='--classes 3'):
-    benchmark.run(**{**TINY, 'infer': False, 'pipeline': str(folder), 'num_classes': 2})
+    speed.run(**{**TINY, 'infer': False, 'pipeline': str(folder), 'num_classes': 2})
 
 
 def test_compile_only_allocates_nothing_and_reports_compile_times():
-  result = benchmark.run(**{**TINY, 'compile_only': True})
+  result = speed.run(**{**TINY, 'compile_only': True})
   _finite_positive(result, 'train_compile_seconds')
   _finite_positive(result, 'infer_compile_seconds')
   assert 'train_images_per_sec' not in result
@@ -184,18 +185,18 @@ def test_compile_only_allocates_nothing_and_reports_compile_times():
 )
 def test_bad_options_are_clear_errors(kwargs, match):
   with pytest.raises(BitError, match=match):
-    benchmark.run(**{**TINY, **kwargs})
+    speed.run(**{**TINY, **kwargs})
 
 
 def test_cli_bad_option_exits_2_with_message(capsys):
-  assert benchmark.main(['--model', 'R26x1', '--devices', '64']) == 2
+  assert speed.main(['--model', 'R26x1', '--devices', '64']) == 2
   assert '--devices 64' in capsys.readouterr().err
 
 
 def test_forward_flops_match_published_macs():
   # ResNet-50 at 224px: 4.1 GMACs; ResNet-101: 7.8 GMACs (the usual published figures).
-  assert benchmark.forward_flops(models.ResNetV2(50, 1, 1000), 224) / 2e9 == pytest.approx(4.09, abs=0.02)
-  assert benchmark.forward_flops(models.ResNetV2(101, 1, 1000), 224) / 2e9 == pytest.approx(7.80, abs=0.03)
+  assert speed.forward_flops(models.ResNetV2(50, 1, 1000), 224) / 2e9 == pytest.approx(4.09, abs=0.02)
+  assert speed.forward_flops(models.ResNetV2(101, 1, 1000), 224) / 2e9 == pytest.approx(7.80, abs=0.03)
 
 
 def test_folded_inference_model_equals_the_training_model():

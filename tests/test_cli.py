@@ -20,7 +20,7 @@ CONFIG = str(HERE.parent / 'configs' / 'common.py')
 
 
 def bit_train(*args):
-  return [sys.executable, '-c', 'from bit.cli import train_main; train_main()', *map(str, args)]
+  return [sys.executable, '-c', 'from bit.tools.cli import train_main; train_main()', *map(str, args)]
 
 
 @pytest.fixture(scope='module')

@@ -369,9 +369,9 @@ def test_tfds_mock_tf_flowers_single_split_holdout(monkeypatch):
 def test_benchmark_prints_json_last(capsys):
   import json
 
-  from bit import benchmark_data
+  from bit.tools import input_speed
 
-  benchmark_data.main(
+  input_speed.main(
     [
       '--steps',
       '2',

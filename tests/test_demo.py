@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bit import demo
 from bit.errors import ConfigError
+from bit.tools import demo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO_CONFIG = str(ROOT / 'configs' / 'demo.py')
@@ -35,7 +35,7 @@ TINY = [
 
 
 def bit_train(*args, cache):
-  cmd = [sys.executable, '-c', 'from bit.cli import train_main; train_main()', *map(str, args)]
+  cmd = [sys.executable, '-c', 'from bit.tools.cli import train_main; train_main()', *map(str, args)]
   env = {**os.environ, 'BIT_CACHE': str(cache)}  # the demo's JAX compilation cache goes there
   return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
@@ -101,7 +101,7 @@ def test_scaled_schedule_keeps_the_hyperrule_shape():
 
 
 def test_finished_result_refuses_other_settings(tmp_path):
-  from configs import common
+  from bit import config as common
 
   c = common.get_config()
   c.dataset, c.model = '/data/x', 'R26x1'

@@ -10,8 +10,9 @@ import pytest
 from helpers import fast_params, run_cli
 from PIL import Image
 
-from bit import checkpoints, cli, data, evaluation, models
+from bit import checkpoints, data, evaluation, models
 from bit.errors import DataError
+from bit.tools import cli
 
 CLASSES = ('cat', 'dog', 'emu')
 COLORS = {'cat': (220, 40, 40), 'dog': (40, 220, 40), 'emu': (40, 40, 220)}

@@ -12,9 +12,10 @@ from make_checkpoint import random_checkpoint
 from PIL import Image
 
 import bit
-from bit import checkpoints, cli, prediction
+from bit import checkpoints, prediction
 from bit.errors import BitError
 from bit.export import ONNX_OPSET, sha256_file
+from bit.tools import cli
 
 CLASSES = ('ant', 'bee', 'cow', 'doe', 'eel')
 SIZE = 32

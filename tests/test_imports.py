@@ -3,6 +3,8 @@ imports it back (a cycle means two modules are one concern, or a layer reaches a
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'bit'
 
@@ -64,3 +66,25 @@ def test_the_package_has_no_import_cycle():
   assert 'bit.data_sources' in graph['bit.data']  # the walk sees real imports
   cycle = find_cycle(graph)
   assert cycle is None, ' -> '.join(cycle)
+
+
+def test_the_walk_covers_the_tools_and_the_library_never_imports_them():
+  graph = import_graph()
+  tools = {
+    'bit.tools.cli',
+    'bit.tools.accuracy_grid',
+    'bit.tools.speed',
+    'bit.tools.input_speed',
+    'bit.tools.demo',
+  }
+  assert tools <= set(graph)
+  assert 'bit.tools.demo' in graph['bit.tools.accuracy_grid']  # the walk sees the tools' own imports
+  library = {name: deps for name, deps in graph.items() if not name.startswith('bit.tools')}
+  reaching = {name: sorted(d for d in deps if d.startswith('bit.tools')) for name, deps in library.items()}
+  assert not {name: deps for name, deps in reaching.items() if deps}, 'library modules import bit.tools'
+
+
+def test_import_bit_does_not_load_the_tools():
+  code = 'import sys, bit; print(sorted(m for m in sys.modules if m.startswith("bit.tools")))'
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+  assert out.strip() == '[]'

@@ -160,7 +160,7 @@ def _command(workdir, npz, folder, *extra):
   return [
     sys.executable,
     '-c',
-    'from bit.cli import train_main; train_main()',
+    'from bit.tools.cli import train_main; train_main()',
     '--config',
     str(HERE.parent / 'configs' / 'common.py'),
     '--workdir',
@@ -238,7 +238,7 @@ from bit import parallel
 parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 from bit import train
 from bit.errors import Interrupted
-from configs import common
+from bit import config as common
 c = common.get_config()
 c.model, c.dataset, c.batch_size, c.resize, c.crop = sys.argv[3], sys.argv[4], 8, 40, 32
 c.schedule, c.mixup_alpha, c.checkpoint_every, c.log_every = (2, 4, 6, 8, 10), 0.0, 0, 1
@@ -313,7 +313,7 @@ def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(assets, tmp_p
 def test_dry_run_prints_the_memory_plan_without_data_or_workdir(capsys, monkeypatch, tmp_path):
   from helpers import run_cli
 
-  from bit import cli
+  from bit.tools import cli
 
   monkeypatch.chdir(tmp_path)
   argv = [

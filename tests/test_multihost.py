@@ -17,7 +17,7 @@ from test_train import assert_params_close, make_folder, make_npz  # noqa: E402
 
 CONFIG = r"""
 def config(model, dataset):
-  from configs import common
+  from bit import config as common
 
   c = common.get_config()
   c.model, c.dataset, c.batch_size, c.resize, c.crop = model, dataset, 8, 40, 32

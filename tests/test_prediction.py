@@ -11,8 +11,9 @@ import pytest
 from helpers import fast_params, run_cli
 from PIL import Image
 
-from bit import checkpoints, cli, data, models, prediction
+from bit import checkpoints, data, models, prediction
 from bit.errors import BitError
+from bit.tools import cli
 
 CLASSES = ('cat', 'dog', 'emu')
 

@@ -8,8 +8,9 @@ import pytest
 from helpers import fast_params, run_cli
 from PIL import Image
 
-from bit import checkpoints, cli, data, models, probe
+from bit import checkpoints, data, models, probe
 from bit.errors import ConfigError, DataError
+from bit.tools import cli
 
 
 def separable(n_per_class, num_classes=4, dim=64, noise_seed=0, noise=1.0):

@@ -70,7 +70,8 @@ def test_import_bit_changes_nothing_global():
 
 _TOOL = """
 import json, os, sys
-from bit import cli, malloc
+from bit import malloc
+from bit.tools import cli
 sys.argv = ['bit-eval']
 try:
   cli.eval_main()  # stops at the missing --workdir, after the runtime set-up

@@ -15,9 +15,10 @@ from make_checkpoint import random_checkpoint
 from tfds_builders import bit_tiny_download as tiny
 
 import bit
-from bit import cli, data_sources, models, train
+from bit import config as common
+from bit import data_sources, models, train
 from bit.errors import DataError
-from configs import common
+from bit.tools import cli
 
 
 @pytest.fixture(autouse=True)

@@ -23,9 +23,9 @@ sys.path.insert(0, str(HERE))
 from make_checkpoint import random_checkpoint  # noqa: E402
 
 from bit import checkpoints, train  # noqa: E402
+from bit import config as common  # noqa: E402
 from bit.errors import ConfigError  # noqa: E402
 from bit.metrics_log import read_metrics  # noqa: E402
-from configs import common  # noqa: E402
 
 NUM_CLASSES = 10
 SCHEDULE = (2, 4, 6, 8, 10)
@@ -218,7 +218,7 @@ def cli_command(workdir, model, dataset):
   return [
     sys.executable,
     '-c',
-    'from bit.cli import train_main; train_main()',
+    'from bit.tools.cli import train_main; train_main()',
     '--config',
     str(HERE.parent / 'configs' / 'common.py'),
     '--workdir',

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bit import cli, train
+from bit import config as common
+from bit import train
 from bit.errors import BitError, ConfigError
-from configs import common
+from bit.tools import cli
 
 
 @pytest.fixture

@@ -74,7 +74,7 @@ def _describe_flag_error(e: BaseException) -> str:
     return (
       f'unknown config key {key.group(1) if key else text!r}'
       + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
-      + '; configs/common.py lists every key.'
+      + '; bit/config.py lists every key.'
     )
   if isinstance(e, OSError) and 'config file' in str(e):
     missing = re.findall(r'\[Errno \d+\] ([^\n]+)', str(e))
@@ -204,7 +204,7 @@ def _train(argv) -> None:
   """bit-train --config configs/<dataset>.py --workdir DIR [--config.key=value ...]
 
   Fine-tunes a BiT model (config.model) on config.dataset; rerunning the same command resumes. Every key of
-  configs/common.py can be overridden, e.g. --config.batch_size=64 --config.schedule=[50,100,150,200,250].
+  bit/config.py (configs/common.py) can be overridden, e.g. --config.batch_size=64 --config.schedule=[50,100,150,200,250].
   Several hosts: --coordinator_address=HOST0:PORT --num_processes=N --process_id=I on each host.
   --dry_run prints the memory plan per device instead (add --num_classes=N --config.crop=PX for a dataset
   that is not available here). SIGTERM or Ctrl-C: checkpoint of the step, exit 143 or 130; rerun resumes.
@@ -225,7 +225,7 @@ def _train(argv) -> None:
     raise BitError('--workdir is required: the directory that receives checkpoints, metrics and model.npz.')
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if 'demo' in FLAGS.config:  # configs/demo.py: the offline demo's stages (pretrain, fine-tune, scratch)
-    from bit.demo import run_demo
+    from bit.tools.demo import run_demo
 
     run_demo(FLAGS.config, FLAGS.workdir)
     return
@@ -239,7 +239,7 @@ def _train(argv) -> None:
 
 
 def train_main() -> None:
-  """bit-train: fine-tune a BiT model; see `bit.train.train_and_evaluate` and configs/common.py."""
+  """bit-train: fine-tune a BiT model; see `bit.train.train_and_evaluate` and bit/config.py (every key)."""
   _run('bit-train', _define_train_flags, _train)
 
 
@@ -409,13 +409,13 @@ def _bench(argv) -> None:
     )
   if not FLAGS.workdir:
     raise BitError('--workdir is required: the directory that receives the cells and results.md.')
-  from bit.bench import run_bench
+  from bit.tools.accuracy_grid import run_bench
 
   run_bench(FLAGS.config, FLAGS.workdir)
 
 
 def bench_main() -> None:
-  """bit-bench: a grid of fine-tunes against the official figures; see `bit.bench` and configs/bench_*.py."""
+  """bit-bench: a grid of fine-tunes against the official figures; see `bit.tools.accuracy_grid` and configs/bench_*.py."""
   _run('bit-bench', _define_bench_flags, _bench)
 
 
@@ -445,7 +445,7 @@ def _distill(argv) -> None:
 
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if 'distill_demo' in FLAGS.config:  # configs/demo_distill.py: the offline demo's stages, then the students
-    from bit.distill_demo import run_distill_demo
+    from bit.tools.distill_demo import run_distill_demo
 
     run_distill_demo(FLAGS.config, FLAGS.workdir)
     return

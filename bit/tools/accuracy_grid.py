@@ -3,7 +3,7 @@
   bit-bench --config configs/bench_demo.py --workdir /tmp/bench      # offline, on the demo's digits
   bit-bench --config configs/bench_paper.py --workdir /tmp/bench     # the paper's settings (GPUs/TPUs, network)
 
-A bench config holds `base` (a training config: the configs/common.py keys), `grids` (named grids, each
+A bench config holds `base` (a training config: the keys of bit/config.py), `grids` (named grids, each
 with `models`, `datasets`, `examples_per_class` (0 = the full train split), `seeds` and `overrides` of base
 keys) and, for the demo's names, a `demo` section as in configs/demo.py. Every cell runs
 `bit.train.train_and_evaluate` in its own workdir `WORKDIR/cells/<cell>`:
@@ -34,8 +34,9 @@ import statistics
 import time
 import traceback
 
-from bit import demo, files
+from bit import files
 from bit.errors import ConfigError, DataError, DownloadError
+from bit.tools import demo
 
 CELLS_DIR = 'cells'
 STATUS_FILE = 'status.json'  # the last outcome of a cell that has not been measured
@@ -118,7 +119,7 @@ def cells(config) -> list[Cell]:
 
 
 def _demo_config(config):
-  """The bench's base keys plus its `demo` section: what bit.demo needs to export and pretrain."""
+  """The bench's base keys plus its `demo` section: what bit.tools.demo needs to export and pretrain."""
   if 'demo' not in config:
     raise ConfigError(
       'a bench grid uses the demo names (demo:...), so the bench config needs a `demo` '
@@ -236,7 +237,7 @@ def run_bench(config, workdir) -> list[dict]:
     if unknown:
       raise ConfigError(
         f'config.grids.{gname}.overrides has unknown keys {unknown}; the keys of config.base '
-        '(configs/common.py) can be overridden.'
+        '(bit/config.py) can be overridden.'
       )
   demo.enable_compilation_cache()
   resolver = _Resolver(config, workdir)
@@ -349,14 +350,12 @@ def load_config(path_or_config):
   """A bench config from a ConfigDict or a configs/*.py path (`get_config()`)."""
   if not isinstance(path_or_config, (str, os.PathLike)):
     return path_or_config
-  import importlib.util
+  from bit import config
 
   path = pathlib.Path(path_or_config)
   if not path.is_file():
     raise ConfigError(f'bench config {str(path)!r} does not exist; give e.g. configs/bench_demo.py.')
-  spec = importlib.util.spec_from_file_location(f'_bench_config_{path.stem}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config.load_module(path)
   return module.get_config()
 
 

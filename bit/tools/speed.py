@@ -1,7 +1,7 @@
 """Speed benchmark: the real train step and inference of a BiT ResNetV2 on this machine, with MFU.
 
-  python -m bit.benchmark --model R50x1 --size 128 --batch 16
-  python -m bit.benchmark --suite accelerator          # the accelerator check: one JSON line (see `suite`)
+  python -m bit.tools.speed --model R50x1 --size 128 --batch 16
+  python -m bit.tools.speed --suite accelerator          # the accelerator check: one JSON line (see `suite`)
 
 prints progress to stderr and, last on stdout, one JSON line with (among others) `train_images_per_sec`,
 `infer_images_per_sec` (steady state: compile excluded, every step blocked on), `compile_seconds`,
@@ -182,7 +182,7 @@ def measure_peak(setup_result: dict, dtype: str, matmul_n: int, n_dev: int) -> N
   """`matmul_peak_gflops` (measured now), and `peak_flops` / `peak_source`: what the MFU divides by."""
   result = setup_result
   result['matmul_peak_gflops'] = round(matmul_peak_gflops(matmul_n, dtype=DTYPES[dtype]), 2)
-  _log(f'[bench] matmul peak {result["matmul_peak_gflops"]} GFLOP/s')
+  _log(f'[speed] matmul peak {result["matmul_peak_gflops"]} GFLOP/s')
   kind = jax.devices()[0].device_kind
   table = None if jax.default_backend() == 'cpu' else table_peak_flops(kind, dtype)
   if table is not None:
@@ -263,7 +263,7 @@ def measure_train(s: Setup, steps: int, warmup: int):
   result['train_peak_fraction'] = result['train_mfu']
   result['train_loss'] = round(loss, 4)
   _log(
-    f'[bench] train {result["train_images_per_sec"]} img/s, MFU {result["train_mfu"]} (median step {t:.3f} s '
+    f'[speed] train {result["train_images_per_sec"]} img/s, MFU {result["train_mfu"]} (median step {t:.3f} s '
     f'of {steps}; compiled in {result["train_compile_seconds"]} s)'
   )
   return step, dstate, data
@@ -290,7 +290,7 @@ def measure_infer(s: Setup, steps: int, warmup: int, folded: bool) -> float:
   result[f'{key}_images_per_sec'] = round(s.batch / t, 2)
   result[f'{key}_mfu'] = s.mfu(s.batch / t, 1)
   result[f'{key}_peak_fraction'] = result[f'{key}_mfu']
-  _log(f'[bench] {key.replace("_", " ")} {s.batch / t:.2f} img/s (compiled in {compile_s:.2f} s)')
+  _log(f'[speed] {key.replace("_", " ")} {s.batch / t:.2f} img/s (compiled in {compile_s:.2f} s)')
   return compile_s
 
 
@@ -315,19 +315,19 @@ def measure_compile_only(s: Setup) -> None:
   t0 = time.perf_counter()
   step.lower(state, data).compile()
   result['train_compile_seconds'] = round(time.perf_counter() - t0, 2)
-  _log(f'[bench] train step compiled in {result["train_compile_seconds"]} s')
+  _log(f'[speed] train step compiled in {result["train_compile_seconds"]} s')
   folded = s.net.clone(folded=True)
   t0 = time.perf_counter()
   xla.jit(lambda v, x: folded.apply(v, x)).lower({'params': shapes}, data['image']).compile()
   result['infer_compile_seconds'] = round(time.perf_counter() - t0, 2)
-  _log(f'[bench] forward compiled in {result["infer_compile_seconds"]} s')
+  _log(f'[speed] forward compiled in {result["infer_compile_seconds"]} s')
   result['compile_seconds'] = round(result['train_compile_seconds'] + result['infer_compile_seconds'], 2)
 
 
 def measure_pipeline(folder: str, batch: int, size: int, result: dict) -> None:
-  from bit import benchmark_data  # imported late: it pulls in TensorFlow
+  from bit.tools import input_speed  # imported late: it pulls in TensorFlow
 
-  ips = benchmark_data.pipeline_images_per_sec(folder, global_batch_size=batch, crop=size)
+  ips = input_speed.pipeline_images_per_sec(folder, global_batch_size=batch, crop=size)
   result['pipeline_images_per_sec'] = round(float(ips), 2)
   if 'train_images_per_sec' in result:
     result['pipeline_over_train'] = round(float(ips) / result['train_images_per_sec'], 2)
@@ -377,7 +377,7 @@ def run(
   None: `BIT_FAST_OPS`) is `bit.ops`'s switch for this run. `unfolded`: also time inference with the
   per-call weight standardization.
   `pipeline`: a folder of JPEGs (ROOT/train/<class>/*.jpg) whose train-pipeline throughput is measured
-  with bit.benchmark_data and compared with the train step's consumption ('generate': a temporary folder
+  with bit.tools.input_speed and compared with the train step's consumption ('generate': a temporary folder
   of generated real-size JPEGs); with `train`, the train step is also run on that pipeline's batches and
   compared with the same loop on synthetic batches (`_real_data_runs`).
   `compile_only`: compile the train step and the forward pass from shapes alone (nothing is allocated or
@@ -409,7 +409,7 @@ def run(
       'load_avg_1m': round(os.getloadavg()[0], 2),
       'host_malloc': dict(malloc.state),
     }
-    _log(f'[bench] {result["model"]} {size}px batch {batch} {dtype} on {n_dev} {result["backend"]} device(s)')
+    _log(f'[speed] {result["model"]} {size}px batch {batch} {dtype} on {n_dev} {result["backend"]} device(s)')
     measure_peak(result, dtype, matmul_n, n_dev)
     s = setup(model, size, batch, dtype, n_dev, parallelism, num_classes, accum_steps, settings, result)
     if compile_only:
@@ -428,11 +428,11 @@ def _measure(s: Setup, steps: int, warmup: int, train: bool, infer: bool, pipeli
   result = s.result
   folder, generated = pipeline, None
   if pipeline == 'generate':
-    from bit import benchmark_data  # imported late: it pulls in TensorFlow
+    from bit.tools import input_speed  # imported late: it pulls in TensorFlow
 
     # One folder of real-size JPEGs for both the train-on-real-data runs and the pipeline alone.
     generated = tempfile.TemporaryDirectory(prefix='bit_bench_jpegs_')
-    folder = str(benchmark_data.make_jpeg_folder(pathlib.Path(generated.name)))
+    folder = str(input_speed.make_jpeg_folder(pathlib.Path(generated.name)))
   try:
     compile_total = 0.0
     if train:
@@ -507,7 +507,7 @@ def _real_data_runs(step, state, synthetic, folder, s: Setup, steps: int, warmup
     result[f'{key}_images_per_sec'] = round(ips, 2)
     result[f'{key}_over_synthetic'] = round(ips / synthetic_ips, 3)
     _log(
-      f'[bench] train on {folder} ({resize}->{crop} px, cache {cache_gb}): {ips:.2f} img/s, '
+      f'[speed] train on {folder} ({resize}->{crop} px, cache {cache_gb}): {ips:.2f} img/s, '
       f'{ips / synthetic_ips:.3f} of the synthetic loop'
     )
   result['real_data'] = {
@@ -698,8 +698,8 @@ def suite(name: str = 'accelerator') -> dict:
 
 
 def main(argv=None) -> int:
-  """The `python -m bit.benchmark` entry point."""
-  ap = argparse.ArgumentParser(prog='python -m bit.benchmark', description=__doc__.splitlines()[0])
+  """The `python -m bit.tools.speed` entry point."""
+  ap = argparse.ArgumentParser(prog='python -m bit.tools.speed', description=__doc__.splitlines()[0])
   ap.add_argument('--model', default='R50x1', help='architecture, e.g. R50x1, R26x1, R152x4')
   ap.add_argument('--size', type=int, default=128, help='image side in pixels')
   ap.add_argument('--batch', type=int, default=16, help='global batch size')
@@ -754,7 +754,7 @@ def main(argv=None) -> int:
         unfreeze_units=a.unfreeze_units,
       )
   except BitError as e:
-    print(f'bit-bench: error: {e}', file=sys.stderr)
+    print(f'{ap.prog}: error: {e}', file=sys.stderr)
     return 2
   print(json.dumps(result), flush=True)
   return 0

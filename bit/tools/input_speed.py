@@ -1,10 +1,10 @@
 """Benchmark of the training input pipeline: images/s from files to host batches (decode, resize, crop, flip,
 MixUp), without any model.
 
-  python -m bit.benchmark_data --folder ROOT        # an image folder ROOT/<split>/<class>/<image>
-  python -m bit.benchmark_data                      # generates real-size JPEGs in a temporary folder
-  python -m bit.benchmark_data --format png --image-size 32x32 --crop 32 --decoded-cache-gb 0   # no cache
-  python -m bit.benchmark_data --dataset cifar10 --mock-examples 2000 --crop 32    # TFDS (here mock data)
+  python -m bit.tools.input_speed --folder ROOT        # an image folder ROOT/<split>/<class>/<image>
+  python -m bit.tools.input_speed                      # generates real-size JPEGs in a temporary folder
+  python -m bit.tools.input_speed --format png --image-size 32x32 --crop 32 --decoded-cache-gb 0   # no cache
+  python -m bit.tools.input_speed --dataset cifar10 --mock-examples 2000 --crop 32    # TFDS (here mock data)
 
 The last line printed is one JSON object with the result. `pipeline_images_per_sec(...)` is the same
 measurement as a number for other benchmark modules (`pipeline_benchmark(...)` gives the whole record).
@@ -142,7 +142,9 @@ def pipeline_images_per_sec(folder=None, **kwargs) -> float:
 def main(argv=None):
   """Command line entry: prints a summary line, then the result as one JSON object on the last line."""
   p = argparse.ArgumentParser(
-    description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    prog='python -m bit.tools.input_speed',
+    description=__doc__.split('\n\n')[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   p.add_argument('--folder', help='image folder ROOT/<split>/<class>/<image> (default: generate JPEGs)')
   p.add_argument('--split', default='train')

@@ -198,10 +198,10 @@ def run_stage(config, workdir, *, name: str = '') -> dict:
 
 
 def _stage_config(config, **overrides):
-  """A plain training config (configs/common.py keys) from the demo config's keys plus `overrides`."""
-  from configs import common
+  """A plain training config (the keys of bit/config.py) from the demo config's keys plus `overrides`."""
+  from bit import config as config_module
 
-  c = common.get_config()
+  c = config_module.get_config()
   for key in c:
     if key in config and key not in overrides:
       c[key] = config[key]
@@ -303,7 +303,7 @@ def enable_compilation_cache() -> None:
 def run_demo(config, workdir) -> dict:
   """Runs every stage of the demo (skipping finished ones) and writes demo.json and demo.md; returns the summary.
 
-  `config` is a demo config (configs/demo.py): the configs/common.py keys, used for the few-shot fine-tune and
+  `config` is a demo config (configs/demo.py): the keys of bit/config.py, used for the few-shot fine-tune and
   the scratch baseline, plus `config.demo` for the data and the pretraining stage.
   """
   if 'demo' not in config:

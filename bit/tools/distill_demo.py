@@ -16,8 +16,9 @@ import pathlib
 import statistics
 import time
 
-from bit import demo, files
+from bit import files
 from bit.errors import ConfigError
+from bit.tools import demo
 
 SUMMARY_JSON = 'distill.json'
 SUMMARY_MD = 'distill.md'
@@ -29,26 +30,16 @@ def demo_workdir(config, workdir) -> pathlib.Path:
 
 
 def distill_config(config, teacher, transfer, seed: int):
-  """The bit.distill config of one seed: `teacher` a fine-tune workdir, `transfer` the digits 5-9 folder."""
-  from configs import distill as distill_configs
+  """The bit.distill config of one seed: `config.distill_demo.recipe` with `teacher` (a fine-tune workdir),
+  the digits 5-9 folder `transfer` (its train split also as unlabeled images), the shots and the seed."""
+  import ml_collections
 
-  d = config.distill_demo
-  c = distill_configs.get_config(d.student)
+  c = ml_collections.ConfigDict(config.distill_demo.recipe.to_dict())
   c.teacher = str(teacher)
   c.dataset = str(transfer)
   c.examples_per_class = int(config.examples_per_class)
   c.unlabeled = str(pathlib.Path(transfer) / 'train')  # every training scan, read without its label
   c.seed = int(seed)
-  c.batch_size = int(d.batch_size)
-  c.base_lr = float(d.base_lr)
-  c.schedule = demo._scaled_schedule(d.steps)
-  c.resize, c.crop = int(config.resize), int(config.crop)
-  c.mixup_alpha = float(d.mixup_alpha)
-  c.temperature = float(d.temperature)
-  c.label_weight = float(d.label_weight)
-  c.eval_every = 0
-  c.checkpoint_every = 100
-  c.log_every = 10
   return c
 
 
@@ -125,13 +116,13 @@ def run_distill_demo(config, workdir) -> dict:
 
 def format_summary(summary: dict, config, base, seconds: float, rows) -> str:
   """distill.md: the three test accuracies per seed, their medians and the two targets."""
-  d = config.distill_demo
+  r = config.distill_demo.recipe
   k = int(config.examples_per_class)
   lines = [
     f'# Distillation on scikit-learn digits 5-9 ({k} labeled scans per class)',
     '',
     f'Teacher: the {config.model} fine-tuned from the digits 0-4 checkpoint on the {k} shots ({base}/finetune). '
-    f'Student: {d.student} from random init, distilled for {d.steps} steps of batch {d.batch_size} on the '
+    f'Student: {r.student} from random init, distilled for {r.schedule[-1]} steps of batch {r.batch_size} on the '
     f'{k} shots plus every other digits 5-9 training scan without its label. Labels only: the same '
     f'architecture from scratch on the {k} shots ({base}/scratch).',
     '',
