@@ -162,7 +162,7 @@ def test_teacher_sees_the_students_view_and_never_changes(assets, tmp_path):
   assert float(loss_fn(student, batch['label'], jnp.asarray(flipped['image']), teacher.folded)) > 1e-3
   # The step donates the state, never the teacher (on a GPU a donated input is gone after the call) ...
   dstate = dp.replicate(setup.state)
-  args = setup.p_train.lower(dstate, dp.shard(batch), dteacher).args_info
+  args, _ = setup.p_train.lower(dstate, dp.shard(batch), dteacher).args_info  # (positional, keyword)
   assert all(a.donated for a in jax.tree.leaves(args[0]))
   assert not any(a.donated for a in jax.tree.leaves(args[2]))
   # ... and several steps later the replicated teacher input is bit for bit the same.
