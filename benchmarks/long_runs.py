@@ -17,11 +17,9 @@ import tempfile
 import threading
 import time
 
+import common  # noqa: F401  (puts tests/ on the path: test_train, make_checkpoint)
 import jax
 import numpy as np
-
-HERE = pathlib.Path(__file__).parent
-sys.path.insert(0, str(HERE.parent / 'tests'))
 
 
 def save(rounds=5):

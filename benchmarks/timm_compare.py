@@ -2,9 +2,9 @@
 
 Not part of the package or the test suite; run it from a separate venv so torch never enters bit's:
 
-  python3 -m venv /work/timmvenv
-  /work/timmvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm
-  /work/timmvenv/bin/python benchmarks/timm_compare.py --depth 50 --size 128 --batch 16
+  python3 -m venv ~/timmvenv
+  ~/timmvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm
+  ~/timmvenv/bin/python benchmarks/timm_compare.py --depth 50 --size 128 --batch 16
 
 It prints, last, one JSON line with train_images_per_sec (forward + backward + SGD momentum 0.9, softmax
 cross-entropy) and infer_images_per_sec (eval mode, torch.inference_mode), each the median over --steps

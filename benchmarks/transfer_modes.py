@@ -23,6 +23,7 @@ import time
 
 import jax
 import numpy as np
+from common import fast_params
 
 from bit import models, parallel, train_state
 
@@ -32,20 +33,6 @@ MODES = {
   'partial_stages1': dict(transfer='partial', unfreeze_stages=1),
   'partial_units1': dict(transfer='partial', unfreeze_units=1),
 }
-
-
-def random_params(model, seed=0):
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    if 'scale' in name:
-      return np.ones(s.shape, np.float32)
-    if 'bias' in name:
-      return np.zeros(s.shape, np.float32)
-    return rng.normal(0, 0.01 if 'head' in name else 1.0, s.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, models.param_shapes(model))
 
 
 def main(argv=None):
@@ -60,7 +47,7 @@ def main(argv=None):
   a = ap.parse_args(argv)
 
   model = models.create_model(a.model, a.classes)
-  params = random_params(model)
+  params = fast_params(model, head_std=0.01)
   lr = train_state.lr_schedule([10, 10**6, 2 * 10**6, 3 * 10**6, 4 * 10**6], 1e-5)
   dp = parallel.DataParallel('shard_map', parallel.select_devices(1))
   rng = np.random.default_rng(1)

@@ -101,7 +101,7 @@ def measure(config, arch, num_classes, crop, *, remat='none', accum_steps=1) -> 
 
   dp = parallel.DataParallel(config.parallelism, parallel.select_devices(config.get('num_devices', 0)))
   dp.check_batch(int(config.batch_size), int(accum_steps))
-  model = models.create_model(arch, num_classes, train.DTYPES[config.dtype]).clone(remat=remat)
+  model = models.create_model(arch, num_classes, models.DTYPES[config.dtype]).clone(remat=remat)
   params = models.param_shapes(model)
   transfer = train._transfer_settings(config)
   supports = list(config.schedule) if config.get('schedule') else [1, 2, 3, 4, 5]  # no shape depends on it

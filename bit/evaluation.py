@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import files, models, xla
+from bit import files, models, parallel, xla
 from bit.errors import BitError, DataError
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,9 @@ def _placer(devices, batch_size: int):
   """Returns (put_params, put_batch): shard batches over `devices` when they divide the batch, else one device."""
   devices = list(devices) if devices is not None else jax.local_devices()
   if len(devices) > 1 and batch_size % len(devices) == 0:
-    mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+    mesh = parallel.data_mesh(devices)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS))
     return (lambda p: jax.device_put(p, replicated)), (lambda x: jax.device_put(x, split))
   one = devices[0]
   return (lambda p: jax.device_put(p, one)), (lambda x: jax.device_put(x, one))
@@ -89,6 +89,9 @@ def evaluate_batches(
   progress: Any = None,
 ) -> dict:
   """Evaluates `apply_fn(params, images) -> logits` over `batches` and returns the metrics of `evaluate`.
+
+  `apply_fn` is a plain function or a `models.Inference`, whose `prepare` (the weights standardized) then
+  runs once per evaluation instead of at every batch; a hashable one (as `Inference` is) compiles once.
 
   Each batch is `{'image': (B, H, W, 3), 'label': int (B,), 'mask': bool (B,)}` ('mask' optional: all
   valid). Rows with mask False are ignored; a batch shorter than the first is padded to its size so the
@@ -116,7 +119,7 @@ def evaluate_batches(
       size = len(labels)
       put_params, put = _placer(devices, size)
       device_params = put_params(params)
-      if hasattr(apply_fn, 'prepare'):  # e.g. models.Inference: fold the weights once, not per batch
+      if isinstance(apply_fn, models.Inference):
         device_params = apply_fn.prepare(device_params)
     batch = _pad(batch, size)
     mask = batch['mask']
@@ -173,17 +176,23 @@ def evaluate(
   """Evaluates `model` with `params` on every example of `split` of `dataset` (TFDS name or image folder).
 
   Images are resized to `crop` x `crop` (BiT's evaluation; with `center_crop=True`, to `resize` then the
-  central crop). `crop` defaults to the project's training crop for the split's image size
-  (`hyperrule.train_resolution`); pass the crop the model was trained at (a workdir's config.json has it).
-  `num_classes` defaults to the model's.
+  central crop). `crop` defaults to the size the model was trained at (`model.input_size`, which `bit.load`
+  sets from the registry or the run's config.json), else to the project's training crop for the split's
+  image size (`hyperrule.train_resolution`). `num_classes` defaults to the model's.
 
   Returns a dict: `top1`, `top5`, `loss` (mean cross-entropy), `count` (the examples evaluated), `skipped`
   (files that did not decode: logged by path and left out, as in training),
   `mean_per_class_accuracy`, `per_class_accuracy` (float array, NaN for a class with no examples),
   `class_counts`, `confusion` (int array [true, predicted]), `class_names`, `split`, `crop`.
   """
-  from bit import data, data_sources, hyperrule
+  from bit import arguments, data, data_sources, hyperrule
 
+  model = arguments.check_model(model, 'bit.evaluate')
+  params = arguments.check_params(model, params, 'bit.evaluate')
+  dataset = arguments.check_dataset(dataset, 'bit.evaluate')
+  crop = arguments.check_size(crop, 'crop', 'bit.evaluate')
+  if not isinstance(split, str):
+    raise DataError(f"bit.evaluate: split= must be a split name such as 'test', got {split!r}.")
   num_classes = int(num_classes if num_classes is not None else model.num_classes)
   records = data_sources.load_split(dataset, split, data_dir)
   if len(records.class_names) > num_classes:
@@ -192,7 +201,7 @@ def evaluate(
       'evaluate a model fine-tuned on this dataset (e.g. WORKDIR/model.npz).'
     )
   if crop is None:
-    _, crop = hyperrule.train_resolution(records.image_size)
+    crop = model.input_size or hyperrule.train_resolution(records.image_size)[1]
   if int(batch_size) < 1:
     raise BitError(f'batch_size must be a positive integer, got {batch_size!r}.')
   batches = data.eval_iterator(
@@ -210,7 +219,9 @@ def evaluate(
 
     bar = tqdm(total=math.ceil(len(records) / int(batch_size)), desc=f'eval {split}', unit='batch')
   try:
-    result = evaluate_batches(apply_fn(model), params, batches, num_classes, devices=devices, progress=bar)
+    result = evaluate_batches(
+      models.Inference(model), params, batches, num_classes, devices=devices, progress=bar
+    )
   finally:
     if bar is not None:
       bar.close()
@@ -226,15 +237,6 @@ def evaluate(
   names = list(records.class_names) + [str(i) for i in range(len(records.class_names), num_classes)]
   result.update(class_names=names, split=split, crop=int(crop), skipped=int(skipped))
   return result
-
-
-def apply_fn(model):
-  """`(params, images) -> logits` for `model`, as `evaluate_batches` takes it.
-
-  A `models.Inference`: `evaluate_batches` standardizes the weights once per evaluation (its `prepare`)
-  instead of at every batch. Equal models give equal (hashable) functions, so the compiled step is reused.
-  """
-  return models.Inference(model)
 
 
 def _safe(split: str) -> str:
@@ -306,7 +308,7 @@ def read_workdir(workdir) -> tuple[dict, Any, Any, list[str] | None]:
 
   workdir = pathlib.Path(workdir).expanduser()
   if not workdir.is_dir():
-    raise BitError(f'Workdir {workdir} does not exist: give the --workdir of a bit-train run.')
+    raise BitError(f'workdir={str(workdir)!r} does not exist: give the workdir of a bit-train run.')
   config_path, npz = workdir / 'config.json', workdir / 'model.npz'
   if not config_path.is_file():
     raise BitError(f'{config_path} is missing: {workdir} is not a bit-train workdir.')

@@ -94,7 +94,7 @@ def _import_onnx_converter():
 
 def serving_function(model, prepared, input: str = 'float32'):
   """images (NHWC, float32 in [-1, 1] or uint8) -> {'logits', 'probabilities'}, with `prepared` params
-  (`models.fold_for_inference`) as its first argument: `fn(prepared, images)`."""
+  (`models.Inference(model).prepare(params)`) as its first argument: `fn(prepared, images)`."""
   inference = models.Inference(model)
 
   def fn(prepared, images):
@@ -269,7 +269,7 @@ def export(
     raise BitError(f'{len(labels)} class names for a model with {model.num_classes} classes.')
   if format == 'onnx':
     _import_onnx_converter()  # before any work: say which extra is missing
-  prepared = jax.device_get(models.fold_for_inference(params))
+  prepared = jax.device_get(models.Inference(model).prepare(params))
   fn = serving_function(model, prepared, input)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'))

@@ -36,10 +36,10 @@ import re
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 import optax
 
-from bit import ops
+from bit import models, ops
+from bit.config import default
 from bit.errors import ConfigError
 
 MODES = ('full', 'head', 'partial')
@@ -188,20 +188,20 @@ def optimizer_from_config(tx: optax.GradientTransformation, params, config) -> o
   """`masked_optimizer` driven by config keys (each optional): `transfer` ('full'), `unfreeze_stages`,
   `unfreeze_units`, `backbone_lr_scale` (1.0)."""
 
-  def get(key, default):
+  def get(key):
     try:
-      value = config.get(key, default)
+      value = config.get(key, None)
     except AttributeError:
-      value = getattr(config, key, default)
-    return default if value is None else value
+      value = getattr(config, key, None)
+    return default(key) if value is None else value
 
   return masked_optimizer(
     tx,
     params,
-    get('transfer', 'full'),
-    unfreeze_stages=get('unfreeze_stages', 0) or None,
-    unfreeze_units=get('unfreeze_units', 0) or None,
-    backbone_lr_scale=float(get('backbone_lr_scale', 1.0)),
+    get('transfer'),
+    unfreeze_stages=get('unfreeze_stages') or None,
+    unfreeze_units=get('unfreeze_units') or None,
+    backbone_lr_scale=float(get('backbone_lr_scale')),
   )
 
 
@@ -213,14 +213,6 @@ def count_trainable(params, mask) -> tuple[int, int]:
 
 
 # --- the trainable/frozen split of the forward pass ------------------------------------------------------
-
-
-def _is_std_kernel(path, leaf) -> bool:
-  """A kernel that `models.StdConv` weight-standardizes: the rule of `models.fold_for_inference`."""
-  names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
-  return (
-    len(names) >= 2 and names[-1] == 'kernel' and str(names[-2]).startswith('conv') and np.ndim(leaf) == 4
-  )
 
 
 @jax.jit
@@ -248,7 +240,7 @@ class Split:
     flags = jax.tree.leaves(mask)
     if len(flags) != len(flat):
       raise ConfigError(f'The trainable mask has {len(flags)} leaves but the params have {len(flat)}.')
-    std = tuple(bool(standardized) and _is_std_kernel(p, x) for p, x in flat)
+    std = tuple(bool(standardized) and models.is_standardized_kernel(p, x) for p, x in flat)
     return cls(tuple(bool(f) for f in flags), std)
 
   @property

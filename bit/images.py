@@ -17,6 +17,7 @@ so the same file at the same size gives the same pixels in every reader.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 
@@ -64,18 +65,28 @@ def _oriented_size(im) -> tuple[int, int]:
 def probe(source, name=None) -> tuple[int, int]:
   """(h, w) of an image as `decode` returns it (orientation applied), from its header only."""
   name = _name(source, name)
+  with _read_errors(name, 'not a readable image'), _open(source) as im:
+    _check_format(im, name)
+    return _oriented_size(im)
+
+
+@contextlib.contextmanager
+def _read_errors(name, failure: str):
+  """Any failure to read the file as an ImageDecodeError naming it; `failure` says what else went wrong."""
+  from PIL import UnidentifiedImageError
+
   try:
-    with _open(source) as im:
-      _check_format(im, name)
-      return _oriented_size(im)
+    yield
   except ImageDecodeError:
     raise
   except FileNotFoundError:
     raise ImageDecodeError(f'{name}: no such file.') from None
   except IsADirectoryError:
     raise ImageDecodeError(f'{name}: is a folder, not an image.') from None
-  except Exception as e:  # noqa: BLE001 - any failure to read the header means the file cannot be used
-    raise ImageDecodeError(f'{name}: not a readable image ({type(e).__name__}: {e}).') from None
+  except UnidentifiedImageError:
+    raise ImageDecodeError(f'{name}: not an image (or a format Pillow cannot read).') from None
+  except Exception as e:  # noqa: BLE001 - truncated, damaged: the file cannot be used
+    raise ImageDecodeError(f'{name}: {failure} ({type(e).__name__}: {e}).') from None
 
 
 def to_rgb(im) -> np.ndarray:
@@ -99,30 +110,19 @@ def decode(source, min_side: int | None = None, *, name=None) -> np.ndarray:
   reduced scale in the DCT (see the module docstring). Raises ImageDecodeError naming the file (`name`, or the
   path) when it is not a supported image or does not decode.
   """
-  from PIL import ImageOps, UnidentifiedImageError
+  from PIL import ImageOps
 
   name = _name(source, name)
-  try:
-    with _open(source) as im:
-      _check_format(im, name)
-      if min_side and im.format in ('JPEG', 'MPO'):
-        h, w = _oriented_size(im)
-        short = min(h, w)
-        scale = max([r for r in (1, 2, 4, 8) if short // r >= min_side] or [1])
-        if scale > 1:
-          im.draft(im.mode, (im.size[0] // scale, im.size[1] // scale))  # PIL picks `scale` for this
-      im.load()
-      return to_rgb(ImageOps.exif_transpose(im))
-  except ImageDecodeError:
-    raise
-  except FileNotFoundError:
-    raise ImageDecodeError(f'{name}: no such file.') from None
-  except IsADirectoryError:
-    raise ImageDecodeError(f'{name}: is a folder, not an image.') from None
-  except UnidentifiedImageError:
-    raise ImageDecodeError(f'{name}: not an image (or a format Pillow cannot read).') from None
-  except Exception as e:  # noqa: BLE001 - truncated or damaged
-    raise ImageDecodeError(f'{name}: cannot decode the image ({type(e).__name__}: {e}).') from None
+  with _read_errors(name, 'cannot decode the image'), _open(source) as im:
+    _check_format(im, name)
+    if min_side and im.format in ('JPEG', 'MPO'):
+      h, w = _oriented_size(im)
+      short = min(h, w)
+      scale = max([r for r in (1, 2, 4, 8) if short // r >= min_side] or [1])
+      if scale > 1:
+        im.draft(im.mode, (im.size[0] // scale, im.size[1] // scale))  # PIL picks `scale` for this
+    im.load()
+    return to_rgb(ImageOps.exif_transpose(im))
 
 
 def decode_op(tf, raw, min_side: int):

@@ -2,8 +2,8 @@
 
 XLA's CPU runtime mallocs each computation's temporary buffers at every call and frees them after it: for a
 train step of R50x1 at 128 px, batch 16, some 650 MB. glibc serves blocks that large with a fresh `mmap` and
-gives them back with `munmap`, so at every step the kernel faults in and zeroes every page again. Measured on
-this project's 2-core reference CPU: 160,000 page faults and about 250 ms of system time in a 600 ms step.
+gives them back with `munmap`, so at every step the kernel faults in and zeroes every page again: a large
+share of the step goes to system time (the figures, with the command that made them: README, Performance).
 
 `configure()` makes two settings (the command-line tools call it through `bit.runtime`, library users through
 `bit.configure_cpu()`; `import bit` does not):
@@ -13,13 +13,12 @@ this project's 2-core reference CPU: 160,000 page faults and about 250 ms of sys
 - JAX's `jax_cpu_enable_async_dispatch` off: JAX runs single-device CPU computations in the calling thread,
   so their buffers come from that heap. A jitted call on CPU then returns when its result is ready (on a
   2-core CPU the computation had both cores anyway). Computations over several CPU devices stay asynchronous.
-  JAX reads the setting when its CPU backend starts, so `configure` imports JAX (0.3 s) to set it; if the
+  JAX reads the setting when its CPU backend starts, so `configure` imports JAX to set it; if the
   backend already runs, it is left as it is (`state['dispatch']` stays False). A later
   `jax.config.update('jax_cpu_enable_async_dispatch', True)` wins.
 
-Measured, R50x1, 128 px, batch 16: 142 page faults per step instead of 160,000, train +32% and inference +15%
-(medians of three alternating rounds), compile time and peak memory unchanged (README, Performance). The
-cost: memory freed at the top of the heap is given back to the kernel only beyond 2 GB, so the process keeps
+The page faults per step (`train_page_faults_per_step` of `python -m bit.tools.speed`) all but vanish; what
+that buys is in the README (Performance). The cost: memory freed at the top of the heap is given back to the kernel only beyond 2 GB, so the process keeps
 up to that much of its peak heap, much as tcmalloc and jemalloc keep theirs.
 
 Nothing is changed when `BIT_MALLOC=system`, off glibc (macOS, musl), or when the user set glibc's malloc

@@ -44,6 +44,8 @@ ARCHITECTURES = {
 
 MAX_WIDTH = 4
 MIN_IMAGE_SIZE = 32
+# The compute dtypes by name (config.dtype); params, GroupNorm statistics and the optimizer stay float32.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def parse_architecture(name: str) -> tuple[int, int]:
@@ -178,6 +180,10 @@ class ResNetV2(nn.Module):
 
   `folded=True` is the inference form: it expects params from `fold_for_inference` (kernels standardized
   once) and skips the per-call standardization; use it for evaluation and prediction, not for training.
+
+  `input_size` is the image side the model was trained (or fine-tuned) at, when known (`bit.load` sets it from
+  the registry or a run's config.json); `bit.evaluate` and `bit.predict` use it when given no size. It does
+  not change the params or the computation: the model takes any size >= 32.
   """
 
   depth: int = 50
@@ -186,6 +192,7 @@ class ResNetV2(nn.Module):
   dtype: Any = jnp.float32
   folded: bool = False
   remat: str = 'none'  # 'none', 'unit' or 'stage': what the backward pass recomputes instead of storing
+  input_size: int | None = None
 
   @property
   def num_features(self) -> int:
@@ -248,29 +255,41 @@ class RootBlock(nn.Module):
     return ops.zero_padded_max_pool(ops.root_barrier(x))
 
 
-def create_model(arch: str, num_classes: int, dtype: Any = jnp.float32) -> ResNetV2:
+def create_model(
+  arch: str, num_classes: int, dtype: Any = jnp.float32, input_size: int | None = None
+) -> ResNetV2:
   """A ResNetV2 for an architecture name such as 'R50x1'."""
   depth, width = parse_architecture(arch)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise BitError(f'num_classes must be a positive integer, got {num_classes!r}.')
-  return ResNetV2(depth=depth, width=width, num_classes=num_classes, dtype=dtype)
+  if input_size is not None and (not isinstance(input_size, int) or input_size < MIN_IMAGE_SIZE):
+    raise BitError(f'input_size must be an integer >= {MIN_IMAGE_SIZE}, got {input_size!r}.')
+  return ResNetV2(depth=depth, width=width, num_classes=num_classes, dtype=dtype, input_size=input_size)
 
 
 def fold_for_inference(params):
   """Params with every conv kernel weight-standardized once, for `ResNetV2(..., folded=True)`.
 
   The result has the same tree and shapes; `model.clone(folded=True).apply({'params': folded}, x)` equals
-  `model.apply({'params': params}, x)` up to float rounding, without re-standardizing at every call
-  (~10-15% of an inference step on CPU). Not for training: the gradients would skip the standardization.
+  `model.apply({'params': params}, x)` up to float rounding, without re-standardizing at every call (a
+  noticeable share of an inference step on CPU). Not for training: the gradients would skip the standardization.
   """
 
   def fold(path, leaf):
-    names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
-    if names[-1] == 'kernel' and len(names) >= 2 and str(names[-2]).startswith('conv') and leaf.ndim == 4:
-      return ops.standardize(leaf)
-    return leaf
+    return ops.standardize(leaf) if is_standardized_kernel(path, leaf) else leaf
 
   return jax.jit(lambda p: jax.tree_util.tree_map_with_path(fold, p))(params)
+
+
+def is_standardized_kernel(path, leaf) -> bool:
+  """Whether the leaf at `path` (a jax key path) is a conv kernel that `StdConv` weight-standardizes."""
+  names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+  return (
+    len(names) >= 2
+    and names[-1] == 'kernel'
+    and str(names[-2]).startswith('conv')
+    and getattr(leaf, 'ndim', None) == 4
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,8 +120,8 @@ def standardize_reference(w: jax.Array, axis=(0, 1, 2), eps: float = 1e-10) -> j
   return w / jnp.sqrt(jnp.mean(jnp.square(w), axis=axis, keepdims=True) + eps)
 
 
-# On CPU, reducing over the three leading axes of the 4-D kernel, and XLA's autodiff of it, cost ~20% of an
-# R50 train step; the (H*W*I, O) view and the closed-form backward make it a few percent.
+# On CPU, reducing over the three leading axes of the 4-D kernel, and XLA's autodiff of it, were a large part
+# of an R50 train step; the (H*W*I, O) view and the closed-form backward make it a small one (README, Performance).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _standardize_hwio(w: jax.Array, eps: float) -> jax.Array:
   return _standardize_hwio_fwd(w, eps)[0]
@@ -171,18 +171,18 @@ def conv_1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """A stride-1 1x1 convolution of NHWC `x` with a (1, 1, Cin, Cout) kernel, as one matmul.
 
   On CPU XLA runs the weight gradient of a 1x1 *convolution* at a small fraction of the matmul peak, while
-  the dot's gradients are plain matmuls (~1.2x on a whole R50 train step). An explicit transpose of x for the
-  weight gradient (behind an optimization barrier) measured ~8% slower than letting XLA fuse it, so autodiff
-  does the backward.
+  the dot's gradients are plain matmuls. An explicit transpose of x for the weight gradient (behind an
+  optimization barrier) was slower than letting XLA fuse it, so autodiff does the backward (README,
+  Performance).
   """
   y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[-2:]))
   return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
 
 
-# XLA's CPU convolution over few output pixels, forward and backward, can run at 1-16 GFLOP/s (its layout
-# assignment swaps the batch and feature dimensions of tiny images): the 3x3 convolutions at 1x1-8x8 outputs
-# were 2/3 of an R26x1 train step at 32 px. As im2col matmuls they take a tenth of that; at 16x16 and more
-# XLA's own convolution is faster.
+# XLA's CPU convolution over few output pixels, forward and backward, runs far below the matmul peak (its
+# layout assignment swaps the batch and feature dimensions of tiny images): the 3x3 convolutions at 1x1-8x8
+# outputs were most of an R26x1 train step at 32 px. As im2col matmuls they are several times faster (README,
+# Performance); at 16x16 and more XLA's own convolution is faster.
 MATMUL_MAX_PIXELS = 64
 
 
@@ -294,8 +294,7 @@ def root_barrier(x: jax.Array) -> jax.Array:
   """The identity; with the fast op on, its gradient is materialized before it flows on.
 
   On CPU, without the barrier XLA fused the max-pool and GroupNorm backward into the transposed copy its
-  kernel-gradient convolution needs (25 ms of a 600 ms R50x1 step at 128 px; 6 ms with the barrier; the whole
-  step 3-4% faster in three alternating runs).
+  kernel-gradient convolution needs, which made that copy several times slower (README, Performance).
   """
   return gradient_barrier(x) if use_fast('root_barrier') else x
 

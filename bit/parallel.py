@@ -31,6 +31,12 @@ from bit.errors import ConfigError
 DATA_AXIS = 'data'
 MODES = ('shard_map', 'pmap')
 
+
+def data_mesh(devices) -> Mesh:
+  """The 1-D mesh over `devices` along `DATA_AXIS` that every data-parallel computation of bit uses."""
+  return Mesh(np.array(list(devices)), (DATA_AXIS,))
+
+
 # JAX warns when a donated input buffer could not be reused for an output. On a GPU or TPU that is memory the
 # step holds twice, so the warning stays; on CPU it is only noise, so it is silenced there, and only around
 # the calls of the functions `DataParallel.wrap` returns (never process-wide).
@@ -115,9 +121,9 @@ class DataParallel:
     self.mode = mode
     self.devices = list(devices) if devices is not None else jax.devices()
     self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
-    self.mesh = Mesh(np.array(self.devices), (DATA_AXIS,))
+    self.mesh = data_mesh(self.devices)
     # pmap only ever sees this process's devices; its arrays are stacked along a leading device axis.
-    self._local_mesh = Mesh(np.array(self.local_devices), (DATA_AXIS,))
+    self._local_mesh = data_mesh(self.local_devices)
 
   @property
   def num_devices(self) -> int:

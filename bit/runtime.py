@@ -12,8 +12,7 @@ first thing, before JAX's backend starts; a program that uses bit as a library c
 - glibc's `mallopt` (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GB) and JAX's `jax_cpu_enable_async_dispatch` off
   (bit/malloc.py): XLA's per-step buffers are reused instead of faulted in anew. `BIT_MALLOC=system` skips it.
 
-What it buys, measured on the project's 2-core CPU (README, Performance): R50x1 at 128 px, train +32% and
-inference +15% from the malloc settings, and train 22.4 -> 26.8 img/s from the XLA flag. Off a CPU backend
+What each setting buys is in the README (Performance), with the command that measured it. Off a CPU backend
 it costs nothing and changes nothing that matters (the malloc settings hold for host memory only).
 """
 

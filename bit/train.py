@@ -39,17 +39,16 @@ import time
 from typing import Any, Callable, Hashable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bit import files, freeze, hyperrule, parallel
+from bit import config as config_keys
+from bit import files, freeze, hyperrule, models, parallel
 from bit.errors import BitError, ConfigError, Interrupted
 from bit.metrics_log import MetricsWriter
-from bit.train_state import (  # noqa: F401  (re-exported: the documented home of the step functions)
+from bit.train_state import (
   TrainState,
   create_state,
   lr_schedule,
-  make_optimizer,
   start_state,
   state_to_tree,
   train_step,
@@ -60,7 +59,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Keys that change how a run is carried out but not its result: a rerun may change them freely.
 OPERATIONAL_KEYS = frozenset(
   {
@@ -76,17 +74,8 @@ OPERATIONAL_KEYS = frozenset(
     'restart',
   }
 )
-# Keys added after the first workdirs were written: a config.json without them ran with these values.
-LATER_KEY_DEFAULTS = {
-  'transfer': 'full',
-  'unfreeze_stages': 0,
-  'unfreeze_units': 0,
-  'backbone_lr_scale': 1.0,
-  'early_stopping_patience': 0,
-  'remat': 'none',
-  'restart': False,
-}
-REMAT = ('none', 'unit', 'stage')
+# Keys added after the first workdirs were written: a config.json without them ran with their defaults.
+LATER_KEYS = (*config_keys.TRANSFER_KEYS, 'early_stopping_patience', 'remat', 'restart')
 
 
 class NonFiniteLossError(BitError):
@@ -154,7 +143,7 @@ def _check_schedule(schedule) -> list[int]:
   except ConfigError:
     raise ConfigError(
       f'config.schedule={schedule!r} is not [warmup, decay1, decay2, decay3, total] in steps with '
-      'warmup <= decay1 < decay2 < decay3 < total, e.g. --config.schedule=[100,200,300,400,500].'
+      'warmup <= decay1 < decay2 < decay3 < total, e.g. config.schedule=[100,200,300,400,500].'
     ) from None
 
 
@@ -162,16 +151,16 @@ def _check_config(config) -> None:
   """Cheap checks before any data or model is touched."""
   if not config.get('dataset'):
     raise ConfigError(
-      'config.dataset is not set: pass --config.dataset=NAME (a TFDS name such as cifar10) '
-      'or --config.dataset=/path/to/folder (ROOT/<split>/<class>/<image>).'
+      'config.dataset is not set: set config.dataset=NAME (a TFDS name such as cifar10) '
+      'or config.dataset=/path/to/folder (ROOT/<split>/<class>/<image>).'
     )
   if not config.get('model'):
     raise ConfigError(
-      'config.model is not set: pass --config.model=BiT-M-R50x1 (see bit.list_models()), '
+      'config.model is not set: set config.model=BiT-M-R50x1 (see bit.list_models()), '
       'a path to an official-layout .npz, or an architecture such as R50x1 to train from scratch.'
     )
-  if config.dtype not in DTYPES:
-    raise ConfigError(f'config.dtype={config.dtype!r} is not one of {sorted(DTYPES)}.')
+  if config.dtype not in models.DTYPES:
+    raise ConfigError(f'config.dtype={config.dtype!r} is not one of {sorted(models.DTYPES)}.')
   for key in ('batch_size', 'accum_steps'):
     if int(config[key]) < 1:
       raise ConfigError(f'config.{key} must be a positive integer, got {config[key]}.')
@@ -180,10 +169,10 @@ def _check_config(config) -> None:
       raise ConfigError(f'config.{key} must be >= 0, got {config[key]}.')
   if not float(config.base_lr) > 0:
     raise ConfigError(f'config.base_lr must be a positive number, got {config.base_lr}.')
-  remat = config.get('remat', 'none')
-  if remat not in REMAT:
+  remat = config.get('remat', config_keys.default('remat'))
+  if remat not in models.REMAT:
     raise ConfigError(
-      f'config.remat={remat!r} is not one of {", ".join(REMAT)}: "unit" recomputes each residual unit\'s '
+      f'config.remat={remat!r} is not one of {", ".join(models.REMAT)}: "unit" recomputes each residual unit\'s '
       'activations in the backward pass, "stage" each stage\'s (less memory, more compute).'
     )
   _check_transfer_config(config)
@@ -191,8 +180,7 @@ def _check_config(config) -> None:
 
 def _transfer_settings(c) -> dict:
   """The transfer-learning keys of a config (ConfigDict or resolved dict), defaults filled in."""
-  keys = ('transfer', 'unfreeze_stages', 'unfreeze_units', 'backbone_lr_scale')
-  t = {k: c.get(k, LATER_KEY_DEFAULTS[k]) for k in keys}
+  t = {k: c.get(k, config_keys.default(k)) for k in config_keys.TRANSFER_KEYS}
   t['backbone_lr_scale'] = float(t['backbone_lr_scale'])
   return t
 
@@ -204,7 +192,7 @@ def _check_transfer_config(config) -> None:
       f'config.transfer={t["transfer"]!r} is not one of {", ".join(freeze.MODES)}: "full" fine-tunes '
       'everything, "head" trains only the new head, "partial" the head plus the top stages/units.'
     )
-  patience = config.get('early_stopping_patience', 0)
+  patience = config.get('early_stopping_patience', config_keys.default('early_stopping_patience'))
   for key, value in (
     ('unfreeze_stages', t['unfreeze_stages']),
     ('unfreeze_units', t['unfreeze_units']),
@@ -214,8 +202,8 @@ def _check_transfer_config(config) -> None:
       raise ConfigError(f'config.{key} must be an integer >= 0, got {value!r}.')
   if t['transfer'] != 'partial' and (t['unfreeze_stages'] or t['unfreeze_units']):
     raise ConfigError(
-      f'config.unfreeze_stages/unfreeze_units only apply to --config.transfer=partial, not '
-      f'{t["transfer"]!r}: set --config.transfer=partial or drop them.'
+      f'config.unfreeze_stages/unfreeze_units only apply to config.transfer=partial, not '
+      f'{t["transfer"]!r}: set config.transfer=partial or drop them.'
     )
   if t['unfreeze_stages'] and t['unfreeze_units']:
     raise ConfigError('Give either config.unfreeze_stages or config.unfreeze_units, not both.')
@@ -227,7 +215,7 @@ def _check_transfer_config(config) -> None:
   if patience and not int(config.eval_every):
     raise ConfigError(
       f'config.early_stopping_patience={patience} needs evaluations during training: set '
-      '--config.eval_every=STEPS as well (early stopping counts evaluations, not steps).'
+      'config.eval_every=STEPS as well (early stopping counts evaluations, not steps).'
     )
 
 
@@ -256,9 +244,9 @@ def _check_workdir_config(workdir: pathlib.Path, resolved: dict, write: bool) ->
     try:
       old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-      raise ConfigError(f'{path} is not readable JSON ({e}): delete it or use another --workdir.') from e
+      raise ConfigError(f'{path} is not readable JSON ({e}): delete it or pass another workdir=.') from e
     new = json.loads(json.dumps(resolved))
-    old = {**{k: v for k, v in LATER_KEY_DEFAULTS.items() if k in new}, **old}
+    old = {**{k: config_keys.default(k) for k in LATER_KEYS if k in new}, **old}
     operational = OPERATIONAL_KEYS
     if new.get('early_stopping_patience'):
       operational = operational - {'eval_every'}  # it decides when an early-stopped run stops
@@ -268,7 +256,7 @@ def _check_workdir_config(workdir: pathlib.Path, resolved: dict, write: bool) ->
     if diff:
       details = ', '.join(f'{k}: {old.get(k)!r} there vs {new.get(k)!r} now' for k in diff[:4])
       raise ConfigError(
-        f'{workdir} holds a different run ({details}): use a new --workdir, or delete {workdir} to start over.'
+        f'{workdir} holds a different run ({details}): pass a new workdir=, or delete {workdir} to start over.'
       )
   if write:
     files.write_json(path, resolved, sort_keys=True)
@@ -390,7 +378,7 @@ def _restore_latest(manager, template, *, primary: bool = True):
     raise CheckpointRestoreError(
       f'None of the {len(failed)} checkpoints in {manager.directory} restores ({listing}). Nothing was '
       'deleted or moved. Fix the cause (a changed model or config, a read error, a full disk) and rerun, '
-      'or pass --config.restart=True to start over (the checkpoints are then moved aside, not deleted).'
+      'or set config.restart=True to start over (the checkpoints are then moved aside, not deleted).'
     )
   return None, 0
 
@@ -555,6 +543,9 @@ def _sum_over_processes(result: dict) -> dict:
 def train_and_evaluate(config, workdir) -> dict:
   """Fine-tunes `config.model` on `config.dataset` in `workdir`; returns the final metrics.
 
+  `config`: a ConfigDict (`bit.config.get_config()`; bit/config.py lists every key) or a plain dict of those keys,
+  put onto the defaults, e.g. `{'model': 'BiT-M-R50x1', 'dataset': 'cifar10'}`.
+
   The dict has `step` (the last trained step), `top1`, `top5`, `eval_loss`, `mean_per_class_accuracy` and
   `num_examples` (on the whole test split) and `loss` (the last train loss). With early stopping the eval
   numbers are the best eval's (the exported model), `best_step` is its step and `stopped_early` says whether
@@ -624,7 +615,7 @@ def _setup(config, workdir, objective: Objective | None = None) -> _Setup:
     _check_workdir_config(workdir, cfg, write=False)  # written below, once the model loads too
 
   model, params = checkpoints.load(
-    cfg['model'], num_classes=info.num_classes, dtype=DTYPES[cfg['dtype']], seed=cfg['seed']
+    cfg['model'], num_classes=info.num_classes, dtype=models.DTYPES[cfg['dtype']], seed=cfg['seed']
   )
   model = _with_remat(model, cfg)
   if objective is not None and objective.check_model is not None:
@@ -733,7 +724,7 @@ class _TrainLog:
         )
         raise NonFiniteLossError(
           f'The training loss became {float(m["loss"])} (gradient norm {float(m["grad_norm"])}) at step {s}; '
-          f'the last good checkpoint is {where}. Lower --config.base_lr or use --config.dtype=float32.'
+          f'the last good checkpoint is {where}. Lower config.base_lr= or set config.dtype=float32.'
         )
     now = time.perf_counter()
     loss = float(np.mean([float(m['loss']) for _, m in fetched]))
@@ -821,7 +812,7 @@ def _evaluator(setup: _Setup):
   from bit import data, evaluation
 
   cfg, dp = setup.cfg, setup.dp
-  apply_fn = evaluation.apply_fn(setup.model)  # one function per model: the eval step compiles once
+  apply_fn = models.Inference(setup.model)  # hashable, one per model: the eval step compiles once
 
   def evaluate(dstate) -> dict:
     batches = data.eval_iterator(
@@ -866,6 +857,44 @@ def _train_iterator(setup: _Setup):
   )
 
 
+def as_config(config):
+  """`config` as a ConfigDict: one as given, or a plain dict put onto the defaults (bit/config.py).
+
+  A dict's unknown keys are refused, naming them (bit/config.py lists every key); so is a value of the wrong
+  type for its key.
+  """
+  import ml_collections
+
+  if isinstance(config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    return config
+  if not isinstance(config, dict):
+    raise ConfigError(
+      'config= must be an ml_collections.ConfigDict (e.g. bit.config.get_config()) or a dict of its keys, '
+      f'got {type(config).__name__}.'
+    )
+  from bit import config as config_lib
+
+  base = config_lib.get_config()
+  unknown = sorted(str(k) for k in config if k not in base)
+  if unknown:
+    import difflib
+
+    hints = [
+      f'{k} (did you mean {m[0]}?)' if (m := difflib.get_close_matches(k, list(base), 1)) else k
+      for k in unknown
+    ]
+    raise ConfigError(f'config= has unknown keys: {", ".join(hints)}; bit/config.py lists every key.')
+  for key, value in config.items():
+    try:
+      base[key] = value
+    except (TypeError, ValueError):
+      wanted = base.get_type(key).__name__
+      raise ConfigError(
+        f'config[{key!r}]={value!r} is a {type(value).__name__}, but {key} takes type {wanted}.'
+      ) from None
+  return base
+
+
 def fit(config, workdir, objective: Objective | None = None) -> FitResult:
   """`train_and_evaluate`, also returning the exported params (host numpy) and the resolved config.
 
@@ -873,6 +902,9 @@ def fit(config, workdir, objective: Objective | None = None) -> FitResult:
   """
   from tqdm.auto import tqdm
 
+  config = as_config(config)
+  if not isinstance(workdir, (str, os.PathLike)) or not str(os.fspath(workdir)).strip():
+    raise ConfigError(f'workdir= must be a folder path (str or pathlib.Path), got {workdir!r}.')
   setup = _setup(config, workdir, objective)
   cfg, dp, best, total, start = setup.cfg, setup.dp, setup.best, setup.total, setup.start
   patience = int(cfg.get('early_stopping_patience') or 0)

@@ -18,6 +18,7 @@ from flax.training import train_state
 from jax import lax
 
 from bit import freeze, hyperrule, models
+from bit.config import default
 from bit.errors import ConfigError
 from bit.parallel import DATA_AXIS
 
@@ -58,10 +59,10 @@ def make_optimizer(
   lr_fn,
   *,
   params=None,
-  transfer: str = 'full',
-  unfreeze_stages: int = 0,
-  unfreeze_units: int = 0,
-  backbone_lr_scale: float = 1.0,
+  transfer: str = default('transfer'),
+  unfreeze_stages: int = default('unfreeze_stages'),
+  unfreeze_units: int = default('unfreeze_units'),
+  backbone_lr_scale: float = default('backbone_lr_scale'),
   trainable_mask=None,
 ) -> optax.GradientTransformation:
   """The one optimizer of the project: SGD, momentum 0.9, no weight decay, learning rate `lr_fn(step)`.
@@ -107,7 +108,7 @@ def create_state(
   if trainable_mask is None:
     trainable_mask = freeze.trainable_mask(
       params,
-      transfer.get('transfer', 'full'),
+      transfer.get('transfer', default('transfer')),
       unfreeze_stages=transfer.get('unfreeze_stages') or None,
       unfreeze_units=transfer.get('unfreeze_units') or None,
     )

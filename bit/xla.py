@@ -1,9 +1,9 @@
 """XLA settings that make bit's computations fast on CPU, applied to every function bit compiles.
 
-On this project's reference CPU (2-core AMD EPYC, AVX-512, jaxlib 0.10), XLA sends convolutions to YNNPACK by
-default, where several of BiT's (the 7x7 root, 3x3 at 64 channels) ran single-threaded at 40-60 GFLOP/s
-against 300-400 in XLA's own (Eigen) convolution; YNNPACK's matmuls and reductions are kept. Measured on
-R50x1, 128 px, batch 16, fp32 (`python -m bit.tools.speed`): train 22.4 -> 26.8 img/s, inference 85 -> 117.
+XLA's CPU backend sends convolutions to YNNPACK by default, where several of BiT's (the 7x7 root, the 3x3s at
+64 channels) run single-threaded, several times slower than in XLA's own (Eigen) convolution; YNNPACK's
+matmuls and reductions are fast, so they are kept. The figures, with the command that made them, are in the
+README (Performance).
 
 A user's own `--xla_cpu_experimental_ynn_fusion_type` in `XLA_FLAGS` always wins: then nothing is changed.
 `jit` applies the setting to each function bit compiles (on CPU); `configure_environment` puts it in

@@ -1,7 +1,13 @@
-"""Shared test helpers: tiny random params, running a console script in-process, a local file server."""
+"""Shared test helpers: tiny random params, running a console script in-process or bit-train in a subprocess,
+two-process runs, a local file server."""
 
 import http.server
 import io
+import os
+import pathlib
+import platform
+import socket
+import subprocess
 import sys
 import threading
 
@@ -11,6 +17,34 @@ import pytest
 from make_checkpoint import random_checkpoint
 
 from bit import models
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _not_glibc() -> str | None:
+  if not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc':
+    return 'needs glibc malloc (Linux): bit/malloc.py changes nothing elsewhere'
+  return None
+
+
+def _not_cpu_backend() -> str | None:
+  if jax.default_backend() != 'cpu':
+    return (
+      f'measures the CPU backend, and this run uses {jax.default_backend()} (run it with JAX_PLATFORMS=cpu)'
+    )
+  return None
+
+
+def _not_cpu_runtime() -> str | None:
+  if 'jax_cpu_enable_async_dispatch' not in jax.config.values:
+    return f'jax {jax.__version__} has no jax_cpu_enable_async_dispatch, the setting bit/malloc.py makes'
+  return _not_glibc() or _not_cpu_backend()
+
+
+# Tests of what only holds on one platform skip there with the reason, instead of failing elsewhere.
+glibc_only = pytest.mark.skipif(_not_glibc() is not None, reason=_not_glibc() or '')
+cpu_backend_only = pytest.mark.skipif(_not_cpu_backend() is not None, reason=_not_cpu_backend() or '')
+cpu_runtime_only = pytest.mark.skipif(_not_cpu_runtime() is not None, reason=_not_cpu_runtime() or '')
 
 
 def fast_params(model, seed=0, head_std=0.0):
@@ -46,6 +80,56 @@ def run_cli(main, argv, capsys, monkeypatch):
     main()
   out, err = capsys.readouterr()
   return e.value.code or 0, out, err
+
+
+def train_command(workdir, model, dataset, *overrides) -> list[str]:
+  """bit-train in a subprocess at the tests' tiny settings (batch 8, 40 -> 32 px crops, 10 steps), then `overrides`."""
+  return [
+    sys.executable,
+    '-c',
+    'from bit.tools.cli import train_main; train_main()',
+    '--config',
+    str(ROOT / 'configs' / 'common.py'),
+    '--workdir',
+    str(workdir),
+    f'--config.model={model}',
+    f'--config.dataset={dataset}',
+    '--config.batch_size=8',
+    '--config.resize=40',
+    '--config.crop=32',
+    '--config.schedule=[2,4,6,8,10]',
+    '--config.mixup_alpha=0.1',
+    *overrides,
+  ]
+
+
+def free_port() -> int:
+  """A port on 127.0.0.1 that was free a moment ago (bound, then closed: nothing listens there)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def start_two_processes(code: str, *args) -> list[subprocess.Popen]:
+  """`python -c code ADDRESS I *args` for I = 0 and 1: a two-process jax.distributed run on 127.0.0.1 with two
+  CPU devices per process (`code` calls `parallel.initialize_distributed(ADDRESS, 2, I)`)."""
+  address = f'127.0.0.1:{free_port()}'
+  env = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    JAX_PLATFORMS='cpu',  # no compilation cache: a cached step deadlocked the gloo collectives of a rerun
+  )
+  return [
+    subprocess.Popen(
+      [sys.executable, '-c', code, address, str(i), *map(str, args)],
+      env=env,
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
 
 
 class _QuietServer(http.server.ThreadingHTTPServer):

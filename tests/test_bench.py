@@ -10,11 +10,11 @@ import csv
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import pytest
+from helpers import free_port
 
 from bit import config
 from bit.errors import ConfigError
@@ -44,12 +44,6 @@ def get_config(arg=None):
 """
 
 
-def dead_port() -> int:
-  with socket.socket() as s:  # bound then closed: nothing listens there
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def read_csv(path):
   with open(path, newline='') as f:
     return list(csv.DictReader(f))
@@ -57,7 +51,7 @@ def read_csv(path):
 
 @pytest.fixture()
 def offline(tmp_path, monkeypatch):
-  env = {'BIT_MODELS_URL': f'http://127.0.0.1:{dead_port()}/', 'BIT_CACHE': str(tmp_path / 'cache')}
+  env = {'BIT_MODELS_URL': f'http://127.0.0.1:{free_port()}/', 'BIT_CACHE': str(tmp_path / 'cache')}
   for k, v in env.items():
     monkeypatch.setenv(k, v)
   # JAX's compilation cache setting is global to the process: keep the test session's untouched (the

@@ -1,6 +1,6 @@
 """bit-train on bad input: one line saying what to do, a non-zero exit code, no traceback.
 
-(The successful command of the issue, killed and resumed, is in test_train.py.) The failing commands run
+(The successful command, killed and resumed, is in test_train.py.) The failing commands run
 concurrently: each one mostly waits for imports.
 """
 

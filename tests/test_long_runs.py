@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from helpers import start_two_processes, train_command  # noqa: E402
 from test_train import base_config, make_folder, make_npz  # noqa: E402
 
 from bit import checkpoints, models, train  # noqa: E402
@@ -157,25 +157,7 @@ def test_remat_is_checked_and_keeps_the_param_names():
 
 
 def _command(workdir, npz, folder, *extra):
-  return [
-    sys.executable,
-    '-c',
-    'from bit.tools.cli import train_main; train_main()',
-    '--config',
-    str(HERE.parent / 'configs' / 'common.py'),
-    '--workdir',
-    str(workdir),
-    f'--config.model={npz}',
-    f'--config.dataset={folder}',
-    '--config.batch_size=8',
-    '--config.resize=40',
-    '--config.crop=32',
-    '--config.schedule=[2,4,6,8,10]',
-    '--config.mixup_alpha=0.1',
-    '--config.checkpoint_every=0',
-    '--config.log_every=1',
-    *extra,
-  ]
+  return train_command(workdir, npz, folder, '--config.checkpoint_every=0', '--config.log_every=1', *extra)
 
 
 def _wait_for_step(workdir, k, procs, timeout=300):
@@ -250,37 +232,11 @@ except Interrupted as e:
 """
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _two_processes(args, tmp_path):
-  address = f'127.0.0.1:{_free_port()}'
-  env = dict(
-    os.environ,
-    XLA_FLAGS='--xla_force_host_platform_device_count=2',
-    JAX_PLATFORMS='cpu',  # no compilation cache: a cached step deadlocked the gloo collectives of a rerun
-  )
-  return [
-    subprocess.Popen(
-      [sys.executable, '-c', TWO_PROCESSES, address, str(i), *map(str, args)],
-      env=env,
-      cwd=HERE.parent,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-
-
 @pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(assets, tmp_path):
   workdir, k = tmp_path / 'w', 3
   args = (assets['npz'], assets['folder'], workdir)
-  procs = _two_processes(args, tmp_path)
+  procs = start_two_processes(TWO_PROCESSES, *args)
   try:
     _wait_for_step(workdir, k, procs)
     procs[0].send_signal(signal.SIGTERM)  # only process 0 is told; process 1 learns it at the next step
@@ -297,7 +253,7 @@ def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(assets, tmp_p
   step = stopped[0]['step']
   assert (workdir / 'checkpoints' / str(step)).is_dir()
 
-  procs = _two_processes(args, tmp_path)
+  procs = start_two_processes(TWO_PROCESSES, *args)
   outs = [p.communicate(timeout=420) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
   lines = read_metrics(workdir)

@@ -2,10 +2,7 @@
 devices, each process feeding its half of every batch; both must end with the same params, and with the
 params of the same run in one process over four devices."""
 
-import os
 import pathlib
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from helpers import start_two_processes  # noqa: E402
 from test_train import assert_params_close, make_folder, make_npz  # noqa: E402
 
 CONFIG = r"""
@@ -45,30 +43,12 @@ np.savez(f'{sys.argv[5]}/params_{jax.process_index()}.npz', top1=result.metrics[
 )
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_end_with_the_same_params(tmp_path):
   folder = make_folder(tmp_path / 'folder')
   npz = make_npz(tmp_path / 'm.npz')
   workdir = tmp_path / 'w'
-  address = f'127.0.0.1:{free_port()}'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
-  procs = [
-    subprocess.Popen(
-      [sys.executable, '-c', WORKER, address, str(i), str(npz), str(folder), str(workdir)],
-      env=env,
-      cwd=HERE.parent,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  procs = start_two_processes(WORKER, npz, folder, workdir)
   try:
     outs = [p.communicate(timeout=420) for p in procs]
   finally:

@@ -49,13 +49,15 @@ _FLAGS_OF_ARGUMENTS = {
     'workdir': '--workdir',
   },
   'bit-eval': {'workdir': '--workdir'},
-  'bit-predict': {'workdir': '--workdir', 'model': '--model'},
+  'bit-predict': {'workdir': '--workdir', 'model': '--model', 'size': '--size', 'batch_size': '--batch_size'},
 }
 
 
 def as_flags(prog: str, message: str) -> str:
   """A library error message with its Python argument names (`dataset=`) written as `prog`'s flags."""
   names = _FLAGS_OF_ARGUMENTS.get(prog, {})
+  # A message may start with the Python function it comes from (bit.predict_files: ...); the command is its own.
+  message = re.sub(r'^bit\.\w+: ', '', message)
   if names:
     pattern = r'(?<![\w.-])(' + '|'.join(map(re.escape, names)) + r')='
     message = re.sub(pattern, lambda m: names[m.group(1)] + '=', message)

@@ -12,7 +12,7 @@ The train step is the one `bit.train.train_and_evaluate` runs, built the same wa
 (the BiT learning-rate schedule, the transfer mask of `--transfer`, `--accum-steps` micro-batches) and
 `train_state.train_step` wrapped by `parallel.DataParallel` (`--parallelism`, donated state), fed through
 `DataParallel.replicate`/`shard`. Inference is the jitted forward pass, by default on weights standardized
-once (`models.fold_for_inference`, what evaluation and prediction use); the per-call standardization figure
+once (`models.Inference`, what evaluation and prediction use); the per-call standardization figure
 is reported too as `infer_unfolded_images_per_sec`.
 
 Peak: on CPU a float matmul measured in the same run (`matmul_peak_gflops`; the CPU is often shared, so the
@@ -51,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 from bit import freeze, hyperrule, malloc, models, ops, parallel, train_state, xla
 from bit.errors import BitError
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = models.DTYPES
 # The learning-rate schedule of a mid-size dataset (hyper-rule, 20k-500k examples) and BiT's base rate: the
 # benchmark runs only its first steps, but the schedule is computed in the step as in a real run.
 SUPPORTS = hyperrule.schedule(50_000)
@@ -139,7 +139,7 @@ class Setup:
   batch: int
   size: int
   host_batch: dict
-  params: Any
+  params: Any  # None with --compile-only
   transfer: dict
   accum_steps: int
   result: dict
@@ -205,6 +205,7 @@ def setup(
   accum_steps: int,
   transfer: dict,
   result: dict,
+  allocate: bool = True,
 ) -> Setup:
   net = models.create_model(model, num_classes, dtype=DTYPES[dtype])
   dp = parallel.DataParallel(parallelism, parallel.select_devices(n_dev))
@@ -213,9 +214,11 @@ def setup(
     'image': rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
     'label': np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)],
   }
-  params = models.init_params(net, seed=0, image_size=min(size, 64))
-  # A non-zero head so the gradients flow through the whole network as in a real run.
-  params['head']['kernel'] = 0.01 * jax.random.normal(jax.random.PRNGKey(1), params['head']['kernel'].shape)
+  params = None  # allocate=False (--compile-only): the measurements work from shapes alone
+  if allocate:
+    params = models.init_params(net, seed=0, image_size=min(size, 64))
+    # A non-zero head so the gradients flow through the whole network as in a real run.
+    params['head']['kernel'] = 0.01 * jax.random.normal(jax.random.PRNGKey(1), params['head']['kernel'].shape)
   result['model_flops_per_image'] = forward_flops(net, size)
   result['forward_gflops_per_image'] = round(result['model_flops_per_image'] / 1e9, 3)
   return Setup(net, dp, batch, size, host_batch, params, transfer, accum_steps, result)
@@ -275,12 +278,13 @@ def measure_infer(s: Setup, steps: int, warmup: int, folded: bool) -> float:
   replicated = NamedSharding(s.dp.mesh, P())
   images = jax.device_put(s.host_batch['image'], NamedSharding(s.dp.mesh, P(parallel.DATA_AXIS)))
   if folded:
-    variables, fwd_model = {'params': models.fold_for_inference(s.params)}, s.net.clone(folded=True)
+    inference = models.Inference(s.net)
+    variables, forward = inference.prepare(s.params), inference
   else:
-    variables, fwd_model = {'params': s.params}, s.net
+    variables, forward = s.params, lambda p, x, m=s.net: m.apply({'params': p}, x)
   variables = jax.device_put(variables, replicated)
   t0 = time.perf_counter()
-  fwd = xla.jit(lambda v, x, m=fwd_model: m.apply(v, x)).lower(variables, images).compile()
+  fwd = xla.jit(forward).lower(variables, images).compile()
   compile_s = time.perf_counter() - t0
   for _ in range(max(1, warmup)):
     jax.block_until_ready(fwd(variables, images))
@@ -316,9 +320,8 @@ def measure_compile_only(s: Setup) -> None:
   step.lower(state, data).compile()
   result['train_compile_seconds'] = round(time.perf_counter() - t0, 2)
   _log(f'[speed] train step compiled in {result["train_compile_seconds"]} s')
-  folded = s.net.clone(folded=True)
   t0 = time.perf_counter()
-  xla.jit(lambda v, x: folded.apply(v, x)).lower({'params': shapes}, data['image']).compile()
+  xla.jit(models.Inference(s.net)).lower(shapes, data['image']).compile()
   result['infer_compile_seconds'] = round(time.perf_counter() - t0, 2)
   _log(f'[speed] forward compiled in {result["infer_compile_seconds"]} s')
   result['compile_seconds'] = round(result['train_compile_seconds'] + result['infer_compile_seconds'], 2)
@@ -411,7 +414,19 @@ def run(
     }
     _log(f'[speed] {result["model"]} {size}px batch {batch} {dtype} on {n_dev} {result["backend"]} device(s)')
     measure_peak(result, dtype, matmul_n, n_dev)
-    s = setup(model, size, batch, dtype, n_dev, parallelism, num_classes, accum_steps, settings, result)
+    s = setup(
+      model,
+      size,
+      batch,
+      dtype,
+      n_dev,
+      parallelism,
+      num_classes,
+      accum_steps,
+      settings,
+      result,
+      not compile_only,
+    )
     if compile_only:
       measure_compile_only(s)
     else:
