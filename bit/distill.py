@@ -438,7 +438,7 @@ def evaluate_teacher(teacher: Teacher, cfg: dict, workdir, info) -> dict:
     process_count=jax.process_count(),
   )
   result = evaluation.evaluate_batches(
-    evaluation.apply_fn(teacher.model.clone(dtype=jnp.float32)), teacher.params, batches, info.num_classes
+    models.Inference(teacher.model.clone(dtype=jnp.float32)), teacher.params, batches, info.num_classes
   )
   if jax.process_count() > 1:
     from bit import train
