@@ -2,7 +2,7 @@
 
   python benchmarks/long_runs.py save      # stall of one checkpoint save of an R50x1 train state
   python benchmarks/long_runs.py sigterm   # SIGTERM after step 2 of an R50x1 run at 128 px to its exit
-  python benchmarks/long_runs.py remat     # R50x1 train step at 128 px, batch 16: remat none vs unit
+  python benchmarks/long_runs.py remat     # R50x1 train step at 128 px, batch 16: remat none, unit, stage
 
 Rounds alternate between the settings compared; each prints the medians, then one JSON line.
 """
@@ -98,7 +98,7 @@ def remat(rounds=5, steps=3):
   base = models.create_model('R50x1', 10)
   params = models.init_params(base, image_size=64)
   states = {}
-  for r in ('none', 'unit'):
+  for r in ('none', 'unit', 'stage'):
     states[r] = dp.replicate(create_state(base.clone(remat=r), params, lr_schedule([1, 2, 3, 4, 5], 0.003)))
     states[r], m = p_train(states[r], batch)  # compile
     jax.block_until_ready(m)

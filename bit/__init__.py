@@ -6,6 +6,7 @@ applies the CPU runtime settings the command-line tools use (see bit/runtime.py)
 
   model, params = bit.load('BiT-M-R50x1', num_classes=10)
   logits = model.apply({'params': params}, images)     # NHWC float32 in [-1, 1]
+  probs = bit.predict(model, params, 'photos/')        # files, folders, PIL images or arrays
 """
 
 import importlib
@@ -24,6 +25,7 @@ _EXPORTS = {
   'parse_architecture': 'bit.models',
   # checkpoints
   'load': 'bit.checkpoints',
+  'reset_head': 'bit.checkpoints',
   'save_npz': 'bit.checkpoints',
   'list_models': 'bit.checkpoints',
   'download': 'bit.checkpoints',
@@ -37,6 +39,8 @@ _EXPORTS = {
   'train_and_evaluate': 'bit.train',
   'evaluate': 'bit.evaluation',
   'predict': 'bit.prediction',
+  'predict_files': 'bit.prediction',
+  'preprocess': 'bit.prediction',
   'export': 'bit.export',
   # the CPU runtime settings of the tools, on request
   'configure_cpu': 'bit.runtime',
@@ -61,12 +65,14 @@ if typing.TYPE_CHECKING:
     list_models,
     load,
     load_npz,
+    reset_head,
     save_npz,
   )
   from bit.errors import BitError, CheckpointError, ConfigError, DataError, DownloadError  # noqa: F401
   from bit.evaluation import evaluate  # noqa: F401
+  from bit.export import export  # noqa: F401
   from bit.models import ARCHITECTURES, ResNetV2, create_model, init_params, parse_architecture  # noqa: F401
-  from bit.prediction import predict  # noqa: F401
+  from bit.prediction import predict, predict_files, preprocess  # noqa: F401
   from bit.runtime import configure_cpu  # noqa: F401
   from bit.train import train_and_evaluate  # noqa: F401
 

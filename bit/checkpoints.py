@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import files, models
+from bit import arguments, files, models
 from bit.downloader import cache_dir, cache_path, download
 from bit.errors import BitError, CheckpointError, DownloadError
 
@@ -46,6 +46,7 @@ __all__ = [
   'params_to_npz',
   'save_npz',
   'load',
+  'reset_head',
   'label_names',
   'official_key',
 ]
@@ -401,7 +402,9 @@ def _resolve(name_or_path):
   if isinstance(name_or_path, os.PathLike):
     return 'file', pathlib.Path(name_or_path)
   if not isinstance(name_or_path, str):
-    raise BitError(f'Expected a model name or a path, got {name_or_path!r}.')
+    raise BitError(
+      f'name_or_path= must be a registry name, an .npz path or an architecture, got {arguments.describe(name_or_path)}.'
+    )
   s = name_or_path.strip()
   try:
     return 'registry', get_pretrained_cfg(s)
@@ -432,6 +435,10 @@ def load(name_or_path, num_classes=None, *, keep_head=False, dtype=jnp.float32, 
   The head is new and zero-initialized with `num_classes` outputs, unless `keep_head=True`, which keeps the
   checkpoint's own head (`num_classes` must then be None or equal to it). `dtype` is the compute dtype;
   params are float32. `seed` drives the random init of a scratch model.
+
+  A model that keeps its head knows the image size it was trained at (`model.input_size`, which
+  `bit.evaluate` and `bit.predict` use when given no size): the registry's resolution, or the `crop` of the
+  run's config.json beside a local .npz (a bit-train workdir). A new head is a new task: `input_size` None.
   """
   kind, what = _resolve(name_or_path)
   if num_classes is not None:
@@ -465,33 +472,69 @@ def load(name_or_path, num_classes=None, *, keep_head=False, dtype=jnp.float32, 
         f'{path} holds {arch} with {classes} classes, but {what.name} is {what.architecture} with '
         f'{what.num_classes}: the cached file is not the right one; delete it and it is downloaded again.'
       )
+    size = what.resolution
   else:
     path = what
     depth, width, classes, params = npz_to_params(load_npz(path), source=str(path))
     arch = models.architecture_name(depth, width)
-  return _finish(arch, classes, params, num_classes, keep_head, dtype, name_or_path)
+    size = _run_crop(path)
+  return _finish(arch, classes, params, num_classes, keep_head, dtype, name_or_path, size)
 
 
-def _finish(arch, classes, params, num_classes, keep_head, dtype, source):
+def _run_crop(npz: pathlib.Path) -> int | None:
+  """The `crop` of the bit-train run whose model.npz this is (its config.json beside it), if there is one."""
+  import json
+
+  config = pathlib.Path(npz).expanduser().parent / 'config.json'
+  try:
+    crop = json.loads(config.read_text()).get('crop')
+  except (OSError, ValueError, AttributeError):
+    return None  # not a workdir (or not one of ours): the size is simply unknown
+  return crop if isinstance(crop, int) and crop >= models.MIN_IMAGE_SIZE else None
+
+
+def _finish(arch, classes, params, num_classes, keep_head, dtype, source, size=None):
   if keep_head:
     if num_classes is not None and num_classes != classes:
       raise BitError(
         f'keep_head=True keeps the {classes}-class head of {source}, but num_classes='
         f'{num_classes}: drop num_classes, or drop keep_head for a new head.'
       )
-    return models.create_model(arch, classes, dtype), params
+    return models.create_model(arch, classes, dtype, input_size=size), params
   if num_classes is None:
     raise BitError(
       f'load({str(source)!r}): pass num_classes for a new (zero-initialized) head, or '
       f"keep_head=True to keep the checkpoint's {classes}-class head."
     )
-  model = models.create_model(arch, num_classes, dtype)
-  features = params['head']['kernel'].shape[0]
-  params['head'] = {
+  return models.create_model(arch, num_classes, dtype), reset_head(params, num_classes)
+
+
+def reset_head(params, num_classes: int):
+  """`params` with a new zero-initialized head of `num_classes` outputs (as `bit.load` gives for fine-tuning).
+
+  In memory, no file needed; `params` itself is not changed (the backbone arrays are shared, not copied).
+  The matching model is `model.clone(num_classes=num_classes, input_size=None)`.
+  """
+  try:
+    num_classes = operator.index(num_classes)
+  except TypeError:
+    raise BitError(f'num_classes must be an integer, got {num_classes!r}.') from None
+  if num_classes < 1:
+    raise BitError(f'num_classes must be a positive integer, got {num_classes}.')
+  if isinstance(params, Mapping) and set(params) == {'params'}:
+    params = params['params']
+  head = params.get('head') if isinstance(params, Mapping) else None
+  if not isinstance(head, Mapping) or getattr(head.get('kernel'), 'ndim', None) != 2:
+    raise BitError(
+      f'params= must be the param tree of a bit model (a dict with a head/kernel), got {arguments.describe(params)}.'
+    )
+  features = head['kernel'].shape[0]
+  out = dict(params)
+  out['head'] = {
     'kernel': jnp.zeros((features, num_classes), jnp.float32),
     'bias': jnp.zeros((num_classes,), jnp.float32),
   }
-  return model, params
+  return out
 
 
 def label_names(name_or_path) -> list[str] | None:

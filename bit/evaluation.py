@@ -176,17 +176,23 @@ def evaluate(
   """Evaluates `model` with `params` on every example of `split` of `dataset` (TFDS name or image folder).
 
   Images are resized to `crop` x `crop` (BiT's evaluation; with `center_crop=True`, to `resize` then the
-  central crop). `crop` defaults to the project's training crop for the split's image size
-  (`hyperrule.train_resolution`); pass the crop the model was trained at (a workdir's config.json has it).
-  `num_classes` defaults to the model's.
+  central crop). `crop` defaults to the size the model was trained at (`model.input_size`, which `bit.load`
+  sets from the registry or the run's config.json), else to the project's training crop for the split's
+  image size (`hyperrule.train_resolution`). `num_classes` defaults to the model's.
 
   Returns a dict: `top1`, `top5`, `loss` (mean cross-entropy), `count` (the examples evaluated), `skipped`
   (files that did not decode: logged by path and left out, as in training),
   `mean_per_class_accuracy`, `per_class_accuracy` (float array, NaN for a class with no examples),
   `class_counts`, `confusion` (int array [true, predicted]), `class_names`, `split`, `crop`.
   """
-  from bit import data, data_sources, hyperrule
+  from bit import arguments, data, data_sources, hyperrule
 
+  model = arguments.check_model(model, 'bit.evaluate')
+  params = arguments.check_params(model, params, 'bit.evaluate')
+  dataset = arguments.check_dataset(dataset, 'bit.evaluate')
+  crop = arguments.check_size(crop, 'crop', 'bit.evaluate')
+  if not isinstance(split, str):
+    raise DataError(f"bit.evaluate: split= must be a split name such as 'test', got {split!r}.")
   num_classes = int(num_classes if num_classes is not None else model.num_classes)
   records = data_sources.load_split(dataset, split, data_dir)
   if len(records.class_names) > num_classes:
@@ -195,7 +201,7 @@ def evaluate(
       'evaluate a model fine-tuned on this dataset (e.g. WORKDIR/model.npz).'
     )
   if crop is None:
-    _, crop = hyperrule.train_resolution(records.image_size)
+    crop = model.input_size or hyperrule.train_resolution(records.image_size)[1]
   if int(batch_size) < 1:
     raise BitError(f'batch_size must be a positive integer, got {batch_size!r}.')
   batches = data.eval_iterator(
@@ -302,7 +308,7 @@ def read_workdir(workdir) -> tuple[dict, Any, Any, list[str] | None]:
 
   workdir = pathlib.Path(workdir).expanduser()
   if not workdir.is_dir():
-    raise BitError(f'Workdir {workdir} does not exist: give the --workdir of a bit-train run.')
+    raise BitError(f'workdir={str(workdir)!r} does not exist: give the workdir of a bit-train run.')
   config_path, npz = workdir / 'config.json', workdir / 'model.npz'
   if not config_path.is_file():
     raise BitError(f'{config_path} is missing: {workdir} is not a bit-train workdir.')

@@ -139,18 +139,42 @@ class ResidualUnit(nn.Module):
     return y + shortcut.astype(y.dtype)
 
 
-def _remat_policy(prim, *_, **__) -> bool:
-  """Rematerialization keeps the reductions' outputs (GroupNorm statistics: one number per image and channel,
-  cheap to store, a full pass over the activation to recompute) and recomputes everything else."""
-  return prim.name.startswith('reduce_')
-
-
 REMAT = ('none', 'unit', 'stage')
 
 
-def _maybe_remat(cls, on: bool):
-  # nn.remat keeps the module's name and params: checkpoints load the same with or without it.
-  return nn.remat(cls, policy=_remat_policy) if on else cls
+def _recomputed(module: nn.Module):
+  """`module` as a function whose backward pass recomputes its activations: only its input and params are
+  kept from the forward pass (Flax param names unchanged).
+
+  Not `nn.remat`: jax.checkpoint keeps the recomputation apart from the forward pass with an XLA
+  optimization barrier, and XLA's CPU compiler removes those barriers before its common-subexpression
+  elimination and scheduling, which then merged the recomputation back into the forward pass: every
+  activation stayed live and the temporaries grew (README, Long runs). Here the recomputation reads its
+  input and params plus zero times one element of the incoming gradient: the same values (x + 0.0 == x; a
+  non-finite gradient gives non-finite gradients, as it would anyway), but a data dependency no compiler
+  pass removes, so it can neither be merged with the forward pass nor run before the backward pass reaches
+  it, on any backend. The params are recomputed from too, so the standardized kernels are not kept either.
+  """
+  unbound = module.clone(parent=None, name=None)
+
+  def apply(params, x):
+    return unbound.apply({'params': params}, x)
+
+  def fn(mdl, x):
+    return mdl(x)
+
+  def fwd(mdl, x):
+    return mdl(x), (mdl.variables['params'], x)
+
+  def bwd(res, g):
+    params, x = res
+    zero = jnp.ravel(g)[0].astype(jnp.float32) * 0.0
+    params = jax.tree.map(lambda p: p + zero.astype(p.dtype), params)
+    _, vjp = jax.vjp(apply, params, x + zero.astype(x.dtype))
+    dparams, dx = vjp(g)
+    return {'params': dparams}, dx
+
+  return functools.partial(nn.custom_vjp(fn, forward_fn=fwd, backward_fn=bwd), module)
 
 
 class ResidualBlock(nn.Module):
@@ -165,10 +189,10 @@ class ResidualBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    unit = _maybe_remat(ResidualUnit, self.remat == 'unit')
     for u in range(1, self.units + 1):
       strides = self.strides if u == 1 else (1, 1)
-      x = unit(self.features, strides, dtype=self.dtype, folded=self.folded, name=f'unit{u:02d}')(x)
+      unit = ResidualUnit(self.features, strides, dtype=self.dtype, folded=self.folded, name=f'unit{u:02d}')
+      x = (_recomputed(unit) if self.remat == 'unit' else unit)(x)
     return x
 
 
@@ -180,6 +204,10 @@ class ResNetV2(nn.Module):
 
   `folded=True` is the inference form: it expects params from `fold_for_inference` (kernels standardized
   once) and skips the per-call standardization; use it for evaluation and prediction, not for training.
+
+  `input_size` is the image side the model was trained (or fine-tuned) at, when known (`bit.load` sets it from
+  the registry or a run's config.json); `bit.evaluate` and `bit.predict` use it when given no size. It does
+  not change the params or the computation: the model takes any size >= 32.
   """
 
   depth: int = 50
@@ -188,6 +216,7 @@ class ResNetV2(nn.Module):
   dtype: Any = jnp.float32
   folded: bool = False
   remat: str = 'none'  # 'none', 'unit' or 'stage': what the backward pass recomputes instead of storing
+  input_size: int | None = None
 
   @property
   def num_features(self) -> int:
@@ -209,10 +238,9 @@ class ResNetV2(nn.Module):
     x = RootBlock(base, dtype=self.dtype, folded=self.folded, name='root_block')(x)
     if self.remat not in REMAT:
       raise BitError(f'remat={self.remat!r} is not one of {", ".join(REMAT)}.')
-    block = _maybe_remat(ResidualBlock, self.remat == 'stage')
     for b, units in enumerate(BLOCKS[self.depth], 1):
       strides = (1, 1) if b == 1 else (2, 2)
-      x = block(
+      block = ResidualBlock(
         units,
         base * 2 ** (b - 1),
         strides,
@@ -220,7 +248,8 @@ class ResNetV2(nn.Module):
         folded=self.folded,
         remat=self.remat,
         name=f'block{b}',
-      )(x)
+      )
+      x = (_recomputed(block) if self.remat == 'stage' else block)(x)
     x = GroupNorm(dtype=self.dtype, relu=True, name='norm_pre_head')(x)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if pre_logits:
@@ -250,12 +279,16 @@ class RootBlock(nn.Module):
     return ops.zero_padded_max_pool(ops.root_barrier(x))
 
 
-def create_model(arch: str, num_classes: int, dtype: Any = jnp.float32) -> ResNetV2:
+def create_model(
+  arch: str, num_classes: int, dtype: Any = jnp.float32, input_size: int | None = None
+) -> ResNetV2:
   """A ResNetV2 for an architecture name such as 'R50x1'."""
   depth, width = parse_architecture(arch)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise BitError(f'num_classes must be a positive integer, got {num_classes!r}.')
-  return ResNetV2(depth=depth, width=width, num_classes=num_classes, dtype=dtype)
+  if input_size is not None and (not isinstance(input_size, int) or input_size < MIN_IMAGE_SIZE):
+    raise BitError(f'input_size must be an integer >= {MIN_IMAGE_SIZE}, got {input_size!r}.')
+  return ResNetV2(depth=depth, width=width, num_classes=num_classes, dtype=dtype, input_size=input_size)
 
 
 def fold_for_inference(params):

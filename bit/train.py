@@ -36,7 +36,7 @@ import re
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Hashable
 
 import jax
 import numpy as np
@@ -82,6 +82,25 @@ class NonFiniteLossError(BitError):
   """The loss or the gradients stopped being finite numbers."""
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Objective:
+  """What a run trains for when it is not the labels' cross-entropy alone; `bit.distill` makes one. The loop,
+  its checkpoints, resume, preemption, evaluation and export stay those of every run.
+
+  `loss_fn(logits, labels, images, extra) -> scalar` is the per-device loss (`train_state.TrainState`);
+  `extra` a host tree given to every step, replicated over the devices, never donated nor changed (a
+  teacher's params); `key` identifies `loss_fn` in the compiled-step cache; `train_records`, when set, are
+  the examples trained on (`data_sources.Records`) instead of the train split; `check_model(model, params)`
+  runs once the model is loaded.
+  """
+
+  loss_fn: Callable
+  extra: Any
+  key: Hashable
+  train_records: Any = None
+  check_model: Callable | None = None
+
+
 @dataclasses.dataclass
 class FitResult:
   """What `fit` leaves behind: the final metrics and the final params (host numpy tree)."""
@@ -124,7 +143,7 @@ def _check_schedule(schedule) -> list[int]:
   except ConfigError:
     raise ConfigError(
       f'config.schedule={schedule!r} is not [warmup, decay1, decay2, decay3, total] in steps with '
-      'warmup <= decay1 < decay2 < decay3 < total, e.g. --config.schedule=[100,200,300,400,500].'
+      'warmup <= decay1 < decay2 < decay3 < total, e.g. config.schedule=[100,200,300,400,500].'
     ) from None
 
 
@@ -132,12 +151,12 @@ def _check_config(config) -> None:
   """Cheap checks before any data or model is touched."""
   if not config.get('dataset'):
     raise ConfigError(
-      'config.dataset is not set: pass --config.dataset=NAME (a TFDS name such as cifar10) '
-      'or --config.dataset=/path/to/folder (ROOT/<split>/<class>/<image>).'
+      'config.dataset is not set: set config.dataset=NAME (a TFDS name such as cifar10) '
+      'or config.dataset=/path/to/folder (ROOT/<split>/<class>/<image>).'
     )
   if not config.get('model'):
     raise ConfigError(
-      'config.model is not set: pass --config.model=BiT-M-R50x1 (see bit.list_models()), '
+      'config.model is not set: set config.model=BiT-M-R50x1 (see bit.list_models()), '
       'a path to an official-layout .npz, or an architecture such as R50x1 to train from scratch.'
     )
   if config.dtype not in models.DTYPES:
@@ -183,8 +202,8 @@ def _check_transfer_config(config) -> None:
       raise ConfigError(f'config.{key} must be an integer >= 0, got {value!r}.')
   if t['transfer'] != 'partial' and (t['unfreeze_stages'] or t['unfreeze_units']):
     raise ConfigError(
-      f'config.unfreeze_stages/unfreeze_units only apply to --config.transfer=partial, not '
-      f'{t["transfer"]!r}: set --config.transfer=partial or drop them.'
+      f'config.unfreeze_stages/unfreeze_units only apply to config.transfer=partial, not '
+      f'{t["transfer"]!r}: set config.transfer=partial or drop them.'
     )
   if t['unfreeze_stages'] and t['unfreeze_units']:
     raise ConfigError('Give either config.unfreeze_stages or config.unfreeze_units, not both.')
@@ -196,7 +215,7 @@ def _check_transfer_config(config) -> None:
   if patience and not int(config.eval_every):
     raise ConfigError(
       f'config.early_stopping_patience={patience} needs evaluations during training: set '
-      '--config.eval_every=STEPS as well (early stopping counts evaluations, not steps).'
+      'config.eval_every=STEPS as well (early stopping counts evaluations, not steps).'
     )
 
 
@@ -225,7 +244,7 @@ def _check_workdir_config(workdir: pathlib.Path, resolved: dict, write: bool) ->
     try:
       old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-      raise ConfigError(f'{path} is not readable JSON ({e}): delete it or use another --workdir.') from e
+      raise ConfigError(f'{path} is not readable JSON ({e}): delete it or pass another workdir=.') from e
     new = json.loads(json.dumps(resolved))
     old = {**{k: config_keys.default(k) for k in LATER_KEYS if k in new}, **old}
     operational = OPERATIONAL_KEYS
@@ -237,7 +256,7 @@ def _check_workdir_config(workdir: pathlib.Path, resolved: dict, write: bool) ->
     if diff:
       details = ', '.join(f'{k}: {old.get(k)!r} there vs {new.get(k)!r} now' for k in diff[:4])
       raise ConfigError(
-        f'{workdir} holds a different run ({details}): use a new --workdir, or delete {workdir} to start over.'
+        f'{workdir} holds a different run ({details}): pass a new workdir=, or delete {workdir} to start over.'
       )
   if write:
     files.write_json(path, resolved, sort_keys=True)
@@ -359,7 +378,7 @@ def _restore_latest(manager, template, *, primary: bool = True):
     raise CheckpointRestoreError(
       f'None of the {len(failed)} checkpoints in {manager.directory} restores ({listing}). Nothing was '
       'deleted or moved. Fix the cause (a changed model or config, a read error, a full disk) and rerun, '
-      'or pass --config.restart=True to start over (the checkpoints are then moved aside, not deleted).'
+      'or set config.restart=True to start over (the checkpoints are then moved aside, not deleted).'
     )
   return None, 0
 
@@ -460,7 +479,11 @@ _STEPS_CACHE: dict = {}
 _STEPS_CACHE_SIZE = 4
 
 
-def _compiled(dp, model, params, supports, base_lr, accum_steps, transfer: dict):
+def _step_with_extra(state, batch, extra):
+  return train_step(state, batch, parallel.DATA_AXIS, extra)
+
+
+def _compiled(dp, model, params, supports, base_lr, accum_steps, transfer: dict, objective=None):
   key = (
     repr(model),
     tuple(supports),
@@ -469,15 +492,21 @@ def _compiled(dp, model, params, supports, base_lr, accum_steps, transfer: dict)
     tuple(sorted(transfer.items())),
     dp.mode,
     tuple(d.id for d in dp.devices),
+    None if objective is None else objective.key,
   )
   if key not in _STEPS_CACHE:
     if len(_STEPS_CACHE) >= _STEPS_CACHE_SIZE:
       _STEPS_CACHE.pop(next(iter(_STEPS_CACHE)))
+    loss_fn = None if objective is None else objective.loss_fn
     template = create_state(
-      model, params, lr_schedule(supports, base_lr), accum_steps=accum_steps, **transfer
+      model, params, lr_schedule(supports, base_lr), accum_steps=accum_steps, loss_fn=loss_fn, **transfer
     )
     template = template.replace(params=None, opt_state=None, frozen=())  # the static fields, not the arrays
-    _STEPS_CACHE[key] = (template, dp.wrap(train_step, donate=True))
+    if objective is None:
+      step = dp.wrap(train_step, donate=True)
+    else:  # the extra input (a teacher) is replicated once and never donated
+      step = dp.wrap(_step_with_extra, donate=True, extra_inputs=1)
+    _STEPS_CACHE[key] = (template, step)
   template, p_train = _STEPS_CACHE[key]
   return start_state(template, params), p_train
 
@@ -514,6 +543,9 @@ def _sum_over_processes(result: dict) -> dict:
 def train_and_evaluate(config, workdir) -> dict:
   """Fine-tunes `config.model` on `config.dataset` in `workdir`; returns the final metrics.
 
+  `config`: a ConfigDict (`bit.config.get_config()`; bit/config.py lists every key) or a plain dict of those keys,
+  put onto the defaults, e.g. `{'model': 'BiT-M-R50x1', 'dataset': 'cifar10'}`.
+
   The dict has `step` (the last trained step), `top1`, `top5`, `eval_loss`, `mean_per_class_accuracy` and
   `num_examples` (on the whole test split) and `loss` (the last train loss). With early stopping the eval
   numbers are the best eval's (the exported model), `best_step` is its step and `stopped_early` says whether
@@ -546,6 +578,7 @@ class _Setup:
   restored: bool
   what: str  # the trainable-parameter count, for the log
   counts: dict  # the metrics.jsonl start line
+  objective: Objective | None = None  # None: the labels' cross-entropy on the train split
 
   @property
   def total(self) -> int:
@@ -556,7 +589,7 @@ class _Setup:
     return jax.process_index() == 0
 
 
-def _setup(config, workdir) -> _Setup:
+def _setup(config, workdir, objective: Objective | None = None) -> _Setup:
   """Checks and resolves the config, loads the model, restores the latest checkpoint."""
   from bit import checkpoints, data
 
@@ -571,6 +604,8 @@ def _setup(config, workdir) -> _Setup:
     examples_per_class=config.examples_per_class,
     seed=config.seed,
   )
+  if objective is not None and objective.train_records is not None:
+    info = dataclasses.replace(info, train_size=len(objective.train_records))  # what the hyper-rule sizes
   cfg = resolve_config(config, info)
   del config  # from here on, the resolved one
   workdir = pathlib.Path(workdir).expanduser().absolute()
@@ -583,6 +618,8 @@ def _setup(config, workdir) -> _Setup:
     cfg['model'], num_classes=info.num_classes, dtype=models.DTYPES[cfg['dtype']], seed=cfg['seed']
   )
   model = _with_remat(model, cfg)
+  if objective is not None and objective.check_model is not None:
+    objective.check_model(model, params)
   transfer = _transfer_settings(cfg)
   mask = freeze.trainable_mask(
     params,
@@ -600,7 +637,9 @@ def _setup(config, workdir) -> _Setup:
       transfer['transfer'],
     )
   patience = int(cfg.get('early_stopping_patience') or 0)
-  state, p_train = _compiled(dp, model, params, cfg['schedule'], cfg['base_lr'], cfg['accum_steps'], transfer)
+  state, p_train = _compiled(
+    dp, model, params, cfg['schedule'], cfg['base_lr'], cfg['accum_steps'], transfer, objective
+  )
   best = BestEval.initial(params, info.num_classes) if patience else None
   template = state_to_tree(state)
   if best is not None:
@@ -638,6 +677,7 @@ def _setup(config, workdir) -> _Setup:
     restored=restored is not None,
     what=f'{num_trainable:,} of {num_params:,} parameters trainable (transfer={transfer["transfer"]!r})',
     counts={'trainable_params': num_trainable, 'total_params': num_params, 'transfer': transfer['transfer']},
+    objective=objective,
   )
 
 
@@ -684,7 +724,7 @@ class _TrainLog:
         )
         raise NonFiniteLossError(
           f'The training loss became {float(m["loss"])} (gradient norm {float(m["grad_norm"])}) at step {s}; '
-          f'the last good checkpoint is {where}. Lower --config.base_lr or use --config.dtype=float32.'
+          f'the last good checkpoint is {where}. Lower config.base_lr= or set config.dtype=float32.'
         )
     now = time.perf_counter()
     loss = float(np.mean([float(m['loss']) for _, m in fetched]))
@@ -813,14 +853,59 @@ def _train_iterator(setup: _Setup):
     data_dir=cfg['data_dir'],
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    records=None if setup.objective is None else setup.objective.train_records,
   )
 
 
-def fit(config, workdir) -> FitResult:
-  """`train_and_evaluate`, also returning the exported params (host numpy) and the resolved config."""
+def as_config(config):
+  """`config` as a ConfigDict: one as given, or a plain dict put onto the defaults (bit/config.py).
+
+  A dict's unknown keys are refused, naming them (bit/config.py lists every key); so is a value of the wrong
+  type for its key.
+  """
+  import ml_collections
+
+  if isinstance(config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    return config
+  if not isinstance(config, dict):
+    raise ConfigError(
+      'config= must be an ml_collections.ConfigDict (e.g. bit.config.get_config()) or a dict of its keys, '
+      f'got {type(config).__name__}.'
+    )
+  from bit import config as config_lib
+
+  base = config_lib.get_config()
+  unknown = sorted(str(k) for k in config if k not in base)
+  if unknown:
+    import difflib
+
+    hints = [
+      f'{k} (did you mean {m[0]}?)' if (m := difflib.get_close_matches(k, list(base), 1)) else k
+      for k in unknown
+    ]
+    raise ConfigError(f'config= has unknown keys: {", ".join(hints)}; bit/config.py lists every key.')
+  for key, value in config.items():
+    try:
+      base[key] = value
+    except (TypeError, ValueError):
+      wanted = base.get_type(key).__name__
+      raise ConfigError(
+        f'config[{key!r}]={value!r} is a {type(value).__name__}, but {key} takes type {wanted}.'
+      ) from None
+  return base
+
+
+def fit(config, workdir, objective: Objective | None = None) -> FitResult:
+  """`train_and_evaluate`, also returning the exported params (host numpy) and the resolved config.
+
+  `objective` trains for another loss (and on other examples) in this same loop: see `Objective`.
+  """
   from tqdm.auto import tqdm
 
-  setup = _setup(config, workdir)
+  config = as_config(config)
+  if not isinstance(workdir, (str, os.PathLike)) or not str(os.fspath(workdir)).strip():
+    raise ConfigError(f'workdir= must be a folder path (str or pathlib.Path), got {workdir!r}.')
+  setup = _setup(config, workdir, objective)
   cfg, dp, best, total, start = setup.cfg, setup.dp, setup.best, setup.total, setup.start
   patience = int(cfg.get('early_stopping_patience') or 0)
   writer = MetricsWriter(setup.workdir, enabled=setup.primary)
@@ -835,6 +920,7 @@ def fit(config, workdir) -> FitResult:
   if not start:
     writer.write(0, setup.counts)
   dstate = dp.replicate(setup.state)
+  extra = () if objective is None else (dp.replicate(objective.extra),)
   evaluate = _evaluator(setup)
   train_iter = _train_iterator(setup)
   # A run that stopped early before it was interrupted (or finished) has nothing left to train.
@@ -860,7 +946,7 @@ def fit(config, workdir) -> FitResult:
   with _StopSignals() as stop:
     try:
       for step in range(start + 1, end + 1):
-        dstate, metrics = setup.p_train(dstate, dp.shard(next(train_iter)))
+        dstate, metrics = setup.p_train(dstate, dp.shard(next(train_iter)), *extra)
         train_log.add(step, metrics)
         final = None
         bar.update(1)

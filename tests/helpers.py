@@ -5,6 +5,7 @@ import http.server
 import io
 import os
 import pathlib
+import platform
 import socket
 import subprocess
 import sys
@@ -18,6 +19,32 @@ from make_checkpoint import random_checkpoint
 from bit import models
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _not_glibc() -> str | None:
+  if not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc':
+    return 'needs glibc malloc (Linux): bit/malloc.py changes nothing elsewhere'
+  return None
+
+
+def _not_cpu_backend() -> str | None:
+  if jax.default_backend() != 'cpu':
+    return (
+      f'measures the CPU backend, and this run uses {jax.default_backend()} (run it with JAX_PLATFORMS=cpu)'
+    )
+  return None
+
+
+def _not_cpu_runtime() -> str | None:
+  if 'jax_cpu_enable_async_dispatch' not in jax.config.values:
+    return f'jax {jax.__version__} has no jax_cpu_enable_async_dispatch, the setting bit/malloc.py makes'
+  return _not_glibc() or _not_cpu_backend()
+
+
+# Tests of what only holds on one platform skip there with the reason, instead of failing elsewhere.
+glibc_only = pytest.mark.skipif(_not_glibc() is not None, reason=_not_glibc() or '')
+cpu_backend_only = pytest.mark.skipif(_not_cpu_backend() is not None, reason=_not_cpu_backend() or '')
+cpu_runtime_only = pytest.mark.skipif(_not_cpu_runtime() is not None, reason=_not_cpu_runtime() or '')
 
 
 def fast_params(model, seed=0, head_std=0.0):

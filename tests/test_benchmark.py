@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import cpu_backend_only
 
 from bit import models
 from bit.errors import BitError
@@ -23,6 +24,7 @@ def _finite_positive(result, key):
   assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
 
 
+@cpu_backend_only  # the peak is the matmul measured in the same run, and host page faults are counted
 def test_cli_prints_one_json_line_last():
   cmd = [sys.executable, '-m', 'bit.tools.speed', '--model', 'R26x1', '--size', '32', '--batch', '2']
   cmd += ['--steps', '2', '--warmup', '1', '--classes', '3', '--matmul-n', '128']
@@ -110,6 +112,7 @@ sys.exit(speed.main(sys.argv[1:]))
 """
 
 
+@cpu_backend_only  # on an accelerator the suite is the full check, minutes long
 def test_accelerator_suite_runs_its_tiny_cpu_version_without_tensorflow():
   proc = subprocess.run(
     [sys.executable, '-c', _BLOCKED, '--suite', 'accelerator'],

@@ -104,7 +104,7 @@ def test_evaluate_counts_every_example(folder, tiny):
 def test_evaluate_rejects_a_model_with_too_few_outputs(folder):
   model = models.create_model('R26x1', num_classes=2)
   with pytest.raises(DataError, match='3 classes'):
-    evaluation.evaluate(model, None, str(folder), split='test', crop=32)
+    evaluation.evaluate(model, models.param_shapes(model), str(folder), split='test', crop=32)
 
 
 def test_write_report(tmp_path):

@@ -2,11 +2,11 @@
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
+from helpers import cpu_runtime_only, glibc_only
 
 from bit import malloc
 
@@ -17,7 +17,6 @@ import json, resource
 import bit
 bit.configure_cpu()  # what the command-line tools do first; `import bit` alone sets nothing
 import jax, jax.numpy as jnp
-from jax._src import xla_bridge
 
 @jax.jit
 def f(x):
@@ -32,12 +31,8 @@ for _ in range(8):
   f(x).block_until_ready()
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(json.dumps({'faults': faults, 'state': bit.malloc.state,
-                  'async': xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value}))
+                  'async': jax.config.values['jax_cpu_enable_async_dispatch']}))
 """
-
-glibc_only = pytest.mark.skipif(
-  not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc', reason='glibc malloc'
-)  # judged independently of bit/malloc.py's own check
 
 
 def _run(**env):
@@ -47,7 +42,7 @@ def _run(**env):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@glibc_only
+@cpu_runtime_only
 def test_buffers_are_reused_instead_of_faulted_in_every_call():
   reuse, system = _run(), _run(BIT_MALLOC='system')
   assert reuse['state'] == {'malloc': True, 'dispatch': True} and reuse['async'] is False
@@ -58,22 +53,21 @@ def test_buffers_are_reused_instead_of_faulted_in_every_call():
   assert reuse['faults'] < system['faults'] / 4
 
 
-@glibc_only
+@cpu_runtime_only
 def test_dispatch_is_left_alone_once_jax_runs():
   code = """
 import jax
 jax.devices()  # the backend starts before bit's settings are made
 import bit
 bit.configure_cpu()
-from jax._src import xla_bridge
-print(bit.malloc.state['malloc'], bit.malloc.state['dispatch'], xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)
+print(bit.malloc.state['malloc'], bit.malloc.state['dispatch'], jax.config.values['jax_cpu_enable_async_dispatch'])
 """
   env = {k: v for k, v in os.environ.items() if k not in ('BIT_MALLOC', 'LD_PRELOAD')}
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, check=True)
   assert out.stdout.split() == ['True', 'False', 'True']
 
 
-@glibc_only
+@cpu_runtime_only
 def test_a_users_own_malloc_setting_wins():
   out = _run(MALLOC_MMAP_MAX_='65536')
   assert out['state'] == {'malloc': False, 'dispatch': False} and out['async'] is True

@@ -211,3 +211,108 @@ def test_bit_predict_on_a_folder_without_images_says_so(workdir, tmp_path, capsy
       cli.predict_main, ['bit-predict', '--workdir', workdir, folder], capsys, monkeypatch
     )
     assert code == 2 and f'{folder} holds no image files' in err and not out.strip()
+
+
+# --- bit.predict and bit.preprocess: what a timm or Keras user passes ----------------------------------------
+
+
+def test_predict_takes_files_folders_pil_images_and_arrays(folder, tiny):
+  model, params = tiny
+  dogs = folder / 'test' / 'dog'
+  files = sorted(dogs.glob('*.png'))
+  expected = prediction.predict(model, params, np.stack([prediction.load_image(f, 32) for f in files]))
+  np.testing.assert_allclose(prediction.predict(model, params, dogs, size=32), expected, rtol=1e-5)
+  np.testing.assert_allclose(prediction.predict(model, params, str(dogs), size=32), expected, rtol=1e-5)
+  mixed = [files[0], Image.open(files[1]), np.asarray(Image.open(files[0]))]
+  probs = prediction.predict(model, params, mixed, size=32)
+  np.testing.assert_allclose(probs, expected[[0, 1, 0]], rtol=1e-5, atol=1e-7)
+  # One file, one PIL image: one row of probabilities, as for one HWC array.
+  one = prediction.predict(model, params, str(files[1]), size=32)
+  assert one.shape == (len(CLASSES),)
+  np.testing.assert_allclose(one, expected[1], rtol=1e-5)
+  p, i = prediction.predict(model, params, Image.open(files[0]), size=32, top=2)
+  assert p.shape == i.shape == (2,) and i[0] == expected[0].argmax()
+
+
+def test_preprocess_gives_the_pixels_of_evaluation(folder):
+  (batch,) = data.eval_iterator(str(folder), split='test', global_batch_size=6, crop=32)
+  files = sorted((folder / 'test').glob('*/*.png'))
+  x = prediction.preprocess(files, 32)
+  assert x.dtype == np.float32 and x.shape == (6, 32, 32, 3)
+  np.testing.assert_allclose(x, batch['image'], atol=1e-4)
+  np.testing.assert_allclose(prediction.preprocess([Image.open(f) for f in files], 32), x, atol=1e-6)
+  assert prediction.preprocess(files[0], 32).shape == (1, 32, 32, 3)  # a single image: a batch of one
+  assert prediction.preprocess(np.zeros((2, 40, 40, 3), np.uint8)).shape == (2, 40, 40, 3)  # arrays keep size
+  assert prediction.preprocess(files[0]).shape == (1, 224, 224, 3)  # decoded images default to 224
+
+
+def test_pil_images_of_every_mode_are_converted(tmp_path):
+  rng = np.random.default_rng(3)
+  rgb = Image.fromarray(rng.integers(0, 255, (36, 36, 3), np.uint8))
+  modes = {
+    'CMYK': (rgb.convert('CMYK'), 'cmyk.jpg'),
+    'P': (rgb.convert('P'), 'p.png'),
+    'RGBA': (rgb.convert('RGBA'), 'rgba.png'),
+    'I;16': (Image.fromarray((rng.integers(0, 65535, (36, 36))).astype(np.uint16)), 'i16.png'),
+  }
+  for mode, (im, name) in modes.items():
+    assert im.mode == mode
+    im.save(tmp_path / name)
+    from_pil = prediction.preprocess(Image.open(tmp_path / name), 32)
+    from_file = prediction.preprocess(tmp_path / name, 32)
+    np.testing.assert_allclose(from_pil, from_file, atol=1e-6, err_msg=mode)  # the decoder of every reader
+    assert from_pil.shape == (1, 32, 32, 3) and -1 <= from_pil.min() and from_pil.max() <= 1
+    assert from_pil.std() > 0.1, mode  # real pixels, not a flat white or black image
+  i16 = np.asarray(Image.open(tmp_path / 'i16.png'), np.float64)
+  x = prediction.preprocess(Image.open(tmp_path / 'i16.png'), 36)[0, ..., 0]
+  np.testing.assert_allclose((x + 1) * 127.5, np.floor(i16 / 256), atol=1e-3)  # the top 8 of 16 bits
+
+
+def test_bad_images_are_named(folder, tiny, tmp_path):
+  model, params = tiny
+  notes = folder / 'odd' / 'notes.txt'
+  with pytest.raises(BitError, match=rf'images=: {notes}: not an image.*item 2 of 2'):
+    prediction.predict(model, params, [folder / 'odd' / 'gray.png', notes], size=32)
+  with pytest.raises(BitError, match=r'broken.png: cannot decode'):
+    prediction.preprocess([folder / 'odd' / 'broken.png'], 32)
+  (tmp_path / 'sub').mkdir()
+  with pytest.raises(BitError, match=rf'{tmp_path} holds no image files.*1 subfolders'):
+    prediction.predict(model, params, tmp_path)
+  with pytest.raises(BitError, match=r'no such file: .*missing.jpg'):
+    prediction.preprocess(['missing.jpg'], 32)
+  with pytest.raises(BitError, match=r'images= must be .* got a dict'):
+    prediction.preprocess({'a': 1}, 32)
+  with pytest.raises(BitError, match=r'images= is an empty list'):
+    prediction.predict(model, params, [])
+  with pytest.raises(BitError, match=r'different sizes \(32x32 and 40x40\)'):
+    prediction.preprocess([np.zeros((32, 32, 3), np.uint8), np.zeros((40, 40, 3), np.uint8)])
+  with pytest.raises(BitError, match=r'size= must be an image side'):
+    prediction.preprocess(folder / 'odd' / 'gray.png', 16)
+
+
+def test_predict_uses_the_models_input_size(tiny):
+  model, params = tiny
+  pixels = np.random.default_rng(4).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+  at_32 = prediction.predict(model, params, prediction.preprocess(pixels, 32))
+  sized = model.clone(input_size=32)
+  np.testing.assert_allclose(prediction.predict(sized, params, pixels), at_32, rtol=1e-5)
+  assert not np.allclose(prediction.predict(model, params, pixels), at_32, rtol=1e-3)  # 48 px as given
+
+
+def test_progress_bar_for_long_inputs(tiny, capsys, monkeypatch):
+  model, params = tiny
+  pixels = np.zeros((5, 32, 32, 3), np.uint8)
+  prediction.predict(model, params, pixels, batch_size=2)
+  assert 'predict' not in capsys.readouterr().err  # short: no bar
+  monkeypatch.setattr(prediction, 'PROGRESS_MIN', 4)
+  prediction.predict(model, params, pixels, batch_size=2)
+  assert '5/5' in capsys.readouterr().err
+  prediction.predict(model, params, pixels, batch_size=2, progress=False)
+  assert capsys.readouterr().err == ''
+
+
+def test_bit_predict_shows_python_errors_as_flags(workdir, folder, capsys, monkeypatch):
+  argv = ['bit-predict', '--workdir', workdir, '--size', '16', folder / 'odd' / 'gray.png']
+  code, _, err = run_cli(cli.predict_main, argv, capsys, monkeypatch)
+  assert code == 2 and 'error: --size= must be an image side in pixels, at least 32, got 16.' in err
+  assert 'bit.predict_files' not in err and 'Traceback' not in err

@@ -2,11 +2,10 @@
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
-import pytest
+from helpers import cpu_runtime_only
 
 # The variables bit's runtime settings read or write: the child starts without them, as a user's program would.
 _OURS = ('XLA_FLAGS', 'TF_CPP_MIN_LOG_LEVEL', 'TF_ENABLE_ONEDNN_OPTS', 'BIT_MALLOC', 'LD_PRELOAD')
@@ -53,9 +52,7 @@ print(json.dumps({
 """
 
 
-@pytest.mark.skipif(
-  not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc', reason='glibc malloc'
-)
+@cpu_runtime_only
 def test_import_bit_changes_nothing_global():
   out = subprocess.run(
     [sys.executable, '-c', _NO_SIDE_EFFECTS], capture_output=True, text=True, env=_clean_env(), check=True
@@ -84,9 +81,7 @@ print(json.dumps({'state': malloc.state, 'xla_flags': os.environ.get('XLA_FLAGS'
 """
 
 
-@pytest.mark.skipif(
-  not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc', reason='glibc malloc'
-)
+@cpu_runtime_only
 def test_command_line_tools_make_the_cpu_settings_before_jax_starts():
   from bit import xla
 

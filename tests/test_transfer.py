@@ -234,7 +234,7 @@ def test_scratch_model_trains_every_parameter(runs):
   'overrides, match',
   [
     (dict(transfer='linear'), 'config.transfer'),
-    (dict(unfreeze_stages=1), 'only apply to --config.transfer=partial'),
+    (dict(unfreeze_stages=1), 'only apply to config.transfer=partial'),
     (dict(transfer='partial', unfreeze_stages=1, unfreeze_units=2), 'not both'),
     (dict(backbone_lr_scale=0.0), 'backbone_lr_scale'),
     (dict(early_stopping_patience=2), 'eval_every'),
