@@ -93,6 +93,7 @@ def main():
         str(a.steps),
       ]
       cmd += ['--depth', str(models.parse_architecture(a.model)[0]), '--warmup', str(a.warmup)]
+      cmd += ['--modes', 'eager']  # timm's eager inference; timm_rounds.py runs the other modes
       proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
       rates['timm'].append(json.loads(proc.stdout.strip().splitlines()[-1])['infer_images_per_sec'])
     print(f'round {r + 1}: ' + ', '.join(f'{k} {v[-1]:.1f}' for k, v in rates.items()), flush=True)

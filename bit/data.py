@@ -336,6 +336,7 @@ def train_iterator(
   per_example_mixup=False,
   max_memory_gb=None,
   decoded_cache_gb=None,
+  records=None,
 ):
   """Returns an infinite iterator of this process's training batches, starting at step `start_step`.
 
@@ -349,6 +350,8 @@ def train_iterator(
   A TFDS split above the memory budget (`max_memory_gb`, see `data_sources.max_memory_bytes`) is streamed:
   resuming at `start_step` then reads (but does not decode) the start_step x global_batch_size records
   before it. A split whose decoded pixels fit `decoded_cache_gb` is decoded once and kept (same batches).
+  `records` (a `data_sources.Records`) is read instead of `dataset`/`split` when given; a label of -1 is an
+  unlabeled example, whose one-hot label is all zeros (`bit.distill` adds such examples).
   """
   seed = _seed(seed)
   b_local = _local_batch(global_batch_size, process_index, process_count)
@@ -359,7 +362,8 @@ def train_iterator(
     )
   if start_step < 0:
     raise ConfigError(f'start_step must be >= 0, got {start_step}')
-  records = _train_records(dataset, split, data_dir, examples_per_class, seed, max_memory_gb)
+  if records is None:
+    records = _train_records(dataset, split, data_dir, examples_per_class, seed, max_memory_gb)
   _check_labels(records, num_classes)
   tf = data_sources.tf_hidden()
   n, g, b = len(records), int(global_batch_size), b_local

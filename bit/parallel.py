@@ -177,11 +177,13 @@ class DataParallel:
 
     return jax.tree.map(get, tree)
 
-  def wrap(self, fn, *, donate: bool = False):
-    """Runs `fn(replicated, batch) -> replicated outputs` on every device.
+  def wrap(self, fn, *, donate: bool = False, extra_inputs: int = 0):
+    """Runs `fn(replicated, batch, *extra) -> replicated outputs` on every device.
 
     `fn` is written for one device and must reduce its outputs over `DATA_AXIS` itself (pmean/psum), so
     they are the same on every device. `donate` hands the first argument's buffers to the outputs.
+    `extra_inputs` more arguments follow the batch: replicated like the first (`replicate`) and never
+    donated, so they stay valid from call to call (e.g. a distillation teacher's params).
     """
     donate_argnums = (0,) if donate else ()
     if self.mode == 'pmap':
@@ -190,7 +192,8 @@ class DataParallel:
     else:
       # check_vma=False: fn is also the body of pmap, so it cannot carry shard_map's varying-axis
       # annotations; replication of the outputs is guaranteed by fn's own collectives.
-      mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(), check_vma=False)
+      in_specs = (P(), P(DATA_AXIS)) + (P(),) * int(extra_inputs)
+      mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=P(), check_vma=False)
       wrapped = xla.jit(mapped, donate_argnums=donate_argnums)
     if donate and all(d.platform == 'cpu' for d in self.devices):
       wrapped = _without_donation_warning(wrapped)

@@ -36,7 +36,7 @@ import re
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Hashable
 
 import jax
 import numpy as np
@@ -80,6 +80,25 @@ LATER_KEYS = (*config_keys.TRANSFER_KEYS, 'early_stopping_patience', 'remat', 'r
 
 class NonFiniteLossError(BitError):
   """The loss or the gradients stopped being finite numbers."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Objective:
+  """What a run trains for when it is not the labels' cross-entropy alone; `bit.distill` makes one. The loop,
+  its checkpoints, resume, preemption, evaluation and export stay those of every run.
+
+  `loss_fn(logits, labels, images, extra) -> scalar` is the per-device loss (`train_state.TrainState`);
+  `extra` a host tree given to every step, replicated over the devices, never donated nor changed (a
+  teacher's params); `key` identifies `loss_fn` in the compiled-step cache; `train_records`, when set, are
+  the examples trained on (`data_sources.Records`) instead of the train split; `check_model(model, params)`
+  runs once the model is loaded.
+  """
+
+  loss_fn: Callable
+  extra: Any
+  key: Hashable
+  train_records: Any = None
+  check_model: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -460,7 +479,11 @@ _STEPS_CACHE: dict = {}
 _STEPS_CACHE_SIZE = 4
 
 
-def _compiled(dp, model, params, supports, base_lr, accum_steps, transfer: dict):
+def _step_with_extra(state, batch, extra):
+  return train_step(state, batch, parallel.DATA_AXIS, extra)
+
+
+def _compiled(dp, model, params, supports, base_lr, accum_steps, transfer: dict, objective=None):
   key = (
     repr(model),
     tuple(supports),
@@ -469,15 +492,21 @@ def _compiled(dp, model, params, supports, base_lr, accum_steps, transfer: dict)
     tuple(sorted(transfer.items())),
     dp.mode,
     tuple(d.id for d in dp.devices),
+    None if objective is None else objective.key,
   )
   if key not in _STEPS_CACHE:
     if len(_STEPS_CACHE) >= _STEPS_CACHE_SIZE:
       _STEPS_CACHE.pop(next(iter(_STEPS_CACHE)))
+    loss_fn = None if objective is None else objective.loss_fn
     template = create_state(
-      model, params, lr_schedule(supports, base_lr), accum_steps=accum_steps, **transfer
+      model, params, lr_schedule(supports, base_lr), accum_steps=accum_steps, loss_fn=loss_fn, **transfer
     )
     template = template.replace(params=None, opt_state=None, frozen=())  # the static fields, not the arrays
-    _STEPS_CACHE[key] = (template, dp.wrap(train_step, donate=True))
+    if objective is None:
+      step = dp.wrap(train_step, donate=True)
+    else:  # the extra input (a teacher) is replicated once and never donated
+      step = dp.wrap(_step_with_extra, donate=True, extra_inputs=1)
+    _STEPS_CACHE[key] = (template, step)
   template, p_train = _STEPS_CACHE[key]
   return start_state(template, params), p_train
 
@@ -549,6 +578,7 @@ class _Setup:
   restored: bool
   what: str  # the trainable-parameter count, for the log
   counts: dict  # the metrics.jsonl start line
+  objective: Objective | None = None  # None: the labels' cross-entropy on the train split
 
   @property
   def total(self) -> int:
@@ -559,7 +589,7 @@ class _Setup:
     return jax.process_index() == 0
 
 
-def _setup(config, workdir) -> _Setup:
+def _setup(config, workdir, objective: Objective | None = None) -> _Setup:
   """Checks and resolves the config, loads the model, restores the latest checkpoint."""
   from bit import checkpoints, data
 
@@ -574,6 +604,8 @@ def _setup(config, workdir) -> _Setup:
     examples_per_class=config.examples_per_class,
     seed=config.seed,
   )
+  if objective is not None and objective.train_records is not None:
+    info = dataclasses.replace(info, train_size=len(objective.train_records))  # what the hyper-rule sizes
   cfg = resolve_config(config, info)
   del config  # from here on, the resolved one
   workdir = pathlib.Path(workdir).expanduser().absolute()
@@ -586,6 +618,8 @@ def _setup(config, workdir) -> _Setup:
     cfg['model'], num_classes=info.num_classes, dtype=models.DTYPES[cfg['dtype']], seed=cfg['seed']
   )
   model = _with_remat(model, cfg)
+  if objective is not None and objective.check_model is not None:
+    objective.check_model(model, params)
   transfer = _transfer_settings(cfg)
   mask = freeze.trainable_mask(
     params,
@@ -603,7 +637,9 @@ def _setup(config, workdir) -> _Setup:
       transfer['transfer'],
     )
   patience = int(cfg.get('early_stopping_patience') or 0)
-  state, p_train = _compiled(dp, model, params, cfg['schedule'], cfg['base_lr'], cfg['accum_steps'], transfer)
+  state, p_train = _compiled(
+    dp, model, params, cfg['schedule'], cfg['base_lr'], cfg['accum_steps'], transfer, objective
+  )
   best = BestEval.initial(params, info.num_classes) if patience else None
   template = state_to_tree(state)
   if best is not None:
@@ -641,6 +677,7 @@ def _setup(config, workdir) -> _Setup:
     restored=restored is not None,
     what=f'{num_trainable:,} of {num_params:,} parameters trainable (transfer={transfer["transfer"]!r})',
     counts={'trainable_params': num_trainable, 'total_params': num_params, 'transfer': transfer['transfer']},
+    objective=objective,
   )
 
 
@@ -816,6 +853,7 @@ def _train_iterator(setup: _Setup):
     data_dir=cfg['data_dir'],
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    records=None if setup.objective is None else setup.objective.train_records,
   )
 
 
@@ -857,14 +895,17 @@ def as_config(config):
   return base
 
 
-def fit(config, workdir) -> FitResult:
-  """`train_and_evaluate`, also returning the exported params (host numpy) and the resolved config."""
+def fit(config, workdir, objective: Objective | None = None) -> FitResult:
+  """`train_and_evaluate`, also returning the exported params (host numpy) and the resolved config.
+
+  `objective` trains for another loss (and on other examples) in this same loop: see `Objective`.
+  """
   from tqdm.auto import tqdm
 
   config = as_config(config)
   if not isinstance(workdir, (str, os.PathLike)) or not str(os.fspath(workdir)).strip():
     raise ConfigError(f'workdir= must be a folder path (str or pathlib.Path), got {workdir!r}.')
-  setup = _setup(config, workdir)
+  setup = _setup(config, workdir, objective)
   cfg, dp, best, total, start = setup.cfg, setup.dp, setup.best, setup.total, setup.start
   patience = int(cfg.get('early_stopping_patience') or 0)
   writer = MetricsWriter(setup.workdir, enabled=setup.primary)
@@ -879,6 +920,7 @@ def fit(config, workdir) -> FitResult:
   if not start:
     writer.write(0, setup.counts)
   dstate = dp.replicate(setup.state)
+  extra = () if objective is None else (dp.replicate(objective.extra),)
   evaluate = _evaluator(setup)
   train_iter = _train_iterator(setup)
   # A run that stopped early before it was interrupted (or finished) has nothing left to train.
@@ -904,7 +946,7 @@ def fit(config, workdir) -> FitResult:
   with _StopSignals() as stop:
     try:
       for step in range(start + 1, end + 1):
-        dstate, metrics = setup.p_train(dstate, dp.shard(next(train_iter)))
+        dstate, metrics = setup.p_train(dstate, dp.shard(next(train_iter)), *extra)
         train_log.add(step, metrics)
         final = None
         bar.update(1)

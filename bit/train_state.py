@@ -34,6 +34,9 @@ class TrainState(train_state.TrainState):
   applies `forward_fn` (the model, with pre-standardized kernels for a ResNetV2) to the params of
   `split.forward_params`. `frozen` holds the frozen conv kernels standardized once (`split.prepare_frozen`):
   derived from `params`, never checkpointed (`state_to_tree` leaves it out, `tree_to_state` recomputes it).
+  `loss_fn(logits, labels, images, extra) -> scalar` replaces the label cross-entropy when set (`extra` is
+  the step's extra input, e.g. a teacher's params for `bit.distill`); it is called inside the differentiated
+  function, so whatever it computes from `images` and `extra` alone is forward-only.
   """
 
   lr_fn: Callable = struct.field(pytree_node=False)
@@ -41,6 +44,7 @@ class TrainState(train_state.TrainState):
   split: freeze.Split | None = struct.field(pytree_node=False, default=None)
   forward_fn: Callable | None = struct.field(pytree_node=False, default=None)
   frozen: tuple = ()
+  loss_fn: Callable | None = struct.field(pytree_node=False, default=None)
 
 
 def lr_schedule(supports, base_lr: float):
@@ -91,11 +95,11 @@ def make_optimizer(
 
 
 def create_state(
-  model, params, lr_fn, *, accum_steps: int = 1, trainable_mask=None, **transfer
+  model, params, lr_fn, *, accum_steps: int = 1, trainable_mask=None, loss_fn=None, **transfer
 ) -> TrainState:
   """A fresh TrainState at step 0 for `model` (a linen module) and its params.
 
-  `transfer` takes `make_optimizer`'s keywords (`transfer`, `unfreeze_stages`, `unfreeze_units`,
+  `loss_fn` replaces the label cross-entropy (see `TrainState`). `transfer` takes `make_optimizer`'s keywords (`transfer`, `unfreeze_stages`, `unfreeze_units`,
   `backbone_lr_scale`).
   """
   if int(accum_steps) < 1:
@@ -121,6 +125,7 @@ def create_state(
     accum_steps=int(accum_steps),
     split=freeze.Split.create(params, trainable_mask, standardized=folded),
     forward_fn=model.clone(folded=True).apply if folded else model.apply,
+    loss_fn=loss_fn,
   )
   return start_state(template, params)
 
@@ -144,7 +149,11 @@ def cross_entropy(logits, labels):
 
 
 def _pmean(x, axis_name):
-  return x if axis_name is None else lax.pmean(x, axis_name)
+  # Over one device the mean is the identity, but XLA still runs the all-reduce: a copy of every gradient
+  # that also keeps the optimizer update from fusing with the gradient's last elementwise pass.
+  if axis_name is None or lax.axis_size(axis_name) == 1:
+    return x
+  return lax.pmean(x, axis_name)
 
 
 def _split(state: TrainState):
@@ -154,31 +163,35 @@ def _split(state: TrainState):
   return freeze.Split((True,) * n, (False,) * n), state.apply_fn
 
 
-def trainable_loss(state: TrainState, images, labels):
+def trainable_loss(state: TrainState, images, labels, extra=None):
   """(loss_fn, trainable leaves): the loss of the batch as a function of the trainable leaves alone, what
   the step differentiates. The frozen leaves enter as constants, so JAX runs the network below the lowest
-  trainable layer forward only and keeps none of its activations for the backward pass."""
+  trainable layer forward only and keeps none of its activations for the backward pass. `extra` goes to
+  `state.loss_fn`, when there is one."""
   split, forward = _split(state)
   leaves, treedef, trainable = split.partition(state.params)
 
   def loss_fn(trainable):
     params = split.forward_params(treedef, leaves, trainable, state.frozen)
-    return cross_entropy(forward({'params': params}, images), labels)
+    logits = forward({'params': params}, images)
+    if state.loss_fn is not None:
+      return state.loss_fn(logits, labels, images, extra)
+    return cross_entropy(logits, labels)
 
   return loss_fn, trainable
 
 
-def loss_and_grads(state: TrainState, images, labels):
+def loss_and_grads(state: TrainState, images, labels, extra=None):
   """(loss, grads) of one batch as the train step computes them; `grads` is shaped like the params, exactly
   zero for frozen ones (which the step never differentiates)."""
-  loss_fn, trainable = trainable_loss(state, images, labels)
+  loss_fn, trainable = trainable_loss(state, images, labels, extra)
   loss, grads = jax.value_and_grad(loss_fn)(trainable)
   split, _ = _split(state)
   leaves, treedef = jax.tree.flatten(state.params)
   return loss, split.merge(treedef, [jnp.zeros_like(x) for x in leaves], grads)
 
 
-def train_step(state: TrainState, batch, axis_name: str | None = DATA_AXIS):
+def train_step(state: TrainState, batch, axis_name: str | None = DATA_AXIS, extra=None):
   """One SGD update from this device's `batch` {'image': (B, H, W, 3), 'label': (B, C)}.
 
   Gradients (and the loss) are averaged over `axis_name`, so every device applies the same update; with
@@ -186,13 +199,13 @@ def train_step(state: TrainState, batch, axis_name: str | None = DATA_AXIS):
   which gives the update of the whole batch at a fraction of the activation memory. `axis_name=None`
   runs it outside any device mapping. Only the trainable params (`state.split`) are differentiated, and
   only their gradients are averaged and counted in `grad_norm`; frozen params are passed through untouched.
-  Returns (new state, {'loss', 'lr', 'grad_norm'}).
+  `extra` is passed, unchanged and undifferentiated, to `state.loss_fn` with every (micro-)batch. Returns (new state, {'loss', 'lr', 'grad_norm'}).
   """
   split, _ = _split(state)
   leaves, treedef, trainable = split.partition(state.params)
 
   def grad_fn(images, labels):
-    loss_fn, _ = trainable_loss(state, images, labels)
+    loss_fn, _ = trainable_loss(state, images, labels, extra)
     return jax.value_and_grad(loss_fn)(trainable)
 
   images, labels = batch['image'], batch['label']

@@ -92,6 +92,17 @@ def test_same_update_whatever_the_devices(ref, mode, num_devices, accum):
   assert int(state.step) == 3
 
 
+@pytest.mark.parametrize('mode', parallel.MODES)
+def test_one_device_step_runs_no_all_reduce(mode):
+  """Over one device the gradient mean is the identity: the compiled step must not copy every gradient
+  through an all-reduce (it did, and that also kept the update from fusing). Over several it must reduce."""
+  for n, want in ((1, False), (2, True)):
+    dp = parallel.DataParallel(mode, parallel.select_devices(n))
+    step = dp.wrap(train_step, donate=True)
+    hlo = step.lower(dp.replicate(fresh_state()), dp.shard(batch(0))).compile().as_text()
+    assert ('all-reduce' in hlo) is want, (mode, n)
+
+
 def test_batch_must_divide_over_devices_and_micro_batches():
   dp = parallel.DataParallel('shard_map', parallel.select_devices(4))
   with pytest.raises(ConfigError, match=r'batch_size=6 .*4 devices.*multiple of 4'):

@@ -41,6 +41,7 @@ _CONFIG_ARGUMENTS = {
 _FLAGS_OF_ARGUMENTS = {
   'bit-train': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
   'bit-bench': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
+  'bit-distill': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
   'bit-probe': {
     'dataset': '--dataset',
     'model': '--model',
@@ -60,7 +61,7 @@ def as_flags(prog: str, message: str) -> str:
   if names:
     pattern = r'(?<![\w.-])(' + '|'.join(map(re.escape, names)) + r')='
     message = re.sub(pattern, lambda m: names[m.group(1)] + '=', message)
-  if prog in ('bit-train', 'bit-bench', 'bit-probe'):
+  if prog in ('bit-train', 'bit-bench', 'bit-probe', 'bit-distill'):
     message = re.sub(r'(?<![\w.-])config\.(\w+)=', r'--config.\1=', message)
   return message
 
@@ -418,6 +419,50 @@ def _bench(argv) -> None:
 def bench_main() -> None:
   """bit-bench: a grid of fine-tunes against the official figures; see `bit.tools.accuracy_grid` and configs/bench_*.py."""
   _run('bit-bench', _define_bench_flags, _bench)
+
+
+# --- bit-distill -------------------------------------------------------------------------------------------
+
+
+def _define_distill_flags() -> None:
+  _define_config_flag()
+  _define(
+    'string', 'workdir', None, 'Directory for the student: checkpoints, metrics, model.npz; rerun to resume.'
+  )
+  _define_multihost_flags()
+
+
+def _distill(argv) -> None:
+  """bit-distill --config configs/distill.py --workdir DIR --config.teacher=T --config.dataset=D [...]
+
+  Distills a fine-tuned teacher (config.teacher: a bit-train workdir, an .npz or a registry name) into a
+  student (config.student) on config.dataset, plus unlabeled images (config.unlabeled); rerunning the same
+  command resumes. configs/demo_distill.py runs the offline demo (teacher, distilled and labels-only students).
+  """
+  if FLAGS.config is None:
+    raise BitError('--config is required, e.g. --config configs/distill.py --config.teacher=WORKDIR.')
+  if not FLAGS.workdir:
+    raise BitError('--workdir is required: the directory that receives the student.')
+  from bit import parallel
+
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if 'distill_demo' in FLAGS.config:  # configs/demo_distill.py: the offline demo's stages, then the students
+    from bit.tools.distill_demo import run_distill_demo
+
+    run_distill_demo(FLAGS.config, FLAGS.workdir)
+    return
+  from bit.distill import distill
+
+  metrics = distill(FLAGS.config, FLAGS.workdir)
+  import jax
+
+  if jax.process_index() == 0:
+    print(json.dumps(metrics), flush=True)
+
+
+def distill_main() -> None:
+  """bit-distill: distill a fine-tuned teacher into a small student; see bit.distill and configs/distill.py."""
+  _run('bit-distill', _define_distill_flags, _distill)
 
 
 # --- bit-export --------------------------------------------------------------------------------------------
