@@ -24,7 +24,7 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from bit import runtime  # noqa: E402
+from bit import data_sources, runtime  # noqa: E402
 
 # The tests run under the settings the command-line tools make (as fast as they are); `import bit` makes none.
 runtime.configure_tool()
@@ -35,3 +35,13 @@ DATA = pathlib.Path(__file__).parent / 'data'
 @pytest.fixture(scope='session')
 def data_dir():
   return DATA
+
+
+@pytest.fixture(autouse=True)
+def _fresh_split_cache():
+  """Every test reads its datasets afresh: the splits a process has read are kept by name
+  (`data_sources.clear_cache`), and a mock TFDS dataset of another size under the same name ('cifar10') in an
+  earlier test of the same process would otherwise be the one read."""
+  data_sources.clear_cache()
+  yield
+  data_sources.clear_cache()

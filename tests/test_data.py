@@ -22,13 +22,6 @@ def _photo(rng, label, h, w):
   return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-  data_sources.clear_cache()
-  yield
-  data_sources.clear_cache()
-
-
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
   """ROOT/{train,test}/<class>/: colored JPEGs of varying size; train also holds the awkward files."""

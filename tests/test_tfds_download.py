@@ -21,13 +21,6 @@ from bit.errors import DataError
 from bit.tools import cli
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-  data_sources.clear_cache()
-  yield
-  data_sources.clear_cache()
-
-
 @pytest.fixture
 def offline(monkeypatch):
   """No host but 127.0.0.1 resolves (as on a machine without network), and TFDS does not retry for minutes."""

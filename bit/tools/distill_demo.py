@@ -2,7 +2,7 @@
 on scikit-learn's digits, per seed; `bit-distill --config configs/demo_distill.py --workdir W`.
 
 Stages (each its own resumable workdir; a finished one, with its `result.json`, is skipped on a rerun):
-1. The offline demo's stages (`bit.demo`): pretraining, then per seed the 10-shot fine-tune (the teacher) and
+1. The offline demo's stages (`bit.tools.demo`): pretraining, then per seed the 10-shot fine-tune (the teacher) and
    the scratch run on the same shots (the labels-only student), in `distill_demo.demo_workdir` or W/demo.
 2. W/distill/<k>shot-seed<s>/: `bit.distill.distill` of that seed's fine-tune into the student, from random
    init, on the same shots plus the rest of the digits 5-9 training scans as unlabeled images.
