@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -416,34 +417,18 @@ def distill(config, workdir) -> dict:
 def evaluate_teacher(teacher: Teacher, cfg: dict, workdir, info) -> dict:
   """The teacher on the run's test split, as the student is evaluated; kept in WORKDIR/teacher.json (a rerun
   with the same teacher file reads it back)."""
-  from bit import data, evaluation
+  from bit import train
 
   path = pathlib.Path(workdir).expanduser() / TEACHER_FILE
   if path.is_file():
-    import json
-
     try:
       old = json.loads(path.read_text())
       if old.get('source') == teacher.source and old.get('split') == cfg['test_split']:
         return old
     except (OSError, ValueError):
       pass
-  batches = data.eval_iterator(
-    cfg['dataset'],
-    split=cfg['test_split'],
-    global_batch_size=cfg['batch_size'] // cfg['accum_steps'],
-    crop=cfg['crop'],
-    data_dir=cfg['data_dir'],
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  result = evaluation.evaluate_batches(
-    models.Inference(teacher.model.clone(dtype=jnp.float32)), teacher.params, batches, info.num_classes
-  )
-  if jax.process_count() > 1:
-    from bit import train
-
-    result = train._sum_over_processes(result)
+  apply_fn = models.Inference(teacher.model.clone(dtype=jnp.float32))
+  result = train.evaluate_test_split(apply_fn, teacher.params, cfg, info.num_classes)
   out = {
     'source': teacher.source,
     'split': cfg['test_split'],

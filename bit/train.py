@@ -806,31 +806,34 @@ def _save_checkpoint(setup: _Setup, dstate, best: BestEval | None, step: int) ->
   setup.manager.save(step, args=ocp.args.StandardSave(tree))
 
 
-def _evaluator(setup: _Setup):
-  """`evaluate(dstate) -> result`: the whole test split through `evaluation.evaluate_batches`, the same
-  per-batch step as bit-eval."""
+def evaluate_test_split(apply_fn, params, cfg: dict, num_classes: int, *, devices=None) -> dict:
+  """The whole test split of a resolved config through `evaluation.evaluate_batches` (the same per-batch step
+  as bit-eval), each process its slice, the counts summed over processes."""
   from bit import data, evaluation
 
+  batches = data.eval_iterator(
+    cfg['dataset'],
+    split=cfg['test_split'],
+    global_batch_size=cfg['batch_size'] // cfg['accum_steps'],
+    crop=cfg['crop'],
+    data_dir=cfg['data_dir'],
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  result = evaluation.evaluate_batches(apply_fn, params, batches, num_classes, devices=devices)
+  return _sum_over_processes(result) if jax.process_count() > 1 else result
+
+
+def _evaluator(setup: _Setup):
+  """`evaluate(dstate) -> result`: the student's params on the whole test split."""
   cfg, dp = setup.cfg, setup.dp
   apply_fn = models.Inference(setup.model)  # hashable, one per model: the eval step compiles once
 
   def evaluate(dstate) -> dict:
-    batches = data.eval_iterator(
-      cfg['dataset'],
-      split=cfg['test_split'],
-      global_batch_size=cfg['batch_size'] // cfg['accum_steps'],
-      crop=cfg['crop'],
-      data_dir=cfg['data_dir'],
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    )
     # Single-process shard_map: the replicated params are already where the eval step wants them.
     single = dp.mode == 'shard_map' and jax.process_count() == 1
     params = dstate.params if single else dp.unreplicate(dstate.params)
-    result = evaluation.evaluate_batches(
-      apply_fn, params, batches, setup.info.num_classes, devices=dp.local_devices
-    )
-    return _sum_over_processes(result) if jax.process_count() > 1 else result
+    return evaluate_test_split(apply_fn, params, cfg, setup.info.num_classes, devices=dp.local_devices)
 
   return evaluate
 

@@ -6,10 +6,12 @@ import io
 import os
 import pathlib
 import platform
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -214,3 +216,18 @@ def checkpoint_bytes(depth=26, classes=10, seed=0) -> bytes:
 def without_compilation_cache(env):
   """`env` without the session's JAX compilation cache (tests/conftest.py), for processes joined by gloo."""
   return {k: v for k, v in env.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+
+
+def kill_after_checkpoint(cmd, workdir, env, *, step: int = 2, cwd=None, timeout: float = 300) -> None:
+  """Starts `cmd`, SIGKILLs it as soon as `workdir`'s checkpoint of `step` exists, and checks that the run had
+  not finished (no model.npz) by then."""
+  workdir = pathlib.Path(workdir)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+  deadline = time.time() + timeout
+  while not (workdir / 'checkpoints' / str(step)).exists():
+    assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+    assert time.time() < deadline, f'no checkpoint after {timeout:.0f} s'
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert not (workdir / 'model.npz').exists(), 'the run finished before it could be killed'

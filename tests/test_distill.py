@@ -12,10 +12,8 @@ import json
 import logging
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +22,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from helpers import run_cli  # noqa: E402
+from helpers import kill_after_checkpoint, run_cli  # noqa: E402
 from test_train import make_folder, make_npz  # noqa: E402
 
 from bit import checkpoints, config, data, distill, models, train  # noqa: E402
@@ -212,15 +210,7 @@ def test_resume_after_sigkill_gives_the_same_student(straight, assets, tmp_path)
   workdir = tmp_path / 'w'
   cmd = _command(workdir, assets)
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'))
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE.parent)
-  deadline = time.time() + 300
-  while not (workdir / 'checkpoints' / '2').exists():
-    assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
-    assert time.time() < deadline, 'no checkpoint after 300 s'
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
-  assert not (workdir / 'model.npz').exists(), 'the run finished before it could be killed'
+  kill_after_checkpoint(cmd, workdir, env, cwd=HERE.parent)
 
   done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE.parent, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]

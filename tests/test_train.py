@@ -9,10 +9,8 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from PIL import Image
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from helpers import train_command  # noqa: E402
+from helpers import kill_after_checkpoint, train_command  # noqa: E402
 from make_checkpoint import random_checkpoint  # noqa: E402
 
 from bit import checkpoints, train  # noqa: E402
@@ -234,15 +232,7 @@ def test_cli_sigkill_then_rerun_resumes_with_the_same_result(runs, assets, tmp_p
   cmd = cli_command(workdir, assets['npz'], assets['folder'])
   # The second process reuses the first one's compiled step from the persistent cache.
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'))
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE.parent)
-  deadline = time.time() + 300
-  while not (workdir / 'checkpoints' / '2').exists():
-    assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
-    assert time.time() < deadline, 'no checkpoint after 300 s'
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
-  assert not (workdir / 'model.npz').exists(), 'the run finished before it could be killed'
+  kill_after_checkpoint(cmd, workdir, env, cwd=HERE.parent)
   before = read_metrics(workdir)
 
   done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE.parent, timeout=600)
