@@ -106,6 +106,44 @@ def test_the_link_check_finds_broken_links(tmp_path):
   ]
 
 
+# --- sizes: the snippets run tiny models, so the pages' architecture and memory tables are checked here ----
+
+
+def table(page: pathlib.Path, header: str) -> list:
+  """The rows of the markdown table whose header line starts with `header`, as dicts of stripped cells."""
+  lines = page.read_text().splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(header))
+  names = [c.strip() for c in lines[start].strip('|').split('|')]
+  rows = []
+  for line in lines[start + 2 :]:
+    if not line.startswith('|'):
+      break
+    rows.append(dict(zip(names, (c.strip() for c in line.strip('|').split('|')), strict=True)))
+  return rows
+
+
+def test_the_architecture_table_is_the_models():
+  # Shapes only (jax.eval_shape of init): nothing is compiled or allocated, so real architectures are cheap.
+  rows = table(ROOT / 'docs' / 'library.md', '| architecture | depth | width |')
+  assert [r['architecture'] for r in rows] == ['R50x1', 'R50x3', 'R101x1', 'R101x3', 'R152x2', 'R152x4']
+  counts = {}
+  for row in rows:
+    model = models.create_model(row['architecture'], 1000)
+    assert (model.depth, model.width) == (int(row['depth']), int(row['width']))
+    shapes = models.param_shapes(model)
+    n = models.count_params(shapes)
+    backbone = n - models.count_params(shapes['head'])
+    total, _, rest = row['params (1,000-class head)'].partition(' ')
+    assert total == f'{n / 1e6:.2f}M', row
+    if rest:
+      assert rest == f'(backbone {backbone / 1e6:.1f}M)', row
+    features = shapes['head']['kernel'].shape[0]  # what pre_logits=True gives: the head's input
+    assert features == int(row['feature size']) == 2048 * model.width, row
+    counts[row['architecture']] = n
+  for row in table(ROOT / 'docs' / 'long-runs.md', '| model | crop |'):  # params + SGD momentum, float32, GiB
+    assert row['params + optimizer state'] == f'{counts[row["model"]] * 8 / 2**30:.2f}', row
+
+
 # --- fixtures: each takes (stack, monkeypatch, namespace) and prepares the working folder -------------------
 
 
