@@ -1,4 +1,5 @@
-"""Every ```python block of README.md and docs/*.md runs as written, and every relative link resolves.
+"""Every ```python block of README.md and docs/*.md runs as written; every relative link resolves; the
+architecture and memory tables of docs/ match the real models' shapes.
 
 A block runs in a fresh namespace, in an empty working folder. The HTML comment right above it,
 `<!-- readme-test: NAME, NAME -->`, names what it needs from FIXTURES below: a local checkpoint bucket on
