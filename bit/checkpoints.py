@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import arguments, files, models
+from bit import arguments, files, layout, models
 from bit.downloader import cache_dir, cache_path, download
 from bit.errors import BitError, CheckpointError, DownloadError
 
@@ -485,7 +485,7 @@ def _run_crop(npz: pathlib.Path) -> int | None:
   """The `crop` of the bit-train run whose model.npz this is (its config.json beside it), if there is one."""
   import json
 
-  config = pathlib.Path(npz).expanduser().parent / 'config.json'
+  config = pathlib.Path(npz).expanduser().parent / layout.CONFIG_FILE
   try:
     crop = json.loads(config.read_text()).get('crop')
   except (OSError, ValueError, AttributeError):
@@ -547,7 +547,7 @@ def label_names(name_or_path) -> list[str] | None:
   if kind == 'arch':
     return None
   if kind == 'file':
-    labels = pathlib.Path(what).expanduser().parent / 'labels.txt'
+    labels = pathlib.Path(what).expanduser().parent / layout.LABELS_FILE
     return _read_labels(labels, None) if labels.is_file() else None
   if what.labels_url is None:
     return None

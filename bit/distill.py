@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import files, models
+from bit import files, layout, models
 from bit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -133,12 +133,12 @@ def teacher_path(spec) -> str:
   spec = str(spec)
   path = pathlib.Path(spec).expanduser()
   if path.is_dir():
-    if not (path / 'model.npz').is_file():
+    if not (path / layout.MODEL_FILE).is_file():
       raise ConfigError(
         f'config.teacher={spec!r} is a folder without model.npz: give a finished bit-train workdir, an '
         'official-layout .npz or a registry name (bit.list_models()).'
       )
-    return str(path / 'model.npz')
+    return str(path / layout.MODEL_FILE)
   return spec
 
 

@@ -322,68 +322,6 @@ def write_report(
   return paths
 
 
-def read_workdir(workdir) -> tuple[dict, Any, Any, list[str] | None]:
-  """(config, model, params, class_names) of a finished training workdir.
-
-  Reads `config.json`, `model.npz` (with its fine-tuned head) and `labels.txt`; BitError naming the missing
-  file otherwise.
-  """
-  from bit import checkpoints
-
-  workdir = pathlib.Path(workdir).expanduser()
-  if not workdir.is_dir():
-    raise BitError(f'workdir={str(workdir)!r} does not exist: give the workdir of a bit-train run.')
-  config_path, npz = workdir / 'config.json', workdir / 'model.npz'
-  if not config_path.is_file():
-    raise BitError(f'{config_path} is missing: {workdir} is not a bit-train workdir.')
-  try:
-    config = json.loads(config_path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise BitError(f'{config_path} is not readable JSON ({e}).') from e
-  if not npz.is_file():
-    raise BitError(
-      f'{npz} is missing: the run in {workdir} has not finished; rerun bit-train on it to finish.'
-    )
-  model, params = checkpoints.load(npz, keep_head=True)
-  names = checkpoints.label_names(npz)
-  if names is not None and len(names) != model.num_classes:
-    raise BitError(
-      f'{workdir / "labels.txt"} has {len(names)} names but {npz} has {model.num_classes} classes: the two '
-      'files come from different runs.'
-    )
-  return config, model, params, names
-
-
-def evaluate_workdir(
-  workdir, *, split: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False
-) -> tuple[dict, dict[str, pathlib.Path]]:
-  """Evaluates a training workdir's model.npz on `split` (default: its test split) of its dataset, at its crop.
-
-  Writes the report (`write_report`) into the workdir; returns (result, paths).
-  """
-  config, model, params, names = read_workdir(workdir)
-  for key in ('dataset', 'crop'):
-    if config.get(key) is None:
-      raise BitError(
-        f'{pathlib.Path(workdir) / "config.json"} has no {key!r}: it was not written by bit-train.'
-      )
-  split = split or config.get('test_split') or 'test'
-  result = evaluate(
-    model,
-    params,
-    config['dataset'],
-    split=split,
-    batch_size=batch_size,
-    crop=int(config['crop']),
-    data_dir=config.get('data_dir'),
-    progress=progress,
-  )
-  if names is not None:
-    result['class_names'] = names
-  paths = write_report(result, workdir, result['class_names'], split)
-  return result, paths
-
-
 def format_result(result: dict, *, max_classes: int = 100) -> str:
   """A readable summary: top-1, top-5 and the per-class accuracy table (the worst classes when there are many)."""
   lines = [

@@ -333,14 +333,10 @@ def load_source(*, workdir=None, model=None, num_classes=None, keep_head=False):
       'Give either --workdir (a bit-train run) or --model (a registry name or an .npz), not both.'
     )
   if workdir is not None:
-    from bit import evaluation
+    from bit import workdir as workdir_lib
 
-    workdir = pathlib.Path(workdir).expanduser()
-    npz = workdir / 'model.npz'
-    if workdir.is_dir() and not npz.is_file():
-      raise BitError(f'{npz} is missing: {workdir} holds no finished model; run bit-train on it to the end.')
-    config, net, params, names = evaluation.read_workdir(workdir)
-    return net, params, names, int(config.get('crop') or 224), npz
+    run = workdir_lib.load(workdir)
+    return run.model, run.params, run.class_names, int(run.model.input_size), run.npz
   net, params = checkpoints.load(model, num_classes, keep_head=keep_head)
   names = checkpoints.label_names(model) if keep_head else None
   if names is not None and len(names) != net.num_classes:

@@ -415,10 +415,10 @@ def load_for_prediction(*, workdir=None, model=None) -> tuple[Any, Any, list[str
       'Give either workdir= (a bit-train run) or model= (e.g. BiT-M-R50x1-ILSVRC2012), not both.'
     )
   if workdir is not None:
-    from bit import evaluation
+    from bit import workdir as workdir_lib
 
-    config, net, params, names = evaluation.read_workdir(workdir)
-    return net, params, names, int(config.get('crop') or net.input_size or DEFAULT_SIZE)
+    run = workdir_lib.load(workdir)
+    return run.model, run.params, run.class_names, int(run.model.input_size)
   net, params = checkpoints.load(model, keep_head=True)
   names = checkpoints.label_names(model)
   return net, params, names, int(net.input_size or DEFAULT_SIZE)  # a registry checkpoint knows its size

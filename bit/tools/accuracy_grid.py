@@ -34,7 +34,7 @@ import statistics
 import time
 import traceback
 
-from bit import files
+from bit import files, layout
 from bit.errors import ConfigError, DataError, DownloadError
 from bit.tools import demo
 
@@ -155,7 +155,7 @@ class _Resolver:
       demo.run_stage(
         demo.pretrain_config(dc, self.dataset('demo:digits0-4')), path, name='pretrain (demo:pretrained)'
       )
-      self._pretrained = str(path / 'model.npz')
+      self._pretrained = str(path / layout.MODEL_FILE)
     return self._pretrained
 
 

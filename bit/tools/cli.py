@@ -258,9 +258,9 @@ def _define_eval_flags() -> None:
 def _eval(argv) -> None:
   if not FLAGS.workdir:
     raise BitError('--workdir is required: the directory of a finished bit-train run.')
-  from bit import evaluation
+  from bit import evaluation, workdir
 
-  result, paths = evaluation.evaluate_workdir(
+  result, paths = workdir.evaluate(
     FLAGS.workdir, split=FLAGS.split, batch_size=FLAGS.batch_size, progress=not FLAGS.json
   )
   if FLAGS.json:

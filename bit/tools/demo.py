@@ -31,7 +31,8 @@ import time
 
 import numpy as np
 
-from bit import files
+from bit import files, layout
+from bit import workdir as workdir_lib
 from bit.errors import ConfigError, DataError
 
 PRETRAIN_DIGITS = (0, 1, 2, 3, 4)
@@ -153,9 +154,9 @@ def finished_result(workdir, config=None) -> dict | None:
     return None  # a damaged marker: the stage reruns (its checkpoints make that cheap)
   if config is not None:
     old, new = result.get('config', {}), _fingerprint(config)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diff = workdir_lib.differences(old, new)
     if diff:
-      details = ', '.join(f'{k}: {old.get(k)!r} there vs {new.get(k)!r} now' for k in diff[:4])
+      details = workdir_lib.describe(old, new, diff)
       raise ConfigError(
         f'{path.parent} holds a finished run with other settings ({details}): use a new '
         f'--workdir, or delete {path.parent} to run it again.'
@@ -265,7 +266,7 @@ def stage_configs(config, workdir) -> dict:
   workdir = pathlib.Path(workdir).expanduser()
   data = export_for(config, workdir)
   stages = {'pretrain': pretrain_config(config, data['pretrain'])}
-  pretrained = str(workdir / 'pretrain' / 'model.npz')
+  pretrained = str(workdir / 'pretrain' / layout.MODEL_FILE)
   for seed in seeds(config):
     for kind, model in (('finetune', pretrained), ('scratch', config.model)):
       stages[f'{kind}/{_run_name(config, seed)}'] = _stage_config(
@@ -348,7 +349,7 @@ def _summary(config, workdir, results, seconds) -> dict:
     'examples_per_class': int(config.examples_per_class),
     'pretrain_task': ('digit and orientation, 20 classes' if d.pretrain_rotations else 'the 5 digits'),
     'pretrain_top1': results['pretrain']['metrics']['top1'],
-    'pretrain_checkpoint': str(workdir / 'pretrain' / 'model.npz'),
+    'pretrain_checkpoint': str(workdir / 'pretrain' / layout.MODEL_FILE),
     'seeds': rows,
     'pretrained_median': statistics.median(pre),
     'scratch_median': statistics.median(scr),
