@@ -17,9 +17,25 @@ from bit import checkpoints, models, train
 from bit.tools import cli
 
 
-def test_dir_shows_the_public_api_only():
-  assert set(dir(bit)) == set(bit.__all__) | {'__version__'}
+def test_dir_shows_the_public_api_and_the_modules():
+  assert set(dir(bit)) == set(bit.__all__) | set(bit._SUBMODULES) | {'__version__'}
+  assert {'ops', 'freeze', 'parallel', 'data', 'models', 'config', 'errors', 'types'} <= set(dir(bit))
   assert not {'os', 'importlib', 'typing', 'malloc', 'xla'} & set(dir(bit))
+
+
+def test_modules_are_attributes_after_a_bare_import_without_jax():
+  code = (
+    'import sys, bit; light = not {"jax", "tensorflow"} & set(sys.modules); '
+    'bit.ops.set_fast_ops("off"); '
+    'print(light, [m for m in dir(bit) if getattr(bit, m, None) is None], callable(bit.export), '
+    'bit.freeze.__name__, bit.parallel.__name__, bit.data.__name__, bit.types.Params)'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, check=True
+  ).stdout.split()
+  assert out[:6] == ['True', '[]', 'True', 'bit.freeze', 'bit.parallel', 'bit.data'], out
+  with pytest.raises(AttributeError, match="no attribute 'opz'"):
+    bit.opz  # noqa: B018
 
 
 def test_py_typed_and_a_light_import():
@@ -148,4 +164,4 @@ def test_type_checkers_see_every_public_name():
   tree = ast.parse(pathlib.Path(bit.__file__).read_text())
   guarded = next(n for n in tree.body if isinstance(n, ast.If) and 'TYPE_CHECKING' in ast.unparse(n.test))
   imported = {a.asname or a.name for n in ast.walk(guarded) if isinstance(n, ast.ImportFrom) for a in n.names}
-  assert imported == set(bit.__all__)
+  assert imported == set(bit.__all__) | set(bit._SUBMODULES)
