@@ -24,6 +24,7 @@ import os
 import pathlib
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ import numpy as np
 from bit import arguments, files, models
 from bit.downloader import cache_dir, cache_path, download
 from bit.errors import BitError, CheckpointError, DownloadError
+from bit.types import DType, Params, PathLike
 
 __all__ = [
   'REGISTRY',
@@ -240,7 +242,7 @@ def _unflatten(items) -> dict:
 # --- reading and writing .npz files -----------------------------------------------------------------------
 
 
-def load_npz(path) -> dict[str, np.ndarray]:
+def load_npz(path: PathLike) -> dict[str, np.ndarray]:
   """All arrays of an .npz file, read eagerly; CheckpointError naming the file if it is missing or broken."""
   path = pathlib.Path(path).expanduser()
   if not path.exists():
@@ -313,7 +315,9 @@ def _infer(weights, source) -> tuple[int, int, int]:
   return depth, width, classes
 
 
-def npz_to_params(weights: Mapping[str, np.ndarray], *, source='checkpoint'):
+def npz_to_params(
+  weights: Mapping[str, np.ndarray], *, source: str = 'checkpoint'
+) -> tuple[int, int, int, dict[str, Any]]:
   """Official-layout arrays -> (depth, width, num_classes, params), strictly.
 
   The architecture and the number of classes are read from the keys and shapes; every key and shape is then
@@ -368,7 +372,7 @@ def _flax_shape(path, official_shape):
   return tuple(official_shape[2:]) if tuple(path) == ('head', 'kernel') else tuple(official_shape)
 
 
-def params_to_npz(params) -> dict[str, np.ndarray]:
+def params_to_npz(params: Params) -> dict[str, np.ndarray]:
   """Flax params (or {'params': params}) -> official-layout float32 arrays: the exact inverse of npz_to_params."""
   if isinstance(params, Mapping) and set(params) == {'params'}:
     params = params['params']
@@ -389,7 +393,7 @@ def params_to_npz(params) -> dict[str, np.ndarray]:
   return out
 
 
-def save_npz(params, path) -> pathlib.Path:
+def save_npz(params: Params, path: PathLike) -> pathlib.Path:
   """Writes params in the official .npz layout, atomically (temp file, then rename); returns the path."""
   return files.save_npz(pathlib.Path(path).expanduser(), **params_to_npz(params))
 
@@ -426,7 +430,14 @@ def _fetch(cfg: PretrainedCfg) -> pathlib.Path:
   return download(cfg.url, cache_path(cfg.url), sha256=cfg.sha256, size=cfg.size)
 
 
-def load(name_or_path, num_classes=None, *, keep_head=False, dtype=jnp.float32, seed=0):
+def load(
+  name_or_path: PathLike,
+  num_classes: int | None = None,
+  *,
+  keep_head: bool = False,
+  dtype: DType = jnp.float32,
+  seed: int = 0,
+) -> tuple[models.ResNetV2, dict[str, Any]]:
   """Returns (model, params) for a registry name, a local official-layout .npz, or a bare architecture.
 
   - A registry name (see `list_models()`) is downloaded once into the cache (`$BIT_CACHE`).
@@ -537,7 +548,7 @@ def reset_head(params, num_classes: int):
   return out
 
 
-def label_names(name_or_path) -> list[str] | None:
+def label_names(name_or_path: PathLike) -> list[str] | None:
   """Class names for a registry checkpoint with a labels file (downloaded and cached), else None.
 
   For a local .npz file, the names come from a `labels.txt` next to it (as a training workdir writes them),

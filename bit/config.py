@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import pathlib
+import types
+import typing
+from typing import Any
+
+if typing.TYPE_CHECKING:
+  import ml_collections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +71,13 @@ DEFAULTS = {
 TRANSFER_KEYS = ('transfer', 'unfreeze_stages', 'unfreeze_units', 'backbone_lr_scale')
 
 
-def default(key: str):
+def default(key: str) -> Any:
   """The default of `key` (None for a key with no default)."""
   value = DEFAULTS[key]
   return None if isinstance(value, Unset) else value
 
 
-def get_config(model: str | None = None):
+def get_config(model: str | None = None) -> ml_collections.ConfigDict:
   """The default config as a locked ConfigDict; `model`, if given, sets `model` (`configs/common.py:NAME`)."""
   import ml_collections
   from ml_collections import config_dict
@@ -84,7 +91,7 @@ def get_config(model: str | None = None):
   return c
 
 
-def load_module(path):
+def load_module(path: str | os.PathLike[str]) -> types.ModuleType:
   """The config file at `path` as a module (its `get_config(arg=None)` builds the config).
 
   Config files are found by path, never imported as a package: a config that builds on another loads its

@@ -19,6 +19,7 @@ import logging
 import math
 import pathlib
 import re
+from collections.abc import Sequence
 from typing import Any, Callable, Iterable
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 
 from bit import files, models, parallel, xla
 from bit.errors import BitError, DataError
+from bit.types import EvalResult, Params, PathLike
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +161,9 @@ def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> d
 
 
 def evaluate(
-  model,
-  params,
-  dataset,
+  model: models.ResNetV2,
+  params: Params,
+  dataset: PathLike,
   *,
   split: str = 'test',
   batch_size: int = DEFAULT_BATCH_SIZE,
@@ -169,10 +171,10 @@ def evaluate(
   resize: int | None = None,
   center_crop: bool = False,
   num_classes: int | None = None,
-  data_dir=None,
-  devices=None,
+  data_dir: PathLike | None = None,
+  devices: Sequence[jax.Device] | None = None,
   progress: bool = False,
-) -> dict:
+) -> EvalResult:
   """Evaluates `model` with `params` on every example of `split` of `dataset` (TFDS name or image folder).
 
   Images are resized to `crop` x `crop` (BiT's evaluation; with `center_crop=True`, to `resize` then the

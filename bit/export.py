@@ -33,6 +33,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ import numpy as np
 
 from bit import files, models
 from bit.errors import BitError
+from bit.types import ExportManifest, Format, Input, Params, PathLike
 
 FORMATS = ('savedmodel', 'onnx', 'stablehlo')
 INPUTS = ('float32', 'uint8')
@@ -242,15 +244,15 @@ def _refuse_existing(path: pathlib.Path, overwrite: bool) -> None:
 
 
 def export(
-  model,
-  params,
-  format: str,
-  path,
+  model: models.ResNetV2,
+  params: Params,
+  format: Format,
+  path: PathLike,
   *,
   size: int = 224,
-  input: str = 'float32',
-  labels=None,
-  source=None,
+  input: Input = 'float32',
+  labels: Sequence[str] | None = None,
+  source: PathLike | None = None,
   overwrite: bool = False,
 ) -> pathlib.Path:
   """Writes the inference function of `model` with `params` to the directory `path` in `format`.
@@ -315,7 +317,7 @@ def export(
   return path
 
 
-def read_manifest(path) -> dict:
+def read_manifest(path: PathLike) -> ExportManifest:
   return json.loads((pathlib.Path(path) / 'export.json').read_text())
 
 
