@@ -23,12 +23,14 @@ import operator
 import os
 import pathlib
 import re
+import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from typing_extensions import deprecated
 
 from bit import arguments, files, models
 from bit.downloader import cache_dir, cache_path, download
@@ -517,15 +519,44 @@ def _finish(arch, classes, params, num_classes, keep_head, dtype, source, size=N
       f'load({str(source)!r}): pass num_classes for a new (zero-initialized) head, or '
       f"keep_head=True to keep the checkpoint's {classes}-class head."
     )
-  return models.create_model(arch, num_classes, dtype), reset_head(params, num_classes)
+  return models.create_model(arch, num_classes, dtype), _zero_head(params, num_classes)
 
 
-def reset_head(params, num_classes: int):
-  """`params` with a new zero-initialized head of `num_classes` outputs (as `bit.load` gives for fine-tuning).
+@overload
+def reset_head(
+  model: models.ResNetV2, params: Params, num_classes: int
+) -> tuple[models.ResNetV2, dict[str, Any]]: ...
+@overload
+@deprecated(
+  'bit.reset_head(params, num_classes): use model, params = bit.reset_head(model, params, num_classes)'
+)
+def reset_head(model: Params, params: int) -> dict[str, Any]: ...
+def reset_head(
+  model: models.ResNetV2 | Params, params: Params | int, num_classes: int | None = None
+) -> tuple[models.ResNetV2, dict[str, Any]] | dict[str, Any]:
+  """A new zero-initialized head of `num_classes` outputs, in memory, as `bit.load` gives for fine-tuning.
 
-  In memory, no file needed; `params` itself is not changed (the backbone arrays are shared, not copied).
-  The matching model is `model.clone(num_classes=num_classes, input_size=None)`.
+    model, params = bit.reset_head(model, params, num_classes)
+
+  Returns `model.clone(num_classes=num_classes, input_size=None)` (a new head is a new task: the size it
+  trained at no longer applies, as with `bit.load(name, num_classes=n)`) and the params with a zero head;
+  `params` itself is not changed (the backbone arrays are shared, not copied). The old form
+  `reset_head(params, num_classes)`, which returns the params only, still works, with a DeprecationWarning.
   """
+  if not isinstance(model, models.ResNetV2) and num_classes is None:  # the old form (params, num_classes)
+    warnings.warn(
+      'bit.reset_head(params, num_classes) is deprecated: use model, params = bit.reset_head(model, params, '
+      'num_classes), which gives the model its new head too.',
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return _zero_head(model, params)
+  model = arguments.check_model(model, 'bit.reset_head')
+  new = _zero_head(params, num_classes)
+  return model.clone(num_classes=new['head']['bias'].shape[0], input_size=None), new
+
+
+def _zero_head(params, num_classes) -> dict[str, Any]:
   try:
     num_classes = operator.index(num_classes)
   except TypeError:

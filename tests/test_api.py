@@ -95,20 +95,40 @@ def test_evaluate_a_fine_tuned_model_at_its_size(run_dir, photo_folder):
 
 def test_reset_head_in_memory(run_dir):
   model, params = bit.load(run_dir / 'model.npz', keep_head=True)
-  new = bit.reset_head(params, 5)
+  new_model, new = bit.reset_head(model, params, 5)
+  assert (new_model.num_classes, new_model.input_size, new_model.architecture) == (5, None, 'R26x1')
+  assert model.num_classes == 3 and model.input_size == 32  # the model passed in is unchanged
   assert new['head']['kernel'].shape == (2048, 5) and new['head']['bias'].shape == (5,)
   assert not np.any(new['head']['kernel']) and not np.any(new['head']['bias'])  # zeros, as a fine-tune starts
   assert new['block1'] is params['block1']  # the backbone is shared, not copied
   assert params['head']['kernel'].shape == (2048, 3) and np.any(params['head']['kernel'])  # input untouched
-  _, loaded = bit.load(run_dir / 'model.npz', num_classes=5)  # the same as a new head from the file
+  loaded_model, loaded = bit.load(
+    run_dir / 'model.npz', num_classes=5
+  )  # the same as a new head from the file
+  assert new_model == loaded_model
   for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(loaded), strict=True):
     np.testing.assert_array_equal(a, b)
-  probs = bit.predict(model.clone(num_classes=5), new, np.zeros((1, 32, 32, 3), np.uint8))
+  probs = bit.predict(new_model, new, np.zeros((1, 32, 32, 3), np.uint8))
   np.testing.assert_allclose(probs, 0.2, rtol=1e-6)
   with pytest.raises(bit.BitError, match='num_classes must be an integer'):
-    bit.reset_head(params, 2.5)
+    bit.reset_head(model, params, 2.5)
   with pytest.raises(bit.BitError, match="params= must be .* got the str 'model.npz'"):
-    bit.reset_head('model.npz', 5)
+    bit.reset_head(model, 'model.npz', 5)
+  with pytest.raises(bit.BitError, match=r'model= must be a bit.ResNetV2.*the order is model, params'):
+    bit.reset_head(params, model, 5)
+
+
+def test_reset_head_old_form_warns_and_still_works(run_dir):
+  model, params = bit.load(run_dir / 'model.npz', keep_head=True)
+  with pytest.warns(
+    DeprecationWarning, match=r'model, params = bit.reset_head\(model, params, num_classes\)'
+  ):
+    new = bit.reset_head(params, 5)
+  assert (
+    isinstance(new, dict) and new['head']['kernel'].shape == (2048, 5) and not np.any(new['head']['bias'])
+  )
+  with pytest.warns(DeprecationWarning), pytest.raises(bit.BitError, match='num_classes must be an integer'):
+    bit.reset_head(params, 2.5)
 
 
 # --- the library speaks Python: errors name the argument --------------------------------------------------------
