@@ -33,7 +33,7 @@ class Unset:
   type: type
 
 
-DEFAULTS = {
+DEFAULTS: dict[str, Any] = {
   # What to fine-tune and on what.
   'model': 'BiT-M-R50x1',  # registry name (bit.list_models()), an official .npz, or 'R50x1' (scratch)
   'dataset': Unset(str),  # TFDS name ('cifar10', 'name:1.2.0') or ROOT/<split>/<class>/

@@ -17,9 +17,10 @@ import io
 import json
 import logging
 import math
+import os
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Iterable
 
 import jax
@@ -30,7 +31,7 @@ from bit import files, models, parallel, xla
 from bit.errors import BitError, DataError
 from bit.types import EvalResult, Params, PathLike
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -83,13 +84,13 @@ def _placer(devices, batch_size: int):
 
 def evaluate_batches(
   apply_fn: Callable[[Any, jax.Array], jax.Array],
-  params,
-  batches: Iterable[dict],
+  params: Any,
+  batches: Iterable[dict[str, Any]],
   num_classes: int,
   *,
-  devices=None,
+  devices: Any = None,
   progress: Any = None,
-) -> dict:
+) -> dict[str, Any]:
   """Evaluates `apply_fn(params, images) -> logits` over `batches` and returns the metrics of `evaluate`.
 
   `apply_fn` is a plain function or a `models.Inference`, whose `prepare` (the weights standardized) then
@@ -139,7 +140,7 @@ def evaluate_batches(
   return metrics_from_counts(confusion, hits5, loss_sum)
 
 
-def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> dict:
+def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> dict[str, Any]:
   """top1, top5, loss, count, per-class and mean per-class accuracy from a confusion matrix and counts."""
   count = int(confusion.sum())
   class_counts = confusion.sum(axis=1)
@@ -172,7 +173,7 @@ def evaluate(
   center_crop: bool = False,
   num_classes: int | None = None,
   data_dir: PathLike | None = None,
-  devices: Sequence[jax.Device] | None = None,
+  devices: Sequence[Any] | None = None,
   progress: bool = False,
 ) -> EvalResult:
   """Evaluates `model` with `params` on every example of `split` of `dataset` (TFDS name or image folder).
@@ -245,7 +246,7 @@ def _safe(split: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.-]+', '_', split).strip('_') or 'split'
 
 
-def confusion_csv(result: dict, class_names) -> str:
+def confusion_csv(result: Mapping[str, Any], class_names: Any) -> str:
   """The CSV text: one row per true class with its name, example count, accuracy and predicted counts."""
   m = np.asarray(result['confusion'])
   names = list(class_names) if class_names is not None else [str(i) for i in range(len(m))]
@@ -262,14 +263,17 @@ def confusion_csv(result: dict, class_names) -> str:
   return out.getvalue()
 
 
-def summary(result: dict) -> dict:
+def summary(result: Mapping[str, Any]) -> dict[str, Any]:
   """The JSON-friendly scalars of a result (no arrays)."""
   keep = ('top1', 'top5', 'loss', 'count', 'skipped', 'mean_per_class_accuracy', 'split', 'crop')
   return {k: result[k] for k in keep if k in result}
 
 
 def write_report(
-  result: dict, workdir, class_names=None, split: str | None = None
+  result: Mapping[str, Any],
+  workdir: str | os.PathLike[str],
+  class_names: Any = None,
+  split: str | None = None,
 ) -> dict[str, pathlib.Path]:
   """Writes `confusion_<split>.csv`, `confusion_<split>.png` and `eval_<split>.json` into `workdir`, atomically.
 
@@ -300,7 +304,7 @@ def write_report(
   return paths
 
 
-def read_workdir(workdir) -> tuple[dict, Any, Any, list[str] | None]:
+def read_workdir(workdir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any, Any, list[str] | None]:
   """(config, model, params, class_names) of a finished training workdir.
 
   Reads `config.json`, `model.npz` (with its fine-tuned head) and `labels.txt`; BitError naming the missing
@@ -333,8 +337,12 @@ def read_workdir(workdir) -> tuple[dict, Any, Any, list[str] | None]:
 
 
 def evaluate_workdir(
-  workdir, *, split: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False
-) -> tuple[dict, dict[str, pathlib.Path]]:
+  workdir: str | os.PathLike[str],
+  *,
+  split: str | None = None,
+  batch_size: int = DEFAULT_BATCH_SIZE,
+  progress: bool = False,
+) -> tuple[dict[str, Any], dict[str, pathlib.Path]]:
   """Evaluates a training workdir's model.npz on `split` (default: its test split) of its dataset, at its crop.
 
   Writes the report (`write_report`) into the workdir; returns (result, paths).
@@ -362,7 +370,7 @@ def evaluate_workdir(
   return result, paths
 
 
-def format_result(result: dict, *, max_classes: int = 100) -> str:
+def format_result(result: Mapping[str, Any], *, max_classes: int = 100) -> str:
   """A readable summary: top-1, top-5 and the per-class accuracy table (the worst classes when there are many)."""
   lines = [
     f'split {result.get("split", "?")!r}: {result["count"]} examples',

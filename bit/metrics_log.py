@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+from typing import Any
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -26,16 +28,18 @@ def _jsonable(value):
 class MetricsWriter:
   """Appends metric lines to metrics.jsonl and TensorBoard; a no-op on processes other than the first."""
 
-  def __init__(self, workdir, *, enabled: bool = True, tensorboard: bool = True):
+  def __init__(
+    self, workdir: str | os.PathLike[str], *, enabled: bool = True, tensorboard: bool = True
+  ) -> None:
     self.enabled = enabled
-    self.path = pathlib.Path(workdir) / METRICS_FILE
+    self.path: pathlib.Path = pathlib.Path(workdir) / METRICS_FILE
     self._tb = None
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(str(workdir))
 
-  def write(self, step: int, metrics: dict, *, prefix: str = '') -> None:
+  def write(self, step: int, metrics: dict[str, Any], *, prefix: str = '') -> None:
     """One line `{"step": step, **metrics}`; numeric values also go to TensorBoard as `prefix/name`."""
     if not self.enabled:
       return
@@ -56,7 +60,7 @@ class MetricsWriter:
       self._tb = None
 
 
-def read_metrics(workdir) -> list[dict]:
+def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
   """All lines of WORKDIR/metrics.jsonl, in order (a line cut short by a kill is skipped)."""
   path = pathlib.Path(workdir) / METRICS_FILE
   if not path.exists():

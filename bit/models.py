@@ -21,7 +21,7 @@ The modules call the ops of `bit.ops` by name (`ops.standardize`, `ops.conv`, `o
 import dataclasses
 import functools
 import re
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -66,8 +66,8 @@ def architecture_name(depth: int, width: int) -> str:
 
 
 # The ops, by name (bit/ops.py holds each fast form beside its reference, and the switch between them).
-fixed_padding = ops.fixed_padding
-standardize = ops.standardize
+fixed_padding: Callable[..., jax.Array] = ops.fixed_padding
+standardize: Callable[..., jax.Array] = ops.standardize
 
 
 class StdConv(nn.Module):
@@ -83,7 +83,7 @@ class StdConv(nn.Module):
   folded: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Any) -> jax.Array:
     kh, kw = self.kernel_size
     kernel = self.param(
       'kernel', nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features), jnp.float32
@@ -105,7 +105,7 @@ class GroupNorm(nn.Module):
   relu: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Any) -> Any:
     c = x.shape[-1]
     if c % self.num_groups:
       raise BitError(f'GroupNorm: {c} channels do not divide into {self.num_groups} groups.')
@@ -123,7 +123,7 @@ class ResidualUnit(nn.Module):
   folded: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Any) -> Any:
     conv = functools.partial(StdConv, dtype=self.dtype, folded=self.folded)
     norm = functools.partial(GroupNorm, dtype=self.dtype, relu=True)
     out = 4 * self.features
@@ -190,7 +190,7 @@ class ResidualBlock(nn.Module):
   remat: str = 'none'  # 'unit': each unit's activations are recomputed in the backward pass
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Any) -> Any:
     for u in range(1, self.units + 1):
       strides = self.strides if u == 1 else (1, 1)
       unit = ResidualUnit(self.features, strides, dtype=self.dtype, folded=self.folded, name=f'unit{u:02d}')
@@ -274,7 +274,7 @@ class RootBlock(nn.Module):
   folded: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Any) -> jax.Array:
     x = StdConv(self.features, (7, 7), (2, 2), dtype=self.dtype, folded=self.folded, name='conv_root')(
       ops.fixed_padding(x, 3)
     )

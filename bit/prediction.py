@@ -31,7 +31,7 @@ from bit import arguments, models, xla
 from bit.errors import BitError, DataError
 from bit.types import FloatArray, Images, IntArray, Params, PathLike
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 224
 DEFAULT_BATCH_SIZE = 32
@@ -367,7 +367,7 @@ def predict_files(
   top: int = 3,
   size: int | None = None,
   batch_size: int = DEFAULT_BATCH_SIZE,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
   """Predicts the `top` classes of each image file, by name (what bit-predict prints).
 
   `paths` may include folders (their image files are used). `size` is the side the images are resized to
