@@ -7,10 +7,14 @@ The sentences name Python arguments; the command-line tools show them as their f
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Mapping
 from typing import Any
 
 from bit.errors import BitError, DataError
+
+if typing.TYPE_CHECKING:
+  from bit import models
 
 
 def describe(value: Any) -> str:
@@ -25,7 +29,7 @@ def describe(value: Any) -> str:
   return f'the {type(value).__name__} {text[:60] + "..." if len(text) > 60 else text}'
 
 
-def check_model(model: Any, fn: str) -> Any:
+def check_model(model: Any, fn: str) -> models.ResNetV2:
   """`model` must be a bit.ResNetV2 (as `bit.load` returns it)."""
   from bit import models
 
@@ -39,7 +43,7 @@ def check_model(model: Any, fn: str) -> Any:
   raise BitError(f'{fn}: model= must be a bit.ResNetV2 (from bit.load), got {describe(model)}{hint}.')
 
 
-def check_params(model: Any, params: Any, fn: str) -> Any:
+def check_params(model: models.ResNetV2, params: Any, fn: str) -> dict[str, Any]:
   """`params` must be the param tree of `model` (unwrapped from {'params': ...}); returns it."""
   if isinstance(params, Mapping) and set(params) == {'params'}:
     params = params['params']

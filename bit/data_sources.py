@@ -171,7 +171,7 @@ def _base_split(split: str) -> str:
   return split.split('[')[0].split('+')[0].strip()
 
 
-def holdout_indices(labels: Any, fraction: float = HOLDOUT_FRACTION, seed: int = HOLDOUT_SEED) -> Any:
+def holdout_indices(labels: Any, fraction: Any = HOLDOUT_FRACTION, seed: Any = HOLDOUT_SEED) -> Any:
   """Returns (train_indices, test_indices): a stratified seeded holdout of `fraction` of each class."""
   labels = np.asarray(labels)
   rng = np.random.default_rng(seed)

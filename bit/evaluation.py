@@ -342,7 +342,7 @@ def evaluate_workdir(
   split: str | None = None,
   batch_size: int = DEFAULT_BATCH_SIZE,
   progress: bool = False,
-) -> tuple[dict[str, Any], dict[str, pathlib.Path]]:
+) -> tuple[EvalResult, dict[str, pathlib.Path]]:
   """Evaluates a training workdir's model.npz on `split` (default: its test split) of its dataset, at its crop.
 
   Writes the report (`write_report`) into the workdir; returns (result, paths).

@@ -30,6 +30,7 @@ import os
 import pathlib
 import re
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -335,7 +336,7 @@ def few_shot_accuracies(
   test_y: Any,
   num_classes: int,
   *,
-  shots: int = DEFAULT_SHOTS,
+  shots: Any = DEFAULT_SHOTS,
   seeds: Any = DEFAULT_SEEDS,
   l2_reg: float = DEFAULT_L2_REG,
 ) -> dict[int, list[float]]:
@@ -413,7 +414,7 @@ def run_probe(
   *,
   method: str = 'ridge',
   l2_reg: float = DEFAULT_L2_REG,
-  shots: int | None = None,
+  shots: Sequence[int] | None = None,
   seeds: int = DEFAULT_SEEDS,
   batch_size: int = DEFAULT_BATCH_SIZE,
   progress: bool = False,

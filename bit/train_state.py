@@ -198,7 +198,7 @@ def loss_and_grads(state: TrainState, images: Any, labels: Any, extra: Any = Non
   return loss, split.merge(treedef, [jnp.zeros_like(x) for x in leaves], grads)
 
 
-def train_step(state: TrainState, batch: int, axis_name: str | None = DATA_AXIS, extra: Any = None) -> Any:
+def train_step(state: TrainState, batch: Any, axis_name: str | None = DATA_AXIS, extra: Any = None) -> Any:
   """One SGD update from this device's `batch` {'image': (B, H, W, 3), 'label': (B, C)}.
 
   Gradients (and the loss) are averaged over `axis_name`, so every device applies the same update; with

@@ -28,7 +28,7 @@ def make_jpeg_folder(
   *,
   num_images: int = 256,
   num_classes: int = 4,
-  size: int = (375, 500),
+  size: Any = (375, 500),
   seed: int = 0,
   image_format: str = 'jpeg',
 ) -> pathlib.Path:
@@ -66,7 +66,7 @@ def pipeline_benchmark(
   warmup: int = 3,
   mixup_alpha: float = 0.0,
   num_images: int = 256,
-  image_size: int = (375, 500),
+  image_size: Any = (375, 500),
   seed: int = 0,
   image_format: str = 'jpeg',
   dataset: Any = None,
