@@ -76,6 +76,7 @@ _SUBMODULES = (
   'runtime',
   'train',
   'types',
+  'workdir',
 )
 
 # Real signatures for mypy/pyright; at run time the names load lazily (no TensorFlow at `import bit`).
@@ -100,6 +101,7 @@ if typing.TYPE_CHECKING:
   from bit import runtime as runtime
   from bit import train as train
   from bit import types as types
+  from bit import workdir as workdir
   from bit.checkpoints import (  # noqa: F401
     REGISTRY,
     cache_dir,

@@ -137,7 +137,7 @@ LATER_KEYS = (*TRANSFER_KEYS, 'early_stopping_patience', 'remat', 'restart')
 # --- checks and resolution (bit.train runs them before any data or model is touched) ---------------------
 
 
-def resolve(config, info) -> dict:
+def resolve(config: Any, info: Any) -> dict[str, Any]:
   """The config as a plain dict with the unset hyper-rule keys filled in from the data (`DatasetInfo`).
 
   resize/crop from `hyperrule.train_resolution(info.image_size)`, mixup_alpha and schedule from the number
@@ -161,7 +161,7 @@ def resolve(config, info) -> dict:
   return c
 
 
-def check_schedule(schedule) -> list[int]:
+def check_schedule(schedule: Any) -> list[int]:
   """The schedule's supports as ints; ConfigError unless they are [warmup, decay1, decay2, decay3, total]."""
   try:
     return hyperrule.check_supports(schedule)
@@ -172,7 +172,7 @@ def check_schedule(schedule) -> list[int]:
     ) from None
 
 
-def check(config) -> None:
+def check(config: Any) -> None:
   """Cheap checks before any data or model is touched (ConfigError naming the key and what to do)."""
   from bit import models
 
@@ -205,14 +205,14 @@ def check(config) -> None:
   check_transfer(config)
 
 
-def transfer_settings(c) -> dict:
+def transfer_settings(c: Any) -> dict[str, Any]:
   """The transfer-learning keys of a config (ConfigDict or resolved dict), defaults filled in."""
   t = {k: c.get(k, default(k)) for k in TRANSFER_KEYS}
   t['backbone_lr_scale'] = float(t['backbone_lr_scale'])
   return t
 
 
-def check_transfer(config) -> None:
+def check_transfer(config: Any) -> None:
   """The transfer-learning and early-stopping keys (part of `check`)."""
   t = transfer_settings(config)
   if t['transfer'] not in TRANSFER_MODES:
@@ -247,7 +247,7 @@ def check_transfer(config) -> None:
     )
 
 
-def as_config(config):
+def as_config(config: Any) -> Any:
   """`config` as a ConfigDict: one as given, or a plain dict put onto the defaults (bit/config.py).
 
   A dict's unknown keys are refused, naming them (bit/config.py lists every key); so is a value of the wrong

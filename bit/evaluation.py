@@ -160,7 +160,7 @@ def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> d
   }
 
 
-def sum_over_processes(result: dict) -> dict:
+def sum_over_processes(result: dict[str, Any]) -> dict[str, Any]:
   """Combines the per-process results of a multi-process evaluation (each process saw its own examples)."""
   from jax.experimental import multihost_utils
 
@@ -176,7 +176,9 @@ def sum_over_processes(result: dict) -> dict:
   return metrics_from_counts(confusion, hits5, loss_sum)  # the same metrics as one process
 
 
-def evaluate_test_split(apply_fn, params, cfg: dict, num_classes: int, *, devices=None) -> dict:
+def evaluate_test_split(
+  apply_fn: Any, params: Any, cfg: dict[str, Any], num_classes: int, *, devices: Any = None
+) -> dict[str, Any]:
   """The whole test split of a resolved config through `evaluate_batches` (the same per-batch step
   as bit-eval), each process its slice, the counts summed over processes."""
   from bit import data

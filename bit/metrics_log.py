@@ -83,14 +83,23 @@ class TrainLog:
   train line (mean loss, last lr and gradient norm, images per second since the last line).
   """
 
-  def __init__(self, writer: MetricsWriter, bar, dp, *, batch_size: int, start: int, checkpoint_dir):
+  def __init__(
+    self,
+    writer: MetricsWriter,
+    bar: Any,
+    dp: Any,
+    *,
+    batch_size: int,
+    start: int,
+    checkpoint_dir: str | os.PathLike[str],
+  ) -> None:
     self.writer, self.bar, self.dp = writer, bar, dp
     self.batch_size, self.checkpoint_dir = batch_size, checkpoint_dir
     self.pending = []  # (step, device metrics)
     self.last_loss = None
     self.tick, self.tick_step = time.perf_counter(), start
 
-  def add(self, step: int, metrics) -> None:
+  def add(self, step: int, metrics: Any) -> None:
     self.pending.append((step, metrics))
 
   def pause_clock(self) -> None:
