@@ -149,7 +149,7 @@ def load_teacher(spec: Any, num_classes: int, class_names: Any = None, dtype: st
 
   if not spec:
     raise ConfigError(
-      'config.teacher is not set: pass --config.teacher=WORKDIR (a finished bit-train run), a path to an '
+      'config.teacher is not set: set config.teacher=WORKDIR (a finished bit-train run), a path to an '
       'official-layout .npz, or a registry name such as BiT-M-R152x2-ILSVRC2012 whose classes are the '
       "dataset's."
     )
@@ -273,7 +273,7 @@ def unlabeled_records(spec: Any, split: str = 'train', data_dir: str | os.PathLi
   if records.streaming:
     raise ConfigError(
       f'config.unlabeled={spec!r} split {split!r} is larger than the memory budget and would be streamed; '
-      'distillation reads unlabeled examples by index: give a slice (e.g. --config.unlabeled_split='
+      'distillation reads unlabeled examples by index: give a slice (e.g. config.unlabeled_split='
       '"train[:10%]") or raise BIT_MAX_MEMORY_GB.'
     )
   return dataclasses.replace(records, labels=np.full(len(records), UNLABELED, np.int64), class_names=())
@@ -326,7 +326,7 @@ def check_config(config: Any) -> None:
   if missing:
     raise ConfigError(
       f'this config has no {", ".join("config." + k for k in missing)}: run bit-distill with '
-      '--config configs/distill.py (or a config built on it).'
+      'configs/distill.py (or a config built on it).'
     )
   if not config.teacher:
     load_teacher(None, 0)  # the error that names the key
@@ -342,7 +342,7 @@ def check_config(config: Any) -> None:
     )
   if not config.include_labeled and not config.unlabeled:
     raise ConfigError(
-      'config.include_labeled=False needs examples to distill on: set --config.unlabeled=FOLDER (or a TFDS '
+      'config.include_labeled=False needs examples to distill on: set config.unlabeled=FOLDER (or a TFDS '
       'name), or drop include_labeled=False.'
     )
   if config.schedule is None and not (config.epochs and float(config.epochs) > 0):

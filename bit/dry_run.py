@@ -79,15 +79,15 @@ def _dataset_shapes(config, num_classes):
       pass
   if crop is None and image_size is not None:
     crop = hyperrule.train_resolution(image_size)[1]
-  missing = [m for m, v in (('--num_classes=N', num_classes), ('--config.crop=PIXELS', crop)) if v is None]
+  missing = [m for m, v in (('num_classes=N', num_classes), ('config.crop=PIXELS', crop)) if v is None]
   if missing:
     raise ConfigError(
-      f'--dry_run reads no data and cannot tell the {" and the ".join(m.split("=")[0] for m in missing)} '
-      f'of config.dataset={dataset!r} here: give {" and ".join(missing)}, e.g. --num_classes=1000 '
-      '--config.crop=480.'
+      f'a dry run reads no data and cannot tell the {" and the ".join(m.split("=")[0] for m in missing)} '
+      f'of config.dataset={dataset!r} here: give {" and ".join(missing)}, e.g. num_classes=1000 '
+      'config.crop=480.'
     )
   if int(num_classes) < 1 or int(crop) < models.MIN_IMAGE_SIZE:
-    raise ConfigError(f'--num_classes must be >= 1 and config.crop >= {models.MIN_IMAGE_SIZE}.')
+    raise ConfigError(f'num_classes= must be >= 1 and config.crop >= {models.MIN_IMAGE_SIZE}.')
   return int(num_classes), int(crop)
 
 

@@ -79,12 +79,12 @@ def initialize_distributed(
     return False
   if coordinator_address is None or num_processes is None or process_id is None:
     raise ConfigError(
-      'A multi-process run needs all three of --coordinator_address (host:port of process 0), '
-      f'--num_processes and --process_id; got coordinator_address={coordinator_address!r}, '
+      'A multi-process run needs all three of coordinator_address= (host:port of process 0), '
+      f'num_processes= and process_id=; got coordinator_address={coordinator_address!r}, '
       f'num_processes={num_processes!r}, process_id={process_id!r}.'
     )
   if not 0 <= int(process_id) < int(num_processes):
-    raise ConfigError(f'--process_id must be in [0, {num_processes}), got {process_id}.')
+    raise ConfigError(f'process_id= must be in [0, {num_processes}), got {process_id}.')
   if jax.distributed.is_initialized():
     return True
   # gloo is jax's CPU default today; set it explicitly so CPU-only clusters keep working if that changes.
@@ -119,7 +119,7 @@ class DataParallel:
   def __init__(self, mode: str = 'shard_map', devices: Any = None) -> None:
     if mode not in MODES:
       raise ConfigError(
-        f'config.parallelism={mode!r} is not one of {MODES}; use --config.parallelism=shard_map.'
+        f'config.parallelism={mode!r} is not one of {MODES}; use config.parallelism=shard_map.'
       )
     self.mode = mode
     self.devices: list[Any] = list(devices) if devices is not None else jax.devices()
@@ -144,7 +144,7 @@ class DataParallel:
       multiple = n * max(1, round(max(global_batch_size, 1) / n))
       raise ConfigError(
         f'config.{key}={global_batch_size} does not divide over {what}; use a multiple of {n}, '
-        f'e.g. --config.{key}={multiple}.'
+        f'e.g. config.{key}={multiple}.'
       )
 
   def replicate(self, tree: Any) -> Any:
