@@ -3,6 +3,7 @@ models that know their input size, a head changed in memory, errors that name th
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -185,3 +186,51 @@ def test_type_checkers_see_every_public_name():
   guarded = next(n for n in tree.body if isinstance(n, ast.If) and 'TYPE_CHECKING' in ast.unparse(n.test))
   imported = {a.asname or a.name for n in ast.walk(guarded) if isinstance(n, ast.ImportFrom) for a in n.names}
   assert imported == set(bit.__all__) | set(bit._SUBMODULES)
+
+
+def test_no_library_error_names_a_flag(run_dir, photo_folder, tmp_path):
+  # Each public function with a bad argument: the message names the Python argument or config key; the
+  # command-line tools show those as their flags (cli.as_flags).
+  from bit import config as config_lib
+  from bit import distill, dry_run, parallel
+
+  model, params = bit.load(run_dir / 'model.npz', keep_head=True)
+  images = np.zeros((2, 32, 32, 3), np.uint8)
+  (tmp_path / 'mine').mkdir()
+  plan_config = config_lib.get_config()
+  plan_config.update(model='R26x1', dataset=str(tmp_path / 'mine'))
+  one_device = parallel.DataParallel('shard_map', jax.devices()[:1])
+  calls = {
+    'load': lambda: bit.load(42),
+    'load (scratch)': lambda: bit.load('R26x1'),
+    'create_model': lambda: bit.create_model('R26x1', 3, input_size=16),
+    'reset_head': lambda: bit.reset_head(model, params, 0),
+    'predict': lambda: bit.predict(model, params, images, batch_size=0),
+    'preprocess': lambda: bit.preprocess(images, size=8),
+    'evaluate': lambda: bit.evaluate(model, params, str(photo_folder), crop='big'),
+    'export (exists)': lambda: bit.export(model, params, 'stablehlo', tmp_path / 'mine'),
+    'export (format)': lambda: bit.export(model, params, 'tflite', tmp_path / 'x'),  # type: ignore[arg-type]
+    'train_and_evaluate': lambda: bit.train_and_evaluate({'model': 'R26x1'}, tmp_path / 'w'),
+    'check_batch': lambda: one_device.check_batch(6, accum_steps=4),
+    'DataParallel': lambda: parallel.DataParallel('vmap'),
+    'initialize_distributed': lambda: parallel.initialize_distributed('localhost:1234', None, None),
+    'dry_run.plan': lambda: dry_run.plan(plan_config),
+    'distill.load_teacher': lambda: distill.load_teacher(None, 0),
+  }
+  messages = {}
+  for name, call in calls.items():
+    with pytest.raises(bit.BitError) as e:
+      call()
+    messages[name] = str(e.value)
+  assert {name: m for name, m in messages.items() if re.search(r'(?<![\w-])--\w', m)} == {}
+  assert 'give another path=, or overwrite=True' in messages['export (exists)']
+  assert 'e.g. config.batch_size=8' in messages['check_batch']
+  assert 'num_classes=N and config.crop=PIXELS' in messages['dry_run.plan']
+  assert 'coordinator_address= ' in messages['initialize_distributed']
+  # ... and each command shows them as its own flags.
+  assert 'give another --output=, or --overwrite=True' in cli.as_flags(
+    'bit-export', messages['export (exists)']
+  )
+  assert 'e.g. --config.batch_size=8' in cli.as_flags('bit-train', messages['check_batch'])
+  assert '--num_classes=N and --config.crop=PIXELS' in cli.as_flags('bit-train', messages['dry_run.plan'])
+  assert '--coordinator_address= ' in cli.as_flags('bit-bench', messages['initialize_distributed'])
