@@ -235,11 +235,11 @@ def _refuse_existing(path: pathlib.Path, overwrite: bool) -> None:
   if not path.exists():
     return
   if not overwrite:
-    raise BitError(f'{path} exists: give another --output, or --overwrite to replace that export.')
+    raise BitError(f'{path} exists: give another path=, or overwrite=True to replace that export.')
   if not (path.is_dir() and (path / 'export.json').is_file()):
     raise BitError(
-      f'{path} exists and is not a bit export (no export.json in it): --overwrite replaces only a previous '
-      'export; give another --output.'
+      f'{path} exists and is not a bit export (no export.json in it): overwrite=True replaces only a previous '
+      'export; give another path=.'
     )
 
 
@@ -331,9 +331,7 @@ def load_source(*, workdir=None, model=None, num_classes=None, keep_head=False):
   from bit import checkpoints
 
   if (workdir is None) == (model is None):
-    raise BitError(
-      'Give either --workdir (a bit-train run) or --model (a registry name or an .npz), not both.'
-    )
+    raise BitError('Give either workdir= (a bit-train run) or model= (a registry name or an .npz), not both.')
   if workdir is not None:
     from bit import evaluation
 
