@@ -2,6 +2,8 @@
 """A user's script written from the README's library section, type-checked (never run) by tests/test_typing.py:
 pyright in strict mode sees a type for everything it uses of bit's public API."""
 
+from typing import Any
+
 import numpy as np
 from PIL import Image
 
@@ -9,7 +11,9 @@ import bit
 from bit.types import EvalResult, Params, TrainResult
 
 
-def fine_tune_head(model: bit.ResNetV2, params: Params, num_classes: int) -> tuple[bit.ResNetV2, Params]:
+def fine_tune_head(
+  model: bit.ResNetV2, params: Params, num_classes: int
+) -> tuple[bit.ResNetV2, dict[str, Any]]:
   return bit.reset_head(model, params, num_classes)
 
 
