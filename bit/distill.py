@@ -149,7 +149,7 @@ def load_teacher(spec: Any, num_classes: int, class_names: Any = None, dtype: st
 
   if not spec:
     raise ConfigError(
-      'config.teacher is not set: set config.teacher=WORKDIR (a finished bit-train run), a path to an '
+      'config.teacher is not set: pass config.teacher=WORKDIR (a finished bit-train run), a path to an '
       'official-layout .npz, or a registry name such as BiT-M-R152x2-ILSVRC2012 whose classes are the '
       "dataset's."
     )
