@@ -41,6 +41,7 @@ import optax
 from bit import models, ops
 from bit.config import TRANSFER_MODES, default
 from bit.errors import ConfigError
+from bit.types import Mode
 
 MODES = TRANSFER_MODES
 
@@ -97,7 +98,7 @@ def _is_pre_head_norm(name: str) -> bool:
 
 def param_labels(
   params: Any,
-  mode: str = 'full',
+  mode: Mode = 'full',
   *,
   unfreeze_stages: int | None = None,
   unfreeze_units: int | None = None,
@@ -146,7 +147,7 @@ def param_labels(
 
 
 def trainable_mask(
-  params: Any, mode: str = 'full', *, unfreeze_stages: int | None = None, unfreeze_units: int | None = None
+  params: Any, mode: Mode = 'full', *, unfreeze_stages: int | None = None, unfreeze_units: int | None = None
 ) -> Any:
   """A pytree like `params` of bools: True where the parameter is trained in this transfer mode."""
   labels = param_labels(params, mode, unfreeze_stages=unfreeze_stages, unfreeze_units=unfreeze_units)
@@ -156,7 +157,7 @@ def trainable_mask(
 def masked_optimizer(
   tx: optax.GradientTransformation,
   params: Any,
-  mode: str = 'full',
+  mode: Mode = 'full',
   *,
   unfreeze_stages: int | None = None,
   unfreeze_units: int | None = None,
