@@ -8,6 +8,7 @@ best top-1 it stops, and the run exports the best eval's params. The state is sa
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
@@ -42,15 +43,15 @@ class BestEval:
   It is checkpointed with the train state, so a resumed run stops where an uninterrupted one would.
   """
 
-  params: dict
-  result: dict
+  params: dict[str, Any]
+  result: dict[str, Any]
   top1: float = -1.0
   step: int = -1
   bad_evals: int = 0
   stopped: bool = False
 
   @classmethod
-  def initial(cls, params, num_classes: int) -> BestEval:
+  def initial(cls, params: Any, num_classes: int) -> BestEval:
     """Before any eval: placeholders of the right shapes (what a checkpoint is restored into)."""
     result = {
       'top1': np.float64(0),
@@ -64,7 +65,7 @@ class BestEval:
     }
     return cls(params=jax.tree.map(np.array, params), result=result)
 
-  def update(self, step: int, result: dict, params_fn, patience: int) -> bool:
+  def update(self, step: int, result: dict[str, Any], params_fn: Any, patience: int) -> bool:
     """Records an eval at `step`; returns True when training should stop. `params_fn()` gives host params."""
     if result['top1'] > self.top1:  # strictly better: a tie keeps the earlier (shorter-trained) model
       self.top1, self.step, self.bad_evals = float(result['top1']), int(step), 0
@@ -75,7 +76,7 @@ class BestEval:
     self.stopped = self.bad_evals >= patience
     return self.stopped
 
-  def to_tree(self) -> dict:
+  def to_tree(self) -> dict[str, Any]:
     return {
       'params': self.params,
       'result': {k: np.asarray(v) for k, v in self.result.items()},
@@ -87,7 +88,7 @@ class BestEval:
     }
 
   @classmethod
-  def from_tree(cls, tree) -> BestEval:
+  def from_tree(cls, tree: Any) -> BestEval:
     return cls(
       params=jax.tree.map(np.asarray, tree['params']),
       result=_numbers(tree['result']),

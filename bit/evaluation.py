@@ -17,7 +17,9 @@ import io
 import json
 import logging
 import math
+import os
 import pathlib
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Iterable
 
 import jax
@@ -26,8 +28,9 @@ import numpy as np
 
 from bit import files, layout, models, parallel, xla
 from bit.errors import BitError, DataError
+from bit.types import EvalResult, Params, PathLike
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -80,13 +83,13 @@ def _placer(devices, batch_size: int):
 
 def evaluate_batches(
   apply_fn: Callable[[Any, jax.Array], jax.Array],
-  params,
-  batches: Iterable[dict],
+  params: Any,
+  batches: Iterable[dict[str, Any]],
   num_classes: int,
   *,
-  devices=None,
+  devices: Any = None,
   progress: Any = None,
-) -> dict:
+) -> dict[str, Any]:
   """Evaluates `apply_fn(params, images) -> logits` over `batches` and returns the metrics of `evaluate`.
 
   `apply_fn` is a plain function or a `models.Inference`, whose `prepare` (the weights standardized) then
@@ -136,7 +139,7 @@ def evaluate_batches(
   return metrics_from_counts(confusion, hits5, loss_sum)
 
 
-def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> dict:
+def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> dict[str, Any]:
   """top1, top5, loss, count, per-class and mean per-class accuracy from a confusion matrix and counts."""
   count = int(confusion.sum())
   class_counts = confusion.sum(axis=1)
@@ -157,7 +160,7 @@ def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> d
   }
 
 
-def sum_over_processes(result: dict) -> dict:
+def sum_over_processes(result: dict[str, Any]) -> dict[str, Any]:
   """Combines the per-process results of a multi-process evaluation (each process saw its own examples)."""
   from jax.experimental import multihost_utils
 
@@ -173,7 +176,9 @@ def sum_over_processes(result: dict) -> dict:
   return metrics_from_counts(confusion, hits5, loss_sum)  # the same metrics as one process
 
 
-def evaluate_test_split(apply_fn, params, cfg: dict, num_classes: int, *, devices=None) -> dict:
+def evaluate_test_split(
+  apply_fn: Any, params: Any, cfg: dict[str, Any], num_classes: int, *, devices: Any = None
+) -> dict[str, Any]:
   """The whole test split of a resolved config through `evaluate_batches` (the same per-batch step
   as bit-eval), each process its slice, the counts summed over processes."""
   from bit import data
@@ -192,9 +197,9 @@ def evaluate_test_split(apply_fn, params, cfg: dict, num_classes: int, *, device
 
 
 def evaluate(
-  model,
-  params,
-  dataset,
+  model: models.ResNetV2,
+  params: Params,
+  dataset: PathLike,
   *,
   split: str = 'test',
   batch_size: int = DEFAULT_BATCH_SIZE,
@@ -202,10 +207,10 @@ def evaluate(
   resize: int | None = None,
   center_crop: bool = False,
   num_classes: int | None = None,
-  data_dir=None,
-  devices=None,
+  data_dir: PathLike | None = None,
+  devices: Sequence[Any] | None = None,
   progress: bool = False,
-) -> dict:
+) -> EvalResult:
   """Evaluates `model` with `params` on every example of `split` of `dataset` (TFDS name or image folder).
 
   Images are resized to `crop` x `crop` (BiT's evaluation; with `center_crop=True`, to `resize` then the
@@ -272,7 +277,7 @@ def evaluate(
   return result
 
 
-def confusion_csv(result: dict, class_names) -> str:
+def confusion_csv(result: Mapping[str, Any], class_names: Any) -> str:
   """The CSV text: one row per true class with its name, example count, accuracy and predicted counts."""
   m = np.asarray(result['confusion'])
   names = list(class_names) if class_names is not None else [str(i) for i in range(len(m))]
@@ -289,14 +294,17 @@ def confusion_csv(result: dict, class_names) -> str:
   return out.getvalue()
 
 
-def summary(result: dict) -> dict:
+def summary(result: Mapping[str, Any]) -> dict[str, Any]:
   """The JSON-friendly scalars of a result (no arrays)."""
   keep = ('top1', 'top5', 'loss', 'count', 'skipped', 'mean_per_class_accuracy', 'split', 'crop')
   return {k: result[k] for k in keep if k in result}
 
 
 def write_report(
-  result: dict, workdir, class_names=None, split: str | None = None
+  result: Mapping[str, Any],
+  workdir: str | os.PathLike[str],
+  class_names: Any = None,
+  split: str | None = None,
 ) -> dict[str, pathlib.Path]:
   """Writes `confusion_<split>.csv`, `confusion_<split>.png` and `eval_<split>.json` into `workdir`, atomically.
 
@@ -322,7 +330,7 @@ def write_report(
   return paths
 
 
-def format_result(result: dict, *, max_classes: int = 100) -> str:
+def format_result(result: Mapping[str, Any], *, max_classes: int = 100) -> str:
   """A readable summary: top-1, top-5 and the per-class accuracy table (the worst classes when there are many)."""
   lines = [
     f'split {result.get("split", "?")!r}: {result["count"]} examples',

@@ -25,6 +25,8 @@ import dataclasses
 import functools
 import logging
 import os
+import typing
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from bit import layout, recovery, train_setup
@@ -36,8 +38,12 @@ from bit.evaluation import evaluate_test_split
 from bit.metrics_log import MetricsWriter, TrainLog
 from bit.recovery import CheckpointRestoreError
 from bit.train_setup import Objective
+from bit.types import TrainResult
 
-log = logging.getLogger(__name__)
+if typing.TYPE_CHECKING:
+  import ml_collections
+
+log: logging.Logger = logging.getLogger(__name__)
 
 # Re-exported: named by the README, docs/ARCHITECTURE.md and callers of `bit.train`.
 __all__ = [
@@ -58,12 +64,14 @@ __all__ = [
 class FitResult:
   """What `fit` leaves behind: the final metrics and the final params (host numpy tree)."""
 
-  metrics: dict
-  params: dict
-  config: dict
+  metrics: TrainResult
+  params: dict[str, Any]
+  config: dict[str, Any]
 
 
-def train_and_evaluate(config, workdir) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict | Mapping[str, Any], workdir: str | os.PathLike[str]
+) -> TrainResult:
   """Fine-tunes `config.model` on `config.dataset` in `workdir`; returns the final metrics.
 
   `config`: a ConfigDict (`bit.config.get_config()`; bit/config.py lists every key) or a plain dict of those keys,
@@ -79,7 +87,7 @@ def train_and_evaluate(config, workdir) -> dict:
   return fit(config, workdir).metrics
 
 
-def fit(config, workdir, objective: Objective | None = None) -> FitResult:
+def fit(config: Any, workdir: str | os.PathLike[str], objective: Objective | None = None) -> FitResult:
   """`train_and_evaluate`, also returning the exported params (host numpy) and the resolved config.
 
   `objective` trains for another loss (and on other examples) in this same loop: see `Objective`.

@@ -28,7 +28,7 @@ from bit.config import LATER_KEYS, OPERATIONAL_KEYS, default
 from bit.errors import BitError, ConfigError
 from bit.layout import CHECKPOINT_DIR, CONFIG_FILE, CURVES_FILE, LABELS_FILE, METRICS_FILE, MODEL_FILE
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 __all__ = [
   'CHECKPOINT_DIR',
@@ -50,7 +50,7 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def errors(workdir: pathlib.Path):
+def errors(workdir: pathlib.Path) -> Any:
   """An OS error on the workdir (it is a file, read-only, the disk is full) as a one-line ConfigError."""
   try:
     yield
@@ -61,26 +61,26 @@ def errors(workdir: pathlib.Path):
     ) from e
 
 
-def same_value(key: str, a, b) -> bool:
+def same_value(key: str, a: Any, b: Any) -> bool:
   """Whether two values of config `key` are the same setting (dataset and data_dir paths normalized)."""
   if key in ('dataset', 'data_dir') and isinstance(a, str) and isinstance(b, str) and ('/' in a or '/' in b):
     return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
   return a == b
 
 
-def differences(old: dict, new: dict, operational=OPERATIONAL_KEYS) -> list[str]:
+def differences(old: dict[str, Any], new: dict[str, Any], operational: Any = OPERATIONAL_KEYS) -> list[str]:
   """The sorted keys whose values differ between two configs, `operational` keys aside."""
   return sorted(
     k for k in set(old) | set(new) if k not in operational and not same_value(k, old.get(k), new.get(k))
   )
 
 
-def describe(old: dict, new: dict, keys) -> str:
+def describe(old: dict[str, Any], new: dict[str, Any], keys: Any) -> str:
   """`key: old there vs new now` for the first four of `keys`."""
   return ', '.join(f'{k}: {old.get(k)!r} there vs {new.get(k)!r} now' for k in list(keys)[:4])
 
 
-def check_same_run(workdir: pathlib.Path, resolved: dict, write: bool) -> None:
+def check_same_run(workdir: pathlib.Path, resolved: dict[str, Any], write: bool) -> None:
   """Writes config.json, or checks that the one there describes the same run."""
   path = workdir / CONFIG_FILE
   if path.exists():
@@ -103,7 +103,7 @@ def check_same_run(workdir: pathlib.Path, resolved: dict, write: bool) -> None:
     files.write_json(path, resolved, sort_keys=True)
 
 
-def export(workdir: pathlib.Path, params, class_names) -> None:
+def export(workdir: pathlib.Path, params: Any, class_names: Any) -> None:
   """model.npz (official layout, written atomically), then labels.txt (one class name per line)."""
   from bit import checkpoints
 
@@ -111,7 +111,7 @@ def export(workdir: pathlib.Path, params, class_names) -> None:
   files.write_text(workdir / LABELS_FILE, ''.join(f'{n}\n' for n in class_names))
 
 
-def write_report(workdir: pathlib.Path, result: dict, class_names, split: str) -> None:
+def write_report(workdir: pathlib.Path, result: dict[str, Any], class_names: Any, split: str) -> None:
   """The final eval's report (`evaluation.write_report`) and curves.png; a picture that fails to draw is a
   warning, never a failed run."""
   from bit import evaluation, plots

@@ -348,7 +348,7 @@ def test_dry_run_prints_the_memory_plan_without_data_or_workdir(capsys, monkeypa
   ]
   from bit import dry_run
 
-  with pytest.raises(ConfigError, match=r'give --num_classes=N and --config.crop=PIXELS'):
+  with pytest.raises(ConfigError, match=r'give num_classes=N and config.crop=PIXELS'):
     dry_run.plan(base_config('R26x1', 'not_here_anywhere', crop=None))
   code, out, err = run_cli(
     cli.train_main,

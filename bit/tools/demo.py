@@ -28,6 +28,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,12 @@ SUMMARY_MD = 'demo.md'
 
 
 def digits_dir(
-  root, *, image_size: int = 32, test_fraction: float = 1 / 3, seed: int = 0, rotations: bool = True
+  root: str | os.PathLike[str],
+  *,
+  image_size: int = 32,
+  test_fraction: float = 1 / 3,
+  seed: int = 0,
+  rotations: bool = True,
 ) -> pathlib.Path:
   """The directory that `export_digits` fills for these settings (one directory per setting)."""
   name = f'digits-{int(image_size)}px-test{round(test_fraction * 100)}-seed{seed}' + (
@@ -56,8 +62,13 @@ def digits_dir(
 
 
 def export_digits(
-  root, *, image_size: int = 32, test_fraction: float = 1 / 3, seed: int = 0, rotations: bool = True
-) -> dict:
+  root: str | os.PathLike[str],
+  *,
+  image_size: int = 32,
+  test_fraction: float = 1 / 3,
+  seed: int = 0,
+  rotations: bool = True,
+) -> dict[str, Any]:
   """Exports scikit-learn's digits as two image folders; returns {'pretrain': path, 'transfer': path}.
 
   `pretrain` holds digits 0-4 and `transfer` digits 5-9, each as `<split>/<class>/<index>.png` with splits
@@ -139,7 +150,7 @@ def _fingerprint(config) -> dict:
   return {k: v for k, v in sorted(c.items()) if k not in OPERATIONAL_KEYS}
 
 
-def finished_result(workdir, config=None) -> dict | None:
+def finished_result(workdir: str | os.PathLike[str], config: Any = None) -> dict[str, Any] | None:
   """The result of a finished stage/cell in `workdir`, or None if it has not finished.
 
   With `config`, a result made with different settings is an error (ConfigError naming the keys), not a
@@ -168,7 +179,7 @@ def _atomic_json(path: pathlib.Path, obj) -> None:
   files.write_json(path, obj, sort_keys=True)
 
 
-def run_stage(config, workdir, *, name: str = '') -> dict:
+def run_stage(config: Any, workdir: str | os.PathLike[str], *, name: str = '') -> dict[str, Any]:
   """Runs `train_and_evaluate(config, workdir)` unless it has finished before; returns its result.
 
   The result is {'metrics': the final metrics, 'config': the settings, 'seconds': wall time, 'skipped':
@@ -226,7 +237,7 @@ def _scaled_schedule(steps: int) -> tuple:
   return tuple(out)
 
 
-def export_for(config, workdir) -> dict:
+def export_for(config: Any, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """`export_digits` with the settings of `config.demo`, under `config.demo.data_dir` or WORKDIR/data."""
   d = config.demo
   root = (
@@ -243,7 +254,7 @@ def export_for(config, workdir) -> dict:
   )
 
 
-def pretrain_config(config, dataset):
+def pretrain_config(config: Any, dataset: Any) -> Any:
   """The pretraining stage's training config: config.model from scratch on `dataset` (digits 0-4), all of it."""
   d = config.demo
   return _stage_config(
@@ -258,7 +269,7 @@ def pretrain_config(config, dataset):
   )
 
 
-def stage_configs(config, workdir) -> dict:
+def stage_configs(config: Any, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """{'pretrain': config, 'finetune/<k>shot-seed<s>': config, 'scratch/...': config} for a demo config.
 
   The keys are the stages' sub-workdirs. Exports the digits first (once).
@@ -280,7 +291,7 @@ def _run_name(config, seed: int) -> str:
   return f'{int(config.examples_per_class)}shot-seed{seed}'
 
 
-def seeds(config) -> list[int]:
+def seeds(config: Any) -> list[int]:
   """The seeds the demo runs: config.seed, config.seed + 1, ... (config.demo.num_seeds of them)."""
   return [int(config.seed) + i for i in range(max(1, int(config.demo.num_seeds)))]
 
@@ -301,7 +312,7 @@ def enable_compilation_cache() -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
-def run_demo(config, workdir) -> dict:
+def run_demo(config: Any, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """Runs every stage of the demo (skipping finished ones) and writes demo.json and demo.md; returns the summary.
 
   `config` is a demo config (configs/demo.py): the keys of bit/config.py, used for the few-shot fine-tune and
@@ -359,7 +370,7 @@ def _summary(config, workdir, results, seconds) -> dict:
   }
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict[str, Any]) -> str:
   """The demo's result as a short Markdown report (also printed at the end of the run)."""
   k, model, size = summary['examples_per_class'], summary['model'], summary['image_size']
   lines = [
