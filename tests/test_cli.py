@@ -14,7 +14,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from test_train import make_folder, make_npz  # noqa: E402
+from helpers import make_folder, make_npz  # noqa: E402
 
 CONFIG = str(HERE.parent / 'configs' / 'common.py')
 

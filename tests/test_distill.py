@@ -22,8 +22,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from helpers import kill_after_checkpoint, run_cli  # noqa: E402
-from test_train import make_folder, make_npz  # noqa: E402
+from helpers import kill_after_checkpoint, make_folder, make_npz, run_cli  # noqa: E402
 
 from bit import checkpoints, config, data, distill, models, train, train_setup  # noqa: E402
 from bit.errors import ConfigError, DataError  # noqa: E402
@@ -205,7 +204,6 @@ def _command(workdir, assets):
   ]
 
 
-@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_student(straight, assets, tmp_path):
   workdir = tmp_path / 'w'
   cmd = _command(workdir, assets)

@@ -17,8 +17,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from helpers import start_two_processes, train_command  # noqa: E402
-from test_train import base_config, make_folder, make_npz  # noqa: E402
+from helpers import base_config, make_folder, make_npz, start_two_processes, train_command  # noqa: E402
 
 from bit import checkpoints, config, models, recovery, train, train_setup  # noqa: E402
 from bit.errors import ConfigError  # noqa: E402
@@ -193,7 +192,6 @@ def assets(tmp_path_factory):
   return {'folder': make_folder(root / 'folder'), 'npz': make_npz(root / 'r26x1.npz')}
 
 
-@pytest.mark.slow
 def test_sigterm_saves_the_step_in_flight_and_the_rerun_equals_a_straight_run(assets, tmp_path):
   workdir, k = tmp_path / 'w', 3
   cmd = _command(workdir, assets['npz'], assets['folder'], '--config.num_devices=1')
@@ -296,7 +294,6 @@ except Interrupted as e:
 """
 
 
-@pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(assets, tmp_path):
   workdir, k = tmp_path / 'w', 3
   args = (assets['npz'], assets['folder'], workdir)

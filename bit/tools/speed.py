@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -567,7 +566,7 @@ def _pipeline_info(folder, num_classes: int):
 # --- the accelerator suite ----------------------------------------------------------------------------------
 
 # Golden fixtures (tests/data/<name>: images, and the logits of an independent implementation of the random
-# official-layout checkpoint tests/make_checkpoint.py makes): name -> (depth, width, classes, seed).
+# official-layout checkpoint `bit.testing.random_checkpoint` makes): name -> (depth, width, classes, seed).
 GOLDEN = {'r26x1_s64': (26, 1, 5, 1), 'r50x1_s128': (50, 1, 10, 0)}
 # The largest deviation from the golden logits each compute dtype meets (float32 at the highest matmul
 # precision; bfloat16 has 8 bits of mantissa).
@@ -633,19 +632,19 @@ _RUN_KEYS = (
 
 
 def golden_check(name: str) -> dict:
-  """Max |logits - golden| on the default device, float32 (highest precision) and bfloat16, with pass flags."""
-  root = pathlib.Path(__file__).resolve().parents[2] / 'tests'
-  case, maker = root / 'data' / name, root / 'make_checkpoint.py'
-  if not (case / 'logits.npy').exists() or not maker.exists():
-    return {'fixture': name, 'skipped': f'{case} not found: the check needs a source checkout of bit'}
-  from bit import checkpoints  # noqa: PLC0415 - only for the check
+  """Max |logits - golden| on the default device, float32 (highest precision) and bfloat16, with pass flags.
 
-  spec = importlib.util.spec_from_file_location('_bit_make_checkpoint', maker)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  The checkpoint is rebuilt from its seed (`bit.testing.random_checkpoint`); the images and the golden logits
+  are files of a source checkout (tests/data/<name>), read only where that tree exists.
+  """
+  case = pathlib.Path(__file__).resolve().parents[2] / 'tests' / 'data' / name
+  if not (case / 'logits.npy').exists():
+    return {'fixture': name, 'skipped': f'{case} not found: the check needs a source checkout of bit'}
+  from bit import checkpoints, testing  # noqa: PLC0415 - only for the check
+
   depth, width, classes, seed = GOLDEN[name]
   _, _, _, params = checkpoints.npz_to_params(
-    module.random_checkpoint(depth, width, classes, seed), source=name
+    testing.random_checkpoint(depth, width, classes, seed), source=name
   )
   images, golden = np.load(case / 'images.npy'), np.load(case / 'logits.npy')
   out: dict[str, Any] = {'fixture': name}
