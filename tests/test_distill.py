@@ -24,7 +24,7 @@ HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from helpers import kill_after_checkpoint, make_folder, make_npz, run_cli  # noqa: E402
 
-from bit import checkpoints, config, data, distill, models, train, train_setup  # noqa: E402
+from bit import checkpoints, config, data_sources, distill, models, train, train_setup  # noqa: E402
 from bit.errors import ConfigError, DataError  # noqa: E402
 from bit.metrics_log import read_metrics  # noqa: E402
 from bit.tools import cli  # noqa: E402
@@ -132,7 +132,7 @@ def test_teacher_sees_the_students_view_and_never_changes(assets, tmp_path):
   # The student starts as the teacher itself: the KL is zero only when both run on the very same (cropped,
   # flipped, MixUp-mixed) images of the step; any other view of the teacher's gives a positive loss.
   records = distill.combine(
-    data._train_records(str(assets['folder']), 'train', None, None, 0),
+    data_sources.load_split(str(assets['folder']), 'train', None),
     distill.unlabeled_folder(assets['unlabeled']),
   )
   teacher, objective = _objective(assets['teacher'], records)

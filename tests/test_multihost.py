@@ -6,7 +6,6 @@ import pathlib
 import sys
 
 import numpy as np
-import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
