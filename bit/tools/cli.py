@@ -226,7 +226,8 @@ def _train(argv) -> None:
   if not FLAGS.workdir:
     raise BitError('--workdir is required: the directory that receives checkpoints, metrics and model.npz.')
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if 'demo' in FLAGS.config:  # configs/demo.py: the offline demo's stages (pretrain, fine-tune, scratch)
+  # configs/demo.py says config.run = 'demo': the offline demo's stages (pretrain, fine-tune, scratch).
+  if FLAGS.config.get('run') == 'demo':
     from bit.tools.demo import run_demo
 
     run_demo(FLAGS.config, FLAGS.workdir)
