@@ -43,6 +43,7 @@ import numpy as np
 
 from bit import data_sources
 from bit.errors import ConfigError, DataError
+from bit.images import to_unit_range
 
 log: logging.Logger = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ def _train_augment(tf, image, p, resize, crop, crop_key, flip_key):
   image = tf.image.stateless_random_flip_left_right(
     image, seed=tf.stack([tf.constant(flip_key, tf.int64), p])
   )
-  return image / 127.5 - 1.0
+  return to_unit_range(image)
 
 
 def _own_slice(tf, g, b, process_index):
@@ -475,7 +476,7 @@ def eval_iterator(
     if center_crop:
       top = (resize - crop) // 2
       image = image[top : top + crop, top : top + crop]
-    return image / 127.5 - 1.0
+    return to_unit_range(image)
 
   def row(q, mask, label, load):
     # Padding rows are never decoded: zero images (the middle of the value range) with mask False.

@@ -13,23 +13,13 @@ from typing import Any
 import jax
 import numpy as np
 
-# The numbers of an `evaluation.evaluate_batches` result that a checkpoint keeps for the best eval.
-_RESULT_KEYS = (
-  'top1',
-  'top5',
-  'loss',
-  'count',
-  'mean_per_class_accuracy',
-  'per_class_accuracy',
-  'class_counts',
-  'confusion',
-)
+from bit import evaluation
 
 
 def _numbers(result) -> dict:
-  """The `_RESULT_KEYS` of an eval result: arrays as numpy, scalars as Python numbers (for JSON)."""
+  """The `evaluation.RESULT_KEYS` of an eval result: arrays as numpy, scalars as Python numbers (for JSON)."""
   out = {}
-  for k in _RESULT_KEYS:
+  for k in evaluation.RESULT_KEYS:
     v = np.asarray(result[k])
     out[k] = v.item() if v.ndim == 0 else v.copy()
   return out
@@ -53,16 +43,7 @@ class BestEval:
   @classmethod
   def initial(cls, params: Any, num_classes: int) -> BestEval:
     """Before any eval: placeholders of the right shapes (what a checkpoint is restored into)."""
-    result = {
-      'top1': np.float64(0),
-      'top5': np.float64(0),
-      'loss': np.float64(0),
-      'count': np.int64(0),
-      'mean_per_class_accuracy': np.float64(0),
-      'per_class_accuracy': np.zeros(num_classes, np.float64),
-      'class_counts': np.zeros(num_classes, np.int64),
-      'confusion': np.zeros((num_classes, num_classes), np.int64),
-    }
+    result = evaluation.empty_result(num_classes)
     return cls(params=jax.tree.map(np.array, params), result=result)
 
   def update(self, step: int, result: dict[str, Any], params_fn: Any, patience: int) -> bool:

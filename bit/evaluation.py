@@ -139,6 +139,35 @@ def evaluate_batches(
   return metrics_from_counts(confusion, hits5, loss_sum)
 
 
+# The keys of an evaluation result (`metrics_from_counts`): its scalars, then its per-class arrays. Early
+# stopping checkpoints these; `summary` keeps the scalars (and the split and crop a report adds).
+SCALAR_KEYS = ('top1', 'top5', 'loss', 'count', 'mean_per_class_accuracy')
+ARRAY_KEYS = ('per_class_accuracy', 'class_counts', 'confusion')
+RESULT_KEYS = SCALAR_KEYS + ARRAY_KEYS
+
+
+def empty_result(num_classes: int) -> dict:
+  """Zeros in the shapes and dtypes of a result: what a checkpointed result is restored into."""
+  return {
+    **{k: np.float64(0) for k in SCALAR_KEYS},
+    'count': np.int64(0),
+    'per_class_accuracy': np.zeros(num_classes, np.float64),
+    'class_counts': np.zeros(num_classes, np.int64),
+    'confusion': np.zeros((num_classes, num_classes), np.int64),
+  }
+
+
+def eval_line(result: dict) -> dict:
+  """The metrics.jsonl eval line of a result (`loss` as `eval_loss`, `count` as `num_examples`)."""
+  return {
+    'top1': float(result['top1']),
+    'top5': float(result['top5']),
+    'eval_loss': float(result['loss']),
+    'mean_per_class_accuracy': float(result['mean_per_class_accuracy']),
+    'num_examples': int(result['count']),
+  }
+
+
 def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> dict[str, Any]:
   """top1, top5, loss, count, per-class and mean per-class accuracy from a confusion matrix and counts."""
   count = int(confusion.sum())
@@ -296,7 +325,7 @@ def confusion_csv(result: Mapping[str, Any], class_names: Any) -> str:
 
 def summary(result: Mapping[str, Any]) -> dict[str, Any]:
   """The JSON-friendly scalars of a result (no arrays)."""
-  keep = ('top1', 'top5', 'loss', 'count', 'skipped', 'mean_per_class_accuracy', 'split', 'crop')
+  keep = (*SCALAR_KEYS, 'skipped', 'split', 'crop')
   return {k: result[k] for k in keep if k in result}
 
 

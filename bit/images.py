@@ -139,3 +139,11 @@ def decode_op(tf: Any, raw: Any, min_side: int) -> Any:
   image = tf.numpy_function(run, [raw], tf.uint8, stateful=False)
   image.set_shape([None, None, 3])
   return image
+
+
+def to_unit_range(pixels):
+  """Pixel values 0..255 as BiT's input range [-1, 1] (x / 127.5 - 1): numpy, JAX and TensorFlow values alike.
+
+  Every reader (training and evaluation pipelines, prediction, the exported models) scales with this.
+  """
+  return pixels / 127.5 - 1.0

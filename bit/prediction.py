@@ -29,6 +29,7 @@ import numpy as np
 
 from bit import arguments, models, xla
 from bit.errors import BitError, DataError
+from bit.images import EXTENSIONS, to_unit_range
 from bit.types import FloatArray, Images, IntArray, Params, PathLike
 
 log: logging.Logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ log: logging.Logger = logging.getLogger(__name__)
 DEFAULT_SIZE = 224
 DEFAULT_BATCH_SIZE = 32
 PROGRESS_MIN = 128  # inputs of more images than this get a progress bar (progress=None)
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')  # bit.images.EXTENSIONS
+IMAGE_SUFFIXES = EXTENSIONS  # the one list, bit.images'
 
 
 @functools.lru_cache(maxsize=8)
@@ -51,7 +52,7 @@ def _to_model_range(images, what: str = 'images=') -> np.ndarray:
   """uint8 0..255 -> float32 [-1, 1]; floats are checked to already be in [-1, 1]."""
   x = np.asarray(images)
   if x.dtype == np.uint8:
-    return x.astype(np.float32) / 127.5 - 1.0
+    return to_unit_range(x.astype(np.float32))
   if not np.issubdtype(x.dtype, np.floating):
     raise DataError(f'{what} must be uint8 (0..255) or floats in [-1, 1], got dtype {x.dtype}.')
   x = x.astype(np.float32)
@@ -192,7 +193,7 @@ def _one(item, size: int | None, index: int, total: int) -> np.ndarray:
         f'RGB ({type(e).__name__}: {e}).'
       ) from None
     x = rgb.astype(np.float32)
-    return (resize_bilinear(x, size or DEFAULT_SIZE) / 127.5 - 1.0).astype(np.float32)
+    return to_unit_range(resize_bilinear(x, size or DEFAULT_SIZE)).astype(np.float32)
   x = np.asarray(item)
   if x.ndim != 3 or x.shape[-1] != 3:
     raise DataError(
@@ -314,7 +315,7 @@ def load_image(path: PathLike, size: int) -> FloatArray:
   from bit import images
 
   rgb = images.decode(pathlib.Path(path), int(size))
-  return resize_bilinear(rgb.astype(np.float32), size) / 127.5 - 1.0
+  return to_unit_range(resize_bilinear(rgb.astype(np.float32), size))
 
 
 def _axis_weights(n_in: int, n_out: int):

@@ -34,7 +34,7 @@ from bit import workdir as workdir_lib
 from bit.config import OPERATIONAL_KEYS, as_config
 from bit.config import resolve as resolve_config
 from bit.errors import ConfigError, Interrupted, NonFiniteLossError
-from bit.evaluation import evaluate_test_split
+from bit.evaluation import eval_line, evaluate_test_split
 from bit.metrics_log import MetricsWriter, TrainLog
 from bit.recovery import CheckpointRestoreError
 from bit.train_setup import Objective
@@ -108,7 +108,7 @@ def fit(config: Any, workdir: str | os.PathLike[str], objective: Objective | Non
     params, result, extra = _outcome(run)
     if setup.primary:
       _export(run, params, result)
-  metrics = {'step': run.step, **_eval_line(result), **extra}
+  metrics = {'step': run.step, **eval_line(result), **extra}
   if run.train_log.last_loss is not None:
     metrics['loss'] = run.train_log.last_loss
   log.info(
@@ -203,7 +203,7 @@ def _evaluate(run: _Run, step: int) -> dict | None:
 
 def _eval(run: _Run, step: int) -> dict:
   result = run.evaluate(run.dstate)
-  run.writer.write(step, _eval_line(result), prefix='eval')
+  run.writer.write(step, eval_line(result), prefix='eval')
   if run.setup.primary:
     run.bar.write(f'step {step}: top1 {result["top1"]:.4f} top5 {result["top5"]:.4f}')
   run.train_log.pause_clock()
@@ -319,17 +319,6 @@ def _stop_if_signalled(run: _Run) -> None:
 def _itstime(step: int, every: int, total: int) -> bool:
   """Whether an every-`every`-steps action (0 = only at the end) runs at `step`; always at the last step."""
   return step == total or bool(every and step % every == 0)
-
-
-def _eval_line(result: dict) -> dict:
-  """The metrics.jsonl eval line of an `evaluation.evaluate_batches` result."""
-  return {
-    'top1': float(result['top1']),
-    'top5': float(result['top5']),
-    'eval_loss': float(result['loss']),
-    'mean_per_class_accuracy': float(result['mean_per_class_accuracy']),
-    'num_examples': int(result['count']),
-  }
 
 
 # --- the loop's state --------------------------------------------------------------------------------------

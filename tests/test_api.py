@@ -78,6 +78,7 @@ def test_a_loaded_model_knows_its_input_size(run_dir, tmp_path, monkeypatch):
   assert bit.load(tmp_path / 'model.npz', keep_head=True)[0].input_size is None  # no run beside it
   cfg = checkpoints.PretrainedCfg('BiT-T-R26x1-size', 'm.npz', 'R26x1', 3, None, 48)
   monkeypatch.setitem(checkpoints.REGISTRY, cfg.name, cfg)
+  # Private: the registry's download, stubbed (the tests have no network); `bit.load` is what is tested.
   monkeypatch.setattr(checkpoints, '_fetch', lambda _: run_dir / 'model.npz')
   assert bit.load(cfg.name, keep_head=True)[0].input_size == 48  # the registry's resolution
   with pytest.raises(bit.BitError, match='input_size must be an integer >= 32'):

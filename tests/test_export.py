@@ -8,13 +8,13 @@ import jax
 import numpy as np
 import pytest
 from helpers import run_cli
-from make_checkpoint import random_checkpoint
 from PIL import Image
 
 import bit
 from bit import checkpoints, prediction
 from bit.errors import BitError
 from bit.export import ONNX_OPSET, sha256_file
+from bit.testing import random_checkpoint
 from bit.tools import cli
 
 CLASSES = ('ant', 'bee', 'cow', 'doe', 'eel')

@@ -2,6 +2,7 @@
 paths compared normalized."""
 
 import errno
+import os
 
 import numpy as np
 import pytest
@@ -54,12 +55,40 @@ def test_dataset_paths_are_compared_normalized(tmp_path):
     workdir.check_same_run(tmp_path, {'dataset': '/data/birds', 'seed': 0}, write=False)
 
 
-def test_a_read_only_or_full_workdir_is_a_config_error(tmp_path):
-  """EROFS (read-only) and ENOSPC (full disk) as they reach the code: one ConfigError naming the workdir."""
-  for code, text in ((errno.EROFS, 'Read-only file system'), (errno.ENOSPC, 'No space left on device')):
-    with pytest.raises(ConfigError, match=f"workdir='{tmp_path}' cannot be used: .*{text}; give a writable"):
-      with workdir.errors(tmp_path):
-        raise OSError(code, text, str(tmp_path / 'config.json'))
+def _one_line_workdir_error(workdir, folder, text):
+  with pytest.raises(ConfigError) as e:
+    train.train_and_evaluate(_config(folder, 'R26x1'), workdir)
+  message = str(e.value)
+  assert message.startswith(f"workdir='{workdir}' cannot be used: ") and '\n' not in message, message
+  assert text in message and message.endswith('give a writable folder.'), message
+
+
+def test_a_workdir_inside_a_file_is_a_one_line_error(tmp_path, folder):
+  (tmp_path / 'file').write_text('x')
+  _one_line_workdir_error(tmp_path / 'file' / 'run', folder, 'Not a directory')
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into a read-only folder')
+def test_a_workdir_in_a_read_only_folder_is_a_one_line_error(tmp_path, folder):
+  (tmp_path / 'ro').mkdir(mode=0o555)
+  _one_line_workdir_error(tmp_path / 'ro' / 'run', folder, 'Permission denied')
+
+
+@pytest.mark.parametrize(
+  'code, text', [(errno.EROFS, 'Read-only file system'), (errno.ENOSPC, 'No space left on device')]
+)
+def test_a_read_only_or_full_disk_is_a_one_line_error(tmp_path, folder, monkeypatch, code, text):
+  """The OS's answer when the workdir is on a read-only or full file system (what running as root, or
+  without such a disk, cannot set up): creating the folder fails."""
+  mkdir = os.mkdir
+
+  def full_or_read_only(path, *args, **kwargs):
+    if str(path).startswith(str(tmp_path / 'disk')):
+      raise OSError(code, text, str(path))
+    return mkdir(path, *args, **kwargs)
+
+  monkeypatch.setattr(os, 'mkdir', full_or_read_only)
+  _one_line_workdir_error(tmp_path / 'disk' / 'run', folder, text)
 
 
 def test_every_reader_of_a_finished_run_takes_its_size_from_the_runs_crop(tmp_path):

@@ -185,7 +185,7 @@ def _unavailable_reason(e: BaseException) -> str | None:
   return None
 
 
-def _shorten(text: str, limit: int) -> str:
+def shorten(text: str, limit: int) -> str:
   """`text` cut in the middle to at most `limit` characters: its start says what failed and its end (e.g. a
   download error's 'fetch it on a machine that has it ... put it at PATH') what to do."""
   if len(text) <= limit:
@@ -207,11 +207,11 @@ def run_cell(config: Any, cell: Cell, workdir: pathlib.Path, resolver: _Resolver
     reason = _unavailable_reason(e)
     row['status'] = 'unavailable' if reason else 'failed'
     first = (str(e).splitlines() or [''])[0]
-    row['reason'] = _shorten(' '.join((reason or f'{type(e).__name__}: {first}').split()), 500)
+    row['reason'] = shorten(' '.join((reason or f'{type(e).__name__}: {first}').split()), 500)
     cdir.mkdir(parents=True, exist_ok=True)
     (cdir / 'error.txt').write_text(traceback.format_exc())
     demo._atomic_json(cdir / STATUS_FILE, {'status': row['status'], 'reason': row['reason']})
-    print(f'[{cell.name}] {row["status"]}: {_shorten(row["reason"], 200)}', flush=True)
+    print(f'[{cell.name}] {row["status"]}: {shorten(row["reason"], 200)}', flush=True)
     return row
   (cdir / STATUS_FILE).unlink(missing_ok=True)
   row.update(

@@ -240,19 +240,27 @@ def _train(argv) -> None:
     return
   if not FLAGS.workdir:
     raise BitError('--workdir is required: the directory that receives checkpoints, metrics and model.npz.')
+  # configs/demo.py says config.run = 'demo': the offline demo's stages (pretrain, fine-tune, scratch).
+  if FLAGS.config.get('run') == 'demo':
+    _launch('bit.tools.demo:run_demo', report=False)
+  else:
+    _launch('bit.train:train_and_evaluate')
+
+
+def _launch(target: str, report: bool = True) -> None:
+  """Joins the hosts (`--coordinator_address` ...), then runs `target` ('module:function', imported only now)
+  on --config and --workdir; with `report`, process 0 prints the metrics it returns as one JSON line."""
+  import importlib
+
+  from bit import parallel
+
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if 'demo' in FLAGS.config:  # configs/demo.py: the offline demo's stages (pretrain, fine-tune, scratch)
-    from bit.tools.demo import run_demo
-
-    run_demo(FLAGS.config, FLAGS.workdir)
-    return
-  from bit.train import train_and_evaluate
-
-  metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  module, name = target.split(':')
+  result = getattr(importlib.import_module(module), name)(FLAGS.config, FLAGS.workdir)
   import jax
 
-  if jax.process_index() == 0:
-    print(json.dumps(metrics), flush=True)
+  if report and jax.process_index() == 0:
+    print(json.dumps(result), flush=True)
 
 
 def train_main() -> None:
@@ -458,21 +466,10 @@ def _distill(argv) -> None:
     raise BitError('--config is required, e.g. --config configs/distill.py --config.teacher=WORKDIR.')
   if not FLAGS.workdir:
     raise BitError('--workdir is required: the directory that receives the student.')
-  from bit import parallel
-
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if 'distill_demo' in FLAGS.config:  # configs/demo_distill.py: the offline demo's stages, then the students
-    from bit.tools.distill_demo import run_distill_demo
-
-    run_distill_demo(FLAGS.config, FLAGS.workdir)
-    return
-  from bit.distill import distill
-
-  metrics = distill(FLAGS.config, FLAGS.workdir)
-  import jax
-
-  if jax.process_index() == 0:
-    print(json.dumps(metrics), flush=True)
+    _launch('bit.tools.distill_demo:run_distill_demo', report=False)
+  else:
+    _launch('bit.distill:distill')
 
 
 def distill_main() -> None:

@@ -142,7 +142,7 @@ def export_digits(
 # --- stages ------------------------------------------------------------------------------------------------
 
 
-def _fingerprint(config) -> dict:
+def fingerprint(config) -> dict:
   """The settings that decide a stage's result (operational keys such as log_every may change freely)."""
   from bit.config import OPERATIONAL_KEYS
 
@@ -164,7 +164,7 @@ def finished_result(workdir: str | os.PathLike[str], config: Any = None) -> dict
   except (OSError, json.JSONDecodeError):
     return None  # a damaged marker: the stage reruns (its checkpoints make that cheap)
   if config is not None:
-    old, new = result.get('config', {}), _fingerprint(config)
+    old, new = result.get('config', {}), fingerprint(config)
     diff = workdir_lib.differences(old, new)
     if diff:
       details = workdir_lib.describe(old, new, diff)
@@ -202,7 +202,7 @@ def run_stage(config: Any, workdir: str | os.PathLike[str], *, name: str = '') -
   metrics = train_and_evaluate(config, workdir)
   result = {
     'metrics': metrics,
-    'config': _fingerprint(config),
+    'config': fingerprint(config),
     'seconds': round(time.perf_counter() - start, 1),
   }
   _atomic_json(workdir / RESULT_FILE, result)
@@ -222,7 +222,7 @@ def _stage_config(config, **overrides):
   return c
 
 
-def _scaled_schedule(steps: int) -> tuple:
+def scaled_schedule(steps: int) -> tuple:
   """The hyper-rule's small-data schedule [100, 200, 300, 400, 500] shrunk to `steps` total steps."""
   from bit import hyperrule
 
@@ -264,7 +264,7 @@ def pretrain_config(config: Any, dataset: Any) -> Any:
     examples_per_class=None,
     batch_size=int(d.pretrain_batch_size),
     base_lr=float(d.pretrain_lr),
-    schedule=_scaled_schedule(d.pretrain_steps),
+    schedule=scaled_schedule(d.pretrain_steps),
     seed=int(d.pretrain_seed),
   )
 

@@ -61,7 +61,7 @@ def run_distill_stage(config: Any, workdir: str | os.PathLike[str], *, name: str
   metrics = distill.distill(config, workdir)
   result = {
     'metrics': metrics,
-    'config': demo._fingerprint(config),
+    'config': demo.fingerprint(config),
     'seconds': round(time.perf_counter() - start, 1),
   }
   files.write_json(workdir / demo.RESULT_FILE, result, sort_keys=True)
