@@ -195,9 +195,22 @@ def _write_savedmodel(fn, prepared, size, input, out: pathlib.Path) -> dict:
   side = None if input == 'raw' else size
   spec = tf.TensorSpec([None, side, side, 3], tf.float32 if input == 'float32' else tf.uint8, name='images')
 
+  expected = (
+    f'a {spec.dtype.name} tensor of shape [batch, {side or "height"}, {side or "width"}, 3] (NHWC RGB)'
+  )
+
   @tf.function(autograph=False, input_signature=[spec])
   def serve(images):
-    return converted(module.params, images)
+    # A signature checks the dtype but not the shape of what it is fed: checked here, before the model runs.
+    shape = tf.shape(images)
+    ok = tf.equal(tf.size(shape), 4)
+    want = tf.constant([side or 1, side or 1, 3])
+    dims = tf.concat([shape, [1, 1, 1, 1]], 0)[1:4]  # padded: a tensor of lower rank fails the check above
+    same = tf.logical_or(tf.equal(dims, want), tf.constant([side is None, side is None, False]))
+    ok = tf.logical_and(ok, tf.reduce_all(same))
+    check = tf.debugging.Assert(ok, [f'images must be {expected}; got shape', shape], summarize=8)
+    with tf.control_dependencies([check]):
+      return converted(module.params, tf.identity(images))
 
   module.serve = serve
   signatures = {'serving_default': serve}
@@ -413,12 +426,15 @@ DECODE = (
   'side >= size)'
 )
 SIGNATURE_ERRORS = {
-  'savedmodel': 'the signature refuses it before running: TensorFlow raises a ValueError (shape) or TypeError '
-  '(dtype) naming the TensorSpec it expects, e.g. TensorSpec(shape=(None, {s}, {s}, 3), dtype=tf.{d})',
-  'onnx': 'onnxruntime refuses it before running: INVALID_ARGUMENT "Got invalid dimensions for input: images ... '
-  'Expected: {s}" or "Unexpected input data type. Actual: (tensor(...)) , expected: (tensor({t}))"',
-  'stablehlo': "jax.export's call refuses it before running: a ValueError naming the expected shape "
-  '{shape} and dtype {d}',
+  'savedmodel': 'refused before the model runs, with tf.errors.InvalidArgumentError: a wrong dtype "... was '
+  'expected to be a {d} tensor but is a ... tensor", a wrong shape "assertion failed: [images must be a {d} '
+  'tensor of shape [batch, {h}, {w}, 3] (NHWC RGB); got shape] [...]"',
+  'onnx': 'refused before the model runs, with onnxruntime\'s INVALID_ARGUMENT: a wrong dtype "Unexpected input '
+  'data type. Actual: (tensor(...)) , expected: (tensor({t}))", a wrong shape "Got invalid dimensions for '
+  'input: images for the following indices index: 1 Got: ... Expected: {h}" (or "Invalid rank for input")',
+  'stablehlo': 'refused before the model runs, with jax.export\'s ValueError: a wrong dtype "Dtype mismatch for '
+  'args[0]: expected {d} and called with ...", a wrong shape "... mismatch for args[0]: expected (batch, {h}, '
+  '{w}, 3) and called with (...)"',
 }
 
 
@@ -450,7 +466,7 @@ def input_manifest(format: str, size: int, input: str) -> dict:
     'reproduced_by': REPRODUCE,
     'warning': PIL_WARNING,
     'wrong_shape_or_dtype': SIGNATURE_ERRORS.get(format, '').format(
-      s=size if side else 'height', d=dtype, t='float' if dtype == 'float32' else 'uint8', shape=shape
+      h=side or 'height', w=side or 'width', d=dtype, t='float' if dtype == 'float32' else 'uint8'
     ),
   }
   if format == 'savedmodel' and input == 'raw':
