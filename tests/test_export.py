@@ -283,7 +283,15 @@ def _consume_raw(fmt, path, inputs):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _check_raw(out, model, params, batches, manifest):
+# What each format's refusal of a batch without its channel axis says (the expected rank or shape).
+RANK_ERRORS = {
+  'savedmodel': 'images must be a uint8 tensor of shape [batch, height, width, 3]',
+  'onnx': 'Expected: 4',
+  'stablehlo': 'expected (batch, height, width, 3)',
+}
+
+
+def _check_raw(fmt, out, model, params, batches, manifest):
   assert len(out['probabilities']) == len(batches)
   for got, f in zip(out['probabilities'], batches, strict=True):
     x = np.load(f)
@@ -293,7 +301,7 @@ def _check_raw(out, model, params, batches, manifest):
   # A float32 batch, and a batch without its channel axis: each refused with the expected dtype/shape named.
   dtype_error, rank_error = out['errors']
   assert dtype_error and 'uint8' in dtype_error, dtype_error
-  assert rank_error and ('height' in rank_error or 'Expected: 4' in rank_error), rank_error
+  assert rank_error and RANK_ERRORS[fmt] in rank_error, rank_error
   assert manifest['input']['wrong_shape_or_dtype'].startswith('refused before the model runs')
 
 
@@ -310,7 +318,7 @@ def test_raw_photos_of_any_size(fmt, workdir, raw, tmp_path):
     resize = next(n for n in graph.node if n.op_type == 'Resize')
     attrs = {a.name: a for a in resize.attribute}
     assert attrs['coordinate_transformation_mode'].s == b'half_pixel' and attrs['antialias'].i == 0
-  _check_raw(_consume_raw(fmt, out, batches), model, params, batches, m)
+  _check_raw(fmt, _consume_raw(fmt, out, batches), model, params, batches, m)
 
 
 def test_raw_savedmodel_and_jpeg_bytes_from_the_cli(workdir, raw, tmp_path, capsys, monkeypatch):
@@ -326,7 +334,7 @@ def test_raw_savedmodel_and_jpeg_bytes_from_the_cli(workdir, raw, tmp_path, caps
   )
   result = _consume_raw('savedmodel', out, [*batches, *encoded])
   model, params = checkpoints.load(workdir / 'model.npz', keep_head=True)
-  _check_raw(result, model, params, batches, m)
+  _check_raw('savedmodel', result, model, params, batches, m)
   # Encoded files, each at its own size: what bit.predict gives for the file (its reduced-scale JPEG decode).
   want = prediction.predict(model, params, encoded, size=SIZE)
   np.testing.assert_allclose(result['bytes'], want, atol=1e-4)
