@@ -13,6 +13,17 @@ a batch of --batch images at --size px through: bit's ONNX, timm's ONNX (same on
 options), bit's folded JAX inference (`models.Inference`), and with --savedmodel the SavedModel's
 `serving_default`. Each figure is the median over --steps calls after --warmup; it prints one line per round
 and, last, a JSON line with the medians over rounds and the 1-minute load average.
+
+  python benchmarks/export_compare.py --decode-study 50
+
+instead measures how far a server that decodes JPEGs at full scale lands from bit's reduced-scale decode
+(`bit.images.decode`, what bit-predict and the SavedModel's serving_bytes do): --decode-study synthetic
+photo-like JPEGs (smooth gradients, shapes, texture noise; quality 90) at 375x500 and at 1500x2000, through
+--model with random weights whose head bias centres the photos' mean logit (so that classes vary), at 128
+and 224 px: the top-1 agreement with bit.predict of the file, and the mean absolute difference of the model
+inputs, for (a) full-scale decode + bit's resize, (b) full-scale decode + PIL's antialiased bilinear resize.
+A random network is a proxy for a trained one: the pixel differences are exact, the class agreement is an
+indication.
 """
 
 import argparse
@@ -69,6 +80,73 @@ def op_counts(path):
   return dict(sorted(counts.items()))
 
 
+def photo_like(rng, h, w):
+  """A synthetic photo: smooth colour gradients, a few filled shapes, fine texture noise."""
+  from PIL import Image, ImageDraw
+
+  yy, xx = np.mgrid[:h, :w] / max(h, w)
+  base = np.stack([np.sin(xx * rng.uniform(2, 9) + c * 2 + yy * rng.uniform(1, 5)) for c in range(3)], -1)
+  img = Image.fromarray(((base * 0.5 + 0.5) * 200 + 20).astype(np.uint8))
+  draw = ImageDraw.Draw(img)
+  for _ in range(int(rng.integers(3, 9))):
+    x0, y0 = rng.integers(0, w), rng.integers(0, h)
+    box = [int(x0), int(y0), int(x0 + rng.integers(w // 20, w // 2)), int(y0 + rng.integers(h // 20, h // 2))]
+    fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+    (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+  pixels = np.asarray(img).astype(np.float32) + rng.normal(0, 12, (h, w, 3))
+  return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def decode_study(a):
+  from PIL import Image
+
+  from bit import prediction
+
+  model = models.create_model(a.model, 1000)
+  params = models.init_params(model, seed=1)
+  params['head']['kernel'] = np.asarray(
+    np.random.default_rng(2).normal(0, 0.05, params['head']['kernel'].shape), np.float32
+  )
+  rng = np.random.default_rng(0)
+  rows = []
+  with tempfile.TemporaryDirectory(prefix='bit_decode_study_') as tmp:
+    for h, w in ((375, 500), (1500, 2000)):
+      files = []
+      for i in range(a.decode_study):
+        files.append(pathlib.Path(tmp) / f'{h}x{w}_{i:03d}.jpg')
+        Image.fromarray(photo_like(rng, h, w)).save(files[-1], quality=90)
+      for size in (128, 224):
+        bit_x = prediction.preprocess(files, size)  # bit's reduced-scale decode
+        full = [np.asarray(Image.open(f).convert('RGB')) for f in files]
+        full_x = np.stack([prediction.resize_bilinear(p.astype(np.float32), size) for p in full]) / 127.5 - 1
+        pil_x = np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR)) for p in full])
+        pil_x = pil_x.astype(np.float32) / 127.5 - 1
+        inference = models.Inference(model)
+        fn = xla.jit(inference)
+        prepared = inference.prepare(params)
+        logits = {
+          k: np.asarray(fn(prepared, v)) for k, v in (('bit', bit_x), ('full', full_x), ('pil', pil_x))
+        }
+        centre = logits['bit'].mean(0)
+        top = {k: (v - centre).argmax(-1) for k, v in logits.items()}
+        short = min(h, w)
+        ratio = max([r for r in (1, 2, 4, 8) if short // r >= size] or [1])
+        rows.append(
+          {
+            'photos': f'{len(files)} x {h}x{w} JPEG q90',
+            'size': size,
+            'bit_decode_scale': f'1/{ratio}',
+            'classes_seen': len(set(top['bit'].tolist())),
+            'full_decode_top1_agreement': float(np.mean(top['full'] == top['bit'])),
+            'full_decode_mean_abs_input_diff': round(float(np.abs(full_x - bit_x).mean()), 4),
+            'pil_resize_top1_agreement': float(np.mean(top['pil'] == top['bit'])),
+            'pil_resize_mean_abs_input_diff': round(float(np.abs(pil_x - bit_x).mean()), 4),
+          }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--model', default='R50x1')
@@ -79,7 +157,11 @@ def main():
   ap.add_argument('--rounds', type=int, default=5)
   ap.add_argument('--timm-python', default=None, help='python of a venv with torch + timm (none: no timm)')
   ap.add_argument('--savedmodel', action='store_true', help='also time the SavedModel (a slow export)')
+  ap.add_argument('--decode-study', type=int, default=0, help='N photos per size: the decode study instead')
   a = ap.parse_args()
+  if a.decode_study:
+    decode_study(a)
+    return 0
 
   import onnxruntime as ort
 

@@ -1,26 +1,34 @@
 """Export a model's inference function for serving outside JAX: a TF SavedModel, ONNX, or serialized StableHLO.
 
   bit.export(model, params, 'savedmodel', 'exports/flowers_tf', size=224, labels=names)
-  bit-export --workdir runs/tf_flowers --format onnx --output exports/flowers_onnx
+  bit-export --workdir runs/tf_flowers --format onnx --input raw --output exports/flowers_onnx
 
 What is exported is the folded inference function (`models.Inference`: kernels standardized once, at export):
-a batch of any size of `images` at a fixed side (NHWC RGB, float32 in [-1, 1], or uint8 0..255 with
-`input='uint8'`, scaled inside) -> `logits` and `probabilities` (softmax). Each export is a directory:
+a batch of any size of `images` (NHWC RGB) -> `logits` and `probabilities` (softmax). `input` says what
+`images` is: 'float32' in [-1, 1] at the export's side, 'uint8' 0..255 at that side (scaled inside), or 'raw'
+uint8 at any height and width, resized inside exactly as `bit.preprocess` resizes (bilinear, half-pixel
+centres, no antialiasing; `resize_bilinear`) and scaled. Each export is a directory:
 
-  savedmodel/  saved_model.pb, variables/   `serving_default(images=...)` -> {'logits', 'probabilities'}
+  savedmodel/  saved_model.pb, variables/   `serving_default(images=...)` -> {'logits', 'probabilities'};
+                                            with input='raw' also `serving_bytes(images=<encoded JPEG/PNG>)`
   onnx/        model.onnx                   inputs ['images'], outputs ['logits', 'probabilities']
   stablehlo/   model.stablehlo              `jax.export.deserialize(bytes).call(images)` -> dict
-  + export.json (size, input convention, source checkpoint and its sha256, how to call it), labels.txt
+  + export.json (size, the input tensor, the exact preprocessing and the functions that reproduce it, what a
+    wrong shape or dtype gives, the source checkpoint and its sha256, how to call it), labels.txt
 
 - SavedModel: `jax2tf` (native serialization: the StableHLO runs inside TF's XlaCallModule op, lowered for
-  CPU and CUDA), params as TF variables, a polymorphic batch. Loads with `tf.saved_model.load`, no JAX.
-- ONNX: `jax2onnx` straight from the JAX function (tf2onnx cannot read a jax2tf SavedModel: its one
-  XlaCallModule op has no ONNX equivalent, and jax2tf no longer emits plain TF ops). Standard ops of the
-  default domain at `ONNX_OPSET`, a symbolic batch. Needs the `[export]` extra.
+  CPU and CUDA), params as TF variables, a polymorphic batch (and height, width for 'raw'); the signature
+  checks the image shape itself. `serving_bytes` decodes in TF ops as `bit.images.decode` does
+  (`decode_bytes_tf`: the reduced-scale JPEG decode; not the EXIF orientation). Loads with
+  `tf.saved_model.load`, no JAX.
+- ONNX: written node by node from the standardized params with `onnx`'s helpers (`onnx_graph`): standard ops
+  of the default domain at `ONNX_OPSET`, NHWC input transposed once to NCHW, a symbolic batch without shape
+  arithmetic (GroupNorm is Reshape [0, 32, -1] + InstanceNormalization). Needs the `[export]` extra (onnx).
 - StableHLO: `jax.export` bytes for CPU and CUDA, the exact form; reload with `jax.export.deserialize`.
 
-The directory is built next to `path` and renamed into place; an existing `path` is refused unless
-`overwrite=True`, which replaces only a previous export (a directory with export.json), never anything else.
+docs/serving.md has the signatures, the preprocessing and the ONNX layout. The directory is built next to
+`path` and renamed into place; an existing `path` is refused unless `overwrite=True`, which replaces only a
+previous export (a directory with export.json), never anything else.
 """
 
 from __future__ import annotations
