@@ -441,8 +441,8 @@ SIGNATURE_ERRORS = {
   'data type. Actual: (tensor(...)) , expected: (tensor({t}))", a wrong shape "Got invalid dimensions for '
   'input: images for the following indices index: 1 Got: ... Expected: {h}" (or "Invalid rank for input")',
   'stablehlo': 'refused before the model runs, with jax.export\'s ValueError: a wrong dtype "Dtype mismatch for '
-  'args[0]: expected {d} and called with ...", a wrong shape "... mismatch for args[0]: expected (batch, {h}, '
-  '{w}, 3) and called with (...)"',
+  'args[0]: expected {d} and called with ...", a wrong shape "Shape mismatch for args[0].shape[1] ...: expected '
+  '(batch, {h}, {w}, 3) and called with (...)" (or "Rank mismatch")',
 }
 
 
