@@ -22,8 +22,8 @@ photo-like JPEGs (smooth gradients, shapes, texture noise; quality 90) at 375x50
 --model with random weights whose head bias centres the photos' mean logit (so that classes vary), at 128
 and 224 px: the top-1 agreement with bit.predict of the file, and the mean absolute difference of the model
 inputs, for (a) full-scale decode + bit's resize, (b) full-scale decode + PIL's antialiased bilinear resize.
-A random network is a proxy for a trained one: the pixel differences are exact, the class agreement is an
-indication.
+The input differences are exact; the class agreement means something only with trained weights (a random
+network's near-tied logits flip on any change: measured 0-12% agreement, docs/serving.md).
 """
 
 import argparse
