@@ -252,8 +252,8 @@ print(json.dumps(out))
 
 @pytest.fixture(scope='module')
 def raw(tmp_path_factory):
-  """uint8 batches of several sizes (.npy) and photo-like JPEGs large enough to be decoded at 1/2 and 1/4 scale
-  by bit's decoder (and a PNG and a small JPEG, decoded in full)."""
+  """uint8 batches of several sizes (.npy), and photo-like JPEGs that bit's decoder reads at 1/4, 1/2, 1/8 and
+  full scale for a 32 px model (short sides 150, 67, 257, 40), and a PNG."""
   root = tmp_path_factory.mktemp('raw')
   rng = np.random.default_rng(1)
   batches = []
