@@ -40,6 +40,8 @@ import pathlib
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +49,7 @@ import numpy as np
 
 from bit import files, models
 from bit.errors import BitError
+from bit.types import ExportManifest, Format, Input, Params, PathLike
 
 FORMATS = ('savedmodel', 'onnx', 'stablehlo')
 INPUTS = ('float32', 'uint8', 'raw')
@@ -102,7 +105,7 @@ def _import_onnx():
   return onnx
 
 
-def resize_bilinear(images, size: int):
+def resize_bilinear(images: jax.Array, size: int) -> jax.Array:
   """A float NHWC batch (any height and width, symbolic too) resized to `size` x `size` as `bit.preprocess`
   resizes (`bit.prediction.resize_bilinear`, `tf.image.resize(..., 'bilinear', antialias=False)`): half-pixel
   centres, edge-clamped, two taps per axis, no antialiasing. Gathers, so jax.export keeps H and W symbolic."""
@@ -126,7 +129,9 @@ def resize_bilinear(images, size: int):
   return axis(axis(images, 1), 2)
 
 
-def serving_function(model, prepared, input: str = 'float32', size: int | None = None):
+def serving_function(
+  model: models.ResNetV2, prepared: Params, input: Input = 'float32', size: int | None = None
+) -> Callable[[Params, jax.Array], dict[str, jax.Array]]:
   """images (NHWC: float32 in [-1, 1] or uint8 at the model's size, or with `input='raw'` uint8 at any size,
   resized to `size` inside) -> {'logits', 'probabilities'}, with `prepared` params
   (`models.Inference(model).prepare(params)`) as its first argument: `fn(prepared, images)`."""
@@ -140,12 +145,13 @@ def serving_function(model, prepared, input: str = 'float32', size: int | None =
     else:
       x = images.astype(jnp.float32)
       if input == 'raw':
+        assert size is not None  # checked above
         x = resize_bilinear(x, size)
       x = x / 127.5 - 1.0
     logits = inference(prepared, x)
     return {'logits': logits, 'probabilities': jax.nn.softmax(logits, axis=-1)}
 
-  fn.model = model
+  fn.model = model  # type: ignore[attr-defined]  (the ONNX writer builds its graph from the model)
   return fn
 
 
@@ -157,7 +163,7 @@ def _shape(size, input) -> str:
   return '(batch, height, width, 3)' if input == 'raw' else f'(batch, {size}, {size}, 3)'
 
 
-def decode_bytes_tf(tf, data, size: int):
+def decode_bytes_tf(tf: Any, data: Any, size: int) -> Any:
   """One encoded image (a scalar string tensor) as float32 (size, size, 3) pixels 0..255, in TF ops, as
   `bit.images.decode(data, size)` then `bit.prediction.resize_bilinear` do: a JPEG whose short side is at
   least twice `size` is decoded at 1/2, 1/4 or 1/8 scale in the DCT (libjpeg's scaled IDCT, as Pillow's
@@ -256,7 +262,7 @@ class _OnnxGraph:
     self.count += 1
     return f'{prefix}_{self.count}'
 
-  def const(self, name, value, dtype=np.float32):
+  def const(self, name: str, value: Any, dtype: Any = np.float32) -> str:
     from onnx import numpy_helper
 
     self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype), name))
@@ -302,7 +308,7 @@ def _conv_side(side, kernel, stride, pad):
   return (side + 2 * pad - kernel) // stride + 1
 
 
-def onnx_graph(model, prepared, size: int, input: str = 'float32'):
+def onnx_graph(model: models.ResNetV2, prepared: Params, size: int, input: Input = 'float32') -> Any:
   """The ONNX ModelProto of `serving_function(model, prepared, input, size)`, built node by node from the
   standardized params (`models.Inference(model).prepare(params)`): NHWC `images` (a symbolic batch; for
   'raw' a symbolic height and width too), transposed once to NCHW; outputs `logits` and `probabilities`."""
@@ -446,7 +452,7 @@ SIGNATURE_ERRORS = {
 }
 
 
-def input_manifest(format: str, size: int, input: str) -> dict:
+def input_manifest(format: str, size: int, input: str) -> dict[str, Any]:
   """export.json's 'input': the tensor, and the exact transform between an image file and it."""
   dtype = 'float32' if input == 'float32' else 'uint8'
   side = None if input == 'raw' else size
@@ -510,31 +516,32 @@ def _refuse_existing(path: pathlib.Path, overwrite: bool) -> None:
   if not path.exists():
     return
   if not overwrite:
-    raise BitError(f'{path} exists: give another --output, or --overwrite to replace that export.')
+    raise BitError(f'{path} exists: give another path=, or overwrite=True to replace that export.')
   if not (path.is_dir() and (path / 'export.json').is_file()):
     raise BitError(
-      f'{path} exists and is not a bit export (no export.json in it): --overwrite replaces only a previous '
-      'export; give another --output.'
+      f'{path} exists and is not a bit export (no export.json in it): overwrite=True replaces only a previous '
+      'export; give another path=.'
     )
 
 
 def export(
-  model,
-  params,
-  format: str,
-  path,
+  model: models.ResNetV2,
+  params: Params,
+  format: Format,
+  path: PathLike,
   *,
   size: int = 224,
-  input: str = 'float32',
-  labels=None,
-  source=None,
+  input: Input = 'float32',
+  labels: Sequence[str] | None = None,
+  source: PathLike | None = None,
   overwrite: bool = False,
 ) -> pathlib.Path:
   """Writes the inference function of `model` with `params` to the directory `path` in `format`.
 
   `format`: 'savedmodel', 'onnx' (needs the `[export]` extra) or 'stablehlo'. `size`: the image side the
-  export takes (>= 32); the batch is free. `input`: 'float32' (values in [-1, 1]) or 'uint8' (0..255, scaled
-  inside). `labels`: class names for labels.txt. `source`: the checkpoint file the params came from (its
+  export takes (>= 32); the batch is free. `input`: 'float32' (values in [-1, 1]), 'uint8' (0..255, scaled
+  inside) or 'raw' (uint8 at any height and width, resized to `size` inside as `bit.preprocess` does, then
+  scaled; a SavedModel also gets `serving_bytes` for encoded images; docs/serving.md). `labels`: class names for labels.txt. `source`: the checkpoint file the params came from (its
   path and sha256 go into export.json). Returns `path`.
   """
   check_format(format)
@@ -584,7 +591,7 @@ def export(
   return path
 
 
-def read_manifest(path) -> dict:
+def read_manifest(path: PathLike) -> ExportManifest:
   return json.loads((pathlib.Path(path) / 'export.json').read_text())
 
 
@@ -598,18 +605,12 @@ def load_source(*, workdir=None, model=None, num_classes=None, keep_head=False):
   from bit import checkpoints
 
   if (workdir is None) == (model is None):
-    raise BitError(
-      'Give either --workdir (a bit-train run) or --model (a registry name or an .npz), not both.'
-    )
+    raise BitError('Give either workdir= (a bit-train run) or model= (a registry name or an .npz), not both.')
   if workdir is not None:
-    from bit import evaluation
+    from bit import workdir as workdir_lib
 
-    workdir = pathlib.Path(workdir).expanduser()
-    npz = workdir / 'model.npz'
-    if workdir.is_dir() and not npz.is_file():
-      raise BitError(f'{npz} is missing: {workdir} holds no finished model; run bit-train on it to the end.')
-    config, net, params, names = evaluation.read_workdir(workdir)
-    return net, params, names, int(config.get('crop') or 224), npz
+    run = workdir_lib.load(workdir)
+    return run.model, run.params, run.class_names, int(run.model.input_size), run.npz
   net, params = checkpoints.load(model, num_classes, keep_head=keep_head)
   names = checkpoints.label_names(model) if keep_head else None
   if names is not None and len(names) != net.num_classes:
