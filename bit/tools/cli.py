@@ -490,12 +490,18 @@ def _define_export_flags() -> None:
   _define('string', 'format', None, 'savedmodel (TensorFlow), onnx (needs the [export] extra) or stablehlo.')
   _define('string', 'output', None, 'The directory to write; it must not exist (or --overwrite an export).')
   _define('integer', 'size', None, "Image side the export takes (default: the run's crop, or 224).")
-  _define('string', 'input', 'float32', 'float32 (NHWC in [-1, 1]) or uint8 (RGB 0..255, scaled inside).')
+  _define(
+    'string',
+    'input',
+    'float32',
+    'float32 (NHWC in [-1, 1]), uint8 (RGB 0..255, scaled inside) or raw (uint8 RGB at any size, resized and '
+    'scaled inside; a SavedModel also gets serving_bytes for encoded JPEG/PNG).',
+  )
   _define('boolean', 'overwrite', False, 'Replace an existing export at --output.')
 
 
 def _export(argv) -> None:
-  """bit-export --workdir W --format savedmodel|onnx|stablehlo --output DIR [--size 224] [--input uint8]
+  """bit-export --workdir W --format savedmodel|onnx|stablehlo --output DIR [--size 224] [--input uint8|raw]
 
   Writes the model's inference function (images -> logits, probabilities; any batch size) for serving
   outside JAX, with labels.txt and export.json (size, input convention, source sha256, how to call it).
@@ -510,7 +516,7 @@ def _export(argv) -> None:
   if FLAGS.size is not None:
     check_size(FLAGS.size)
   if FLAGS.input not in INPUTS:
-    raise BitError(f'--input must be float32 or uint8, got {FLAGS.input!r}.')
+    raise BitError(f'--input must be one of {", ".join(INPUTS)}, got {FLAGS.input!r}.')
   model, params, names, size, source = load_source(
     workdir=FLAGS.workdir, model=FLAGS.model, num_classes=FLAGS.num_classes, keep_head=FLAGS.keep_head
   )
