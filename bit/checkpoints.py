@@ -49,6 +49,7 @@ __all__ = [
   'reset_head',
   'label_names',
   'official_key',
+  'adapt_input_conv',
 ]
 
 DEFAULT_BASE_URL = 'https://storage.googleapis.com/bit_models/'
@@ -322,8 +323,10 @@ def npz_to_params(weights: Mapping[str, np.ndarray], *, source='checkpoint'):
   """
   depth, width, classes = _infer(weights, source)
   arch = models.architecture_name(depth, width)
+  root = weights.get('resnet/root_block/standardized_conv2d/kernel')
+  in_chans = int(root.shape[2]) if getattr(root, 'ndim', None) == 4 and root.shape[2] > 0 else 3
   try:
-    model = models.create_model(arch, classes)
+    model = models.create_model(arch, classes, in_chans=in_chans)
   except BitError as e:
     raise CheckpointError(
       f'{source}: the checkpoint looks like {arch} with {classes} classes, which this '
@@ -426,7 +429,7 @@ def _fetch(cfg: PretrainedCfg) -> pathlib.Path:
   return download(cfg.url, cache_path(cfg.url), sha256=cfg.sha256, size=cfg.size)
 
 
-def load(name_or_path, num_classes=None, *, keep_head=False, dtype=jnp.float32, seed=0):
+def load(name_or_path, num_classes=None, *, keep_head=False, dtype=jnp.float32, seed=0, in_chans=None):
   """Returns (model, params) for a registry name, a local official-layout .npz, or a bare architecture.
 
   - A registry name (see `list_models()`) is downloaded once into the cache (`$BIT_CACHE`).
@@ -436,11 +439,17 @@ def load(name_or_path, num_classes=None, *, keep_head=False, dtype=jnp.float32, 
   checkpoint's own head (`num_classes` must then be None or equal to it). `dtype` is the compute dtype;
   params are float32. `seed` drives the random init of a scratch model.
 
+  `in_chans=C` adapts the root kernel to C input channels the way timm's `adapt_input_conv` does (C=1: the
+  sum over RGB; C>3: the RGB kernel repeated and scaled by 3/C; see `adapt_input_conv`); the model then takes
+  C-channel images (`model.in_chans`), and `save_npz` / `bit-export` keep C. None keeps the checkpoint's own.
+
   A model that keeps its head knows the image size it was trained at (`model.input_size`, which
   `bit.evaluate` and `bit.predict` use when given no size): the registry's resolution, or the `crop` of the
   run's config.json beside a local .npz (a bit-train workdir). A new head is a new task: `input_size` None.
   """
   kind, what = _resolve(name_or_path)
+  if in_chans is not None:
+    models.check_in_chans(in_chans)
   if num_classes is not None:
     try:  # numpy integers (e.g. a label count from a dataset) are fine; 10.0 or '10' is a mistake
       num_classes = operator.index(num_classes)
@@ -454,7 +463,7 @@ def load(name_or_path, num_classes=None, *, keep_head=False, dtype=jnp.float32, 
       )
     if num_classes is None:
       raise BitError(f'load({what!r}) builds a randomly initialized model: pass num_classes.')
-    model = models.create_model(what, num_classes, dtype)
+    model = models.create_model(what, num_classes, dtype, in_chans=in_chans or 3)
     return model, models.init_params(model, seed=seed)
 
   if kind == 'registry':
@@ -478,7 +487,7 @@ def load(name_or_path, num_classes=None, *, keep_head=False, dtype=jnp.float32, 
     depth, width, classes, params = npz_to_params(load_npz(path), source=str(path))
     arch = models.architecture_name(depth, width)
     size = _run_crop(path)
-  return _finish(arch, classes, params, num_classes, keep_head, dtype, name_or_path, size)
+  return _finish(arch, classes, params, num_classes, keep_head, dtype, name_or_path, size, in_chans)
 
 
 def _run_crop(npz: pathlib.Path) -> int | None:
@@ -493,20 +502,73 @@ def _run_crop(npz: pathlib.Path) -> int | None:
   return crop if isinstance(crop, int) and crop >= models.MIN_IMAGE_SIZE else None
 
 
-def _finish(arch, classes, params, num_classes, keep_head, dtype, source, size=None):
+def _root_kernel(params):
+  return params['root_block']['conv_root']['kernel']
+
+
+def adapt_input_conv(kernel, in_chans: int, *, source='the checkpoint'):
+  """A root kernel (HWIO) for `in_chans` input channels, as timm's `adapt_input_conv` makes it.
+
+  in_chans=1: the sum over the input channels (of each RGB triple, when there are 3k of them); in_chans > 3
+  from 3: the RGB kernel repeated and cut to in_chans channels, times 3 / in_chans; the same count: unchanged.
+
+  BiT's root conv is weight-standardized (over H, W and the input channels) at every call, so unlike a plain
+  conv the adapted model is not exactly the RGB model on repeated channels: the scale 3 / in_chans is undone
+  by the standardization, and a uniform scale of the root's output is undone by the first GroupNorm (so an
+  image repeated k times into 3k channels gives the RGB logits up to float rounding); but the sum over RGB
+  is standardized by its own spread per output channel, which differs from the RGB kernel's (a colour-
+  opponent filter sums to near zero and is blown up). docs/hub.md has the figure; for the RGB model's exact
+  answer on gray images, repeat them to 3 channels (`jnp.repeat(x, 3, axis=-1)`) instead.
+  """
+  in_chans = models.check_in_chans(in_chans)
+  k = np.asarray(jax.device_get(kernel), np.float32)
+  have = k.shape[2]
+  if in_chans == have:
+    return jnp.asarray(k)
+  if in_chans == 1:
+    if have % 3:
+      raise BitError(
+        f'in_chans=1: cannot sum the {have} input channels of the root kernel of {source} over RGB '
+        '(not a multiple of 3).'
+      )
+    k = k.reshape(*k.shape[:2], have // 3, 3, k.shape[-1]).sum(axis=3)
+    return jnp.asarray(k)
+  if have != 3:
+    raise BitError(
+      f'in_chans={in_chans}: the root kernel of {source} has {have} input channels; it can only be adapted '
+      'from 3 (RGB) channels, or summed to 1.'
+    )
+  reps = -(-in_chans // 3)
+  k = np.tile(k, (1, 1, reps, 1))[:, :, :in_chans] * (3.0 / in_chans)
+  return jnp.asarray(k.astype(np.float32))
+
+
+def _with_in_chans(params, in_chans, source):
+  if in_chans is None or _root_kernel(params).shape[2] == in_chans:
+    return params
+  out = dict(params)
+  out['root_block'] = {
+    'conv_root': {'kernel': adapt_input_conv(_root_kernel(params), in_chans, source=source)}
+  }
+  return out
+
+
+def _finish(arch, classes, params, num_classes, keep_head, dtype, source, size=None, in_chans=None):
+  params = _with_in_chans(params, in_chans, source)
+  in_chans = int(_root_kernel(params).shape[2])
   if keep_head:
     if num_classes is not None and num_classes != classes:
       raise BitError(
         f'keep_head=True keeps the {classes}-class head of {source}, but num_classes='
         f'{num_classes}: drop num_classes, or drop keep_head for a new head.'
       )
-    return models.create_model(arch, classes, dtype, input_size=size), params
+    return models.create_model(arch, classes, dtype, input_size=size, in_chans=in_chans), params
   if num_classes is None:
     raise BitError(
       f'load({str(source)!r}): pass num_classes for a new (zero-initialized) head, or '
       f"keep_head=True to keep the checkpoint's {classes}-class head."
     )
-  return models.create_model(arch, num_classes, dtype), reset_head(params, num_classes)
+  return models.create_model(arch, num_classes, dtype, in_chans=in_chans), reset_head(params, num_classes)
 
 
 def reset_head(params, num_classes: int):
