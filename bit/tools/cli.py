@@ -164,6 +164,24 @@ def _define_multihost_flags() -> None:
   _define(
     'integer', 'process_id', None, 'Multi-host: this process, 0..num_processes-1 (or env JAX_PROCESS_ID).'
   )
+  if 'distributed' not in FLAGS:
+    flags.DEFINE_enum(
+      'distributed',
+      'auto',
+      ['auto', 'off'],
+      'auto: without the three flags above, join the cluster jax detects (SLURM, Open MPI, TPU pod, '
+      'Kubernetes; docs/clusters.md); off: one process unless the flags say otherwise.',
+      module_name=_main_module(),
+    )
+
+
+def _join_cluster() -> None:
+  from bit import parallel
+
+  cluster = parallel.initialize_distributed(
+    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, distributed=FLAGS.distributed
+  )
+  print(cluster.describe(), file=sys.stderr, flush=True)
 
 
 def _define_config_flag(default=None) -> None:
@@ -213,19 +231,17 @@ def _train(argv) -> None:
   """
   if FLAGS.config is None:
     raise BitError('--config is required, e.g. --config configs/common.py --config.dataset=cifar10.')
-  from bit import parallel
-
   if FLAGS.dry_run:
     from bit import dry_run
 
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    _join_cluster()
     plan = dry_run.plan(FLAGS.config, num_classes=FLAGS.num_classes, device_memory_gb=FLAGS.device_memory_gb)
     print(dry_run.format_plan(plan))
     print(json.dumps(plan), flush=True)
     return
   if not FLAGS.workdir:
     raise BitError('--workdir is required: the directory that receives checkpoints, metrics and model.npz.')
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  _join_cluster()
   if 'demo' in FLAGS.config:  # configs/demo.py: the offline demo's stages (pretrain, fine-tune, scratch)
     from bit.tools.demo import run_demo
 
@@ -443,9 +459,7 @@ def _distill(argv) -> None:
     raise BitError('--config is required, e.g. --config configs/distill.py --config.teacher=WORKDIR.')
   if not FLAGS.workdir:
     raise BitError('--workdir is required: the directory that receives the student.')
-  from bit import parallel
-
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  _join_cluster()
   if 'distill_demo' in FLAGS.config:  # configs/demo_distill.py: the offline demo's stages, then the students
     from bit.tools.distill_demo import run_distill_demo
 
