@@ -160,8 +160,11 @@ REGISTRY: dict[str, PretrainedCfg] = _build_registry()
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-  """The registry names (optionally filtered by a shell pattern such as 'BiT-M-*'), in registry order."""
-  names = list(REGISTRY)
+  """The registry names, then timm's BiT repos on the Hugging Face hub ('hf-hub:timm/resnetv2_50x1_bit...'),
+  optionally filtered by a shell pattern such as 'BiT-M-*' or 'hf-hub:*'."""
+  from bit import hub
+
+  names = list(REGISTRY) + [hub.PREFIX + r for r in hub.HUB_MODELS]
   if pattern:
     names = [n for n in names if fnmatch.fnmatch(n.lower(), pattern.lower())]
   return names
@@ -335,20 +338,34 @@ def npz_to_params(weights: Mapping[str, np.ndarray], *, source='checkpoint'):
   expected = {}
   for path, leaf in _flatten(models.param_shapes(model)):
     expected[official_key(path)] = (path, _official_shape(path, leaf.shape))
-  missing = [f'{k} {shape}' for k, (_, shape) in expected.items() if k not in weights]
+  strict_check(
+    weights,
+    {k: shape for k, (_, shape) in expected.items()},
+    f'{source} does not fit BiT {arch} with {classes} classes (read from its keys); nothing was loaded.',
+    'Use an official BiT .npz checkpoint or one written by bit.save_npz.',
+  )
+  params = _unflatten(
+    (path, jnp.asarray(np.asarray(weights[k], np.float32).reshape(_flax_shape(path, weights[k].shape))))
+    for k, (path, _) in expected.items()
+  )
+  return depth, width, classes, params
+
+
+def strict_check(weights: Mapping, expected: Mapping[str, tuple], header: str, footer: str) -> None:
+  """CheckpointError (`header`, every missing, unexpected, mis-shaped and non-float array, `footer`) unless
+  `weights` has exactly the names and shapes of `expected`, all floating point."""
+  missing = [f'{k} {shape}' for k, shape in expected.items() if k not in weights]
   unexpected = [f'{k} {tuple(np.shape(w))}' for k, w in weights.items() if k not in expected]
   misshaped, nonfloat = [], []
-  for k, (_, shape) in expected.items():
+  for k, shape in expected.items():
     if k in weights:
       w = weights[k]
-      if tuple(w.shape) != shape:
-        misshaped.append(f'{k}: {tuple(w.shape)} in the file, the model expects {shape}')
+      if tuple(w.shape) != tuple(shape):
+        misshaped.append(f'{k}: {tuple(w.shape)} in the file, the model expects {tuple(shape)}')
       elif not np.issubdtype(w.dtype, np.floating):
         nonfloat.append(f'{k}: dtype {w.dtype}')
   if missing or unexpected or misshaped or nonfloat:
-    lines = [
-      f'{source} does not fit BiT {arch} with {classes} classes (read from its keys); nothing was loaded.'
-    ]
+    lines = [header]
     for title, items in (
       ('missing', missing),
       ('unexpected', unexpected),
@@ -358,13 +375,8 @@ def npz_to_params(weights: Mapping[str, np.ndarray], *, source='checkpoint'):
       if items:
         lines.append(f'  {title} ({len(items)}):')
         lines.extend(f'    {item}' for item in items)
-    lines.append('Use an official BiT .npz checkpoint or one written by bit.save_npz.')
+    lines.append(footer)
     raise CheckpointError('\n'.join(lines))
-  params = _unflatten(
-    (path, jnp.asarray(np.asarray(weights[k], np.float32).reshape(_flax_shape(path, weights[k].shape))))
-    for k, (path, _) in expected.items()
-  )
-  return depth, width, classes, params
 
 
 def _flax_shape(path, official_shape):
@@ -401,7 +413,8 @@ def save_npz(params, path) -> pathlib.Path:
 
 
 def _resolve(name_or_path):
-  """('registry', cfg) | ('file', path) | ('arch', name); BitError for an unknown name."""
+  """('registry', cfg) | ('hub', 'hf-hub:owner/repo') | ('file', path) | ('arch', name); BitError for an
+  unknown name."""
   if isinstance(name_or_path, os.PathLike):
     return 'file', pathlib.Path(name_or_path)
   if not isinstance(name_or_path, str):
@@ -409,6 +422,11 @@ def _resolve(name_or_path):
       f'name_or_path= must be a registry name, an .npz path or an architecture, got {arguments.describe(name_or_path)}.'
     )
   s = name_or_path.strip()
+  from bit import hub
+
+  if hub.is_hub_name(s):
+    hub.repo_id(s)  # checks the form
+    return 'hub', s
   try:
     return 'registry', get_pretrained_cfg(s)
   except BitError:
@@ -430,9 +448,11 @@ def _fetch(cfg: PretrainedCfg) -> pathlib.Path:
 
 
 def load(name_or_path, num_classes=None, *, keep_head=False, dtype=jnp.float32, seed=0, in_chans=None):
-  """Returns (model, params) for a registry name, a local official-layout .npz, or a bare architecture.
+  """Returns (model, params) for a registry name, a hub repo, a local official-layout .npz, or an architecture.
 
   - A registry name (see `list_models()`) is downloaded once into the cache (`$BIT_CACHE`).
+  - 'hf-hub:OWNER/REPO' (e.g. 'hf-hub:timm/resnetv2_50x1_bit.goog_in21k'): a timm BiT repo's
+    model.safetensors and config.json through huggingface_hub and its cache (`bit.hub`, docs/hub.md).
   - A local .npz file: its architecture is read from its keys.
   - An architecture such as 'R50x1': random init (the from-scratch baseline); `num_classes` is required.
   The head is new and zero-initialized with `num_classes` outputs, unless `keep_head=True`, which keeps the
@@ -466,7 +486,11 @@ def load(name_or_path, num_classes=None, *, keep_head=False, dtype=jnp.float32, 
     model = models.create_model(what, num_classes, dtype, in_chans=in_chans or 3)
     return model, models.init_params(model, seed=seed)
 
-  if kind == 'registry':
+  if kind == 'hub':
+    from bit import hub
+
+    arch, classes, params, size, _ = hub.load(what)
+  elif kind == 'registry':
     path = _fetch(what)
     try:
       weights = load_npz(path)
@@ -600,7 +624,8 @@ def reset_head(params, num_classes: int):
 
 
 def label_names(name_or_path) -> list[str] | None:
-  """Class names for a registry checkpoint with a labels file (downloaded and cached), else None.
+  """Class names for a registry checkpoint with a labels file (downloaded and cached), or a hub repo whose
+  config.json has `label_names`, else None.
 
   For a local .npz file, the names come from a `labels.txt` next to it (as a training workdir writes them),
   one per line; None if there is none.
@@ -608,6 +633,10 @@ def label_names(name_or_path) -> list[str] | None:
   kind, what = _resolve(name_or_path)
   if kind == 'arch':
     return None
+  if kind == 'hub':
+    from bit import hub
+
+    return hub.label_names(what)
   if kind == 'file':
     labels = pathlib.Path(what).expanduser().parent / 'labels.txt'
     return _read_labels(labels, None) if labels.is_file() else None
