@@ -105,6 +105,11 @@ def serving_function(model, prepared, input: str = 'float32'):
   return fn
 
 
+def _channels(prepared) -> int:
+  # The model's input channels follow its root kernel (bit.load(..., in_chans=C)).
+  return int(prepared['root_block']['conv_root']['kernel'].shape[2])
+
+
 def _image_dtype(input):
   return jnp.uint8 if input == 'uint8' else jnp.float32
 
@@ -116,14 +121,16 @@ def _write_savedmodel(fn, prepared, size, input, out: pathlib.Path) -> dict:
   tf.config.set_visible_devices([], 'GPU')  # TF must not take the accelerator JAX uses
   converted = jax2tf.convert(
     fn,
-    polymorphic_shapes=[None, f'(batch, {size}, {size}, 3)'],
+    polymorphic_shapes=[None, f'(batch, {size}, {size}, {_channels(prepared)})'],
     with_gradient=False,
     native_serialization_platforms=PLATFORMS,
   )
   module = tf.Module()
   # Variables, not constants: a graph over 2 GB (R152x4) cannot be a protobuf.
   module.params = tf.nest.map_structure(lambda a: tf.Variable(np.asarray(a), trainable=False), prepared)
-  spec = tf.TensorSpec([None, size, size, 3], tf.uint8 if input == 'uint8' else tf.float32, name='images')
+  spec = tf.TensorSpec(
+    [None, size, size, _channels(prepared)], tf.uint8 if input == 'uint8' else tf.float32, name='images'
+  )
 
   @tf.function(autograph=False, input_signature=[spec])
   def serve(images):
@@ -200,7 +207,8 @@ class _jax2onnx_symbolic_pad:
 
 
 def _write_stablehlo(fn, prepared, size, input, out: pathlib.Path) -> dict:
-  spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f'batch, {size}, {size}, 3'), _image_dtype(input))
+  shape = f'batch, {size}, {size}, {_channels(prepared)}'
+  spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(shape), _image_dtype(input))
   exported = jax.export.export(jax.jit(lambda images: fn(prepared, images)), platforms=PLATFORMS)(spec)
   (out / FILES['stablehlo']).write_bytes(exported.serialize())
   return {
@@ -287,8 +295,8 @@ def export(
       'input': {
         'name': 'images',
         'dtype': input,
-        'shape': [None, size, size, 3],
-        'layout': 'NHWC, RGB',
+        'shape': [None, size, size, model.in_chans],
+        'layout': 'NHWC, RGB' if model.in_chans == 3 else f'NHWC, {model.in_chans} channels',
         'range': [0, 255] if input == 'uint8' else [-1.0, 1.0],
         'preprocessing': f'resize to {size}x{size} (bilinear)'
         + ('' if input == 'uint8' else ', then x / 127.5 - 1'),

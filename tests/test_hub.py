@@ -249,3 +249,117 @@ def test_list_models_shows_timms_bit_repos_beside_the_official_names():
   hub_names = checkpoints.list_models('hf-hub:*')
   assert len(hub_names) == len(hub.HUB_MODELS) == 15
   assert 'hf-hub:timm/resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k_384' in hub_names
+
+
+# --- sharing: bit-export --format timm, push_to_hub ------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory, tiny_repo):
+  """A finished bit-train workdir as the tools read it: config.json, model.npz, labels.txt, eval_test.json."""
+  params, _ = tiny_repo
+  w = tmp_path_factory.mktemp('run')
+  checkpoints.save_npz(params, w / 'model.npz')
+  (w / 'config.json').write_text(
+    json.dumps(
+      {'model': 'BiT-M-R50x1', 'dataset': 'tf_flowers', 'crop': 96, 'batch_size': 8, 'base_lr': 0.003}
+    )
+  )
+  (w / 'labels.txt').write_text('cat\ndog\nemu\n')
+  (w / 'eval_test.json').write_text(json.dumps({'top1': 0.875, 'top5': 1.0, 'count': 40}))
+  return w, params
+
+
+def test_bit_export_format_timm_writes_timms_hub_layout(workdir, tmp_path, capsys, monkeypatch):
+  from helpers import run_cli
+
+  from bit.tools import cli
+
+  w, params = workdir
+  out = tmp_path / 'timm'
+  argv = ['bit-export', '--workdir', w, '--format', 'timm', '--output', out]
+  code, stdout, err = run_cli(cli.export_main, argv, capsys, monkeypatch)
+  assert code == 0, err
+  assert f'local-dir:{out}' in stdout
+  config = json.loads((out / hub.CONFIG).read_text())
+  assert config['architecture'] == 'resnetv2_26x1_bit' and config['num_classes'] == 3
+  assert config['label_names'] == ['cat', 'dog', 'emu']
+  cfg = config['pretrained_cfg']
+  assert cfg['input_size'] == [3, 96, 96] and cfg['mean'] == cfg['std'] == [0.5] * 3
+  assert (cfg['first_conv'], cfg['classifier']) == ('stem.conv', 'head.fc')
+  state = hub.read_safetensors(out / hub.WEIGHTS, 'export')
+  assert state['stem.conv.weight'].shape == (64, 3, 7, 7) and state['head.fc.weight'].shape == (3, 2048, 1, 1)
+  _, _, _, back = hub.timm_to_params(state)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # An existing output is refused unless --overwrite; a gray model keeps its channel count.
+  code, _, err = run_cli(cli.export_main, argv, capsys, monkeypatch)
+  assert code != 0 and 'exists' in err
+  gray = {
+    **params,
+    'root_block': {
+      'conv_root': {'kernel': checkpoints.adapt_input_conv(params['root_block']['conv_root']['kernel'], 1)}
+    },
+  }
+  hub.write_timm(gray, tmp_path / 'gray', input_size=64)
+  assert json.loads((tmp_path / 'gray' / hub.CONFIG).read_text())['pretrained_cfg']['input_size'] == [
+    1,
+    64,
+    64,
+  ]
+  _, _, _, gray_back = hub.timm_to_params(hub.read_safetensors(tmp_path / 'gray' / hub.WEIGHTS, 'gray'))
+  assert gray_back['root_block']['conv_root']['kernel'].shape == (7, 7, 1, 64)
+
+
+def test_push_to_hub_uploads_timms_layout_with_a_model_card(workdir, monkeypatch):
+  # huggingface_hub's upload protocol (preupload, LFS/xet, commit) is not faked here: the repo creation and
+  # the folder upload are recorded, and the folder is checked as it is when upload_folder reads it.
+  import huggingface_hub
+
+  w, params = workdir
+  calls = []
+
+  def create_repo(self, repo_id, **kwargs):
+    calls.append(('create_repo', repo_id, kwargs))
+
+  def upload_folder(self, *, repo_id, folder_path, **kwargs):
+    folder = pathlib.Path(folder_path)
+    calls.append(('upload_folder', repo_id, {p.name: p.read_bytes() for p in folder.iterdir()}))
+    return 'commit-info'
+
+  monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', create_repo)
+  monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
+  import bit
+
+  assert bit.push_to_hub(str(w), 'me/bit-flowers', private=True) == 'commit-info'
+  (_, rid, kwargs), (_, rid2, uploaded) = calls
+  assert rid == rid2 == 'me/bit-flowers' and kwargs['private'] is True
+  assert sorted(uploaded) == sorted([hub.WEIGHTS, hub.CONFIG, hub.CARD])
+  card = uploaded[hub.CARD].decode()
+  assert "timm.create_model('hf-hub:me/bit-flowers', pretrained=True)" in card
+  assert '| dataset | `"tf_flowers"` |' in card and '| crop | `96` |' in card  # the recipe
+  assert '| test | 87.50% | 100.00% | 40 |' in card  # the eval result
+  config = json.loads(uploaded[hub.CONFIG])
+  assert config['label_names'] == ['cat', 'dog', 'emu'] and config['pretrained_cfg']['input_size'] == [
+    3,
+    96,
+    96,
+  ]
+  with pytest.raises(BitError, match="repo_id='no-owner'"):
+    bit.push_to_hub(str(w), 'no-owner')
+
+
+@pytest.mark.slow
+def test_bit_train_fine_tunes_a_hub_model(hf_env, tiny_repo, tmp_path):
+  from test_train import base_config, make_folder
+
+  from bit import train
+
+  _, files = tiny_repo
+  folder = make_folder(tmp_path / 'folder')
+  with FakeHub({'me/bit-tiny': files}) as server:
+    hf_env(endpoint=server.url)
+    result = train.fit(base_config('hf-hub:me/bit-tiny', folder, schedule=(1, 2, 3, 4, 5)), tmp_path / 'w')
+  model, params = checkpoints.load(str(tmp_path / 'w' / 'model.npz'), keep_head=True)
+  assert model.architecture == 'R26x1' and 0 <= result.metrics['top1'] <= 1
+  assert float(np.abs(np.asarray(params['head']['kernel'])).max()) > 0

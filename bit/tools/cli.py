@@ -489,7 +489,13 @@ def _define_export_flags() -> None:
     'integer', 'num_classes', None, 'With --model: a new (zero) head of this many classes, as bit.load.'
   )
   _define('boolean', 'keep_head', False, "With --model: keep the checkpoint's own head, as bit.load.")
-  _define('string', 'format', None, 'savedmodel (TensorFlow), onnx (needs the [export] extra) or stablehlo.')
+  _define(
+    'string',
+    'format',
+    None,
+    'savedmodel (TensorFlow), onnx (needs the [export] extra), stablehlo, or timm (model.safetensors + '
+    "config.json as timm's hub repos have them; docs/hub.md).",
+  )
   _define('string', 'output', None, 'The directory to write; it must not exist (or --overwrite an export).')
   _define('integer', 'size', None, "Image side the export takes (default: the run's crop, or 224).")
   _define('string', 'input', 'float32', 'float32 (NHWC in [-1, 1]) or uint8 (RGB 0..255, scaled inside).')
@@ -505,10 +511,26 @@ def _export(argv) -> None:
   from bit.export import FORMATS, INPUTS, check_format, check_size, export, load_source
 
   if not FLAGS.format:
-    raise BitError(f'--format is required: one of {", ".join(FORMATS)}.')
-  check_format(FLAGS.format)
+    raise BitError(f'--format is required: one of {", ".join(FORMATS)}, timm.')
   if not FLAGS.output:
     raise BitError('--output is required: the directory that receives the export.')
+  if FLAGS.format == 'timm':  # timm's hub layout (bit/hub.py), not an inference function
+    from bit import hub
+
+    path = hub.export_timm(
+      FLAGS.output,
+      workdir=FLAGS.workdir,
+      model=FLAGS.model,
+      num_classes=FLAGS.num_classes,
+      keep_head=FLAGS.keep_head,
+      size=FLAGS.size,
+      overwrite=FLAGS.overwrite,
+    )
+    print(
+      f"wrote {path} (timm: {hub.WEIGHTS} + {hub.CONFIG}; timm.create_model('local-dir:{path}', pretrained=True))"
+    )
+    return
+  check_format(FLAGS.format)
   if FLAGS.size is not None:
     check_size(FLAGS.size)
   if FLAGS.input not in INPUTS:
