@@ -18,8 +18,10 @@ timm's layout (PyTorch state dict, OIHW convs, a 1x1-conv head) <-> this project
 
 timm's BiT (`resnetv2_*_bit`) is BiT's network: fixed symmetric padding, zero-padded max-pool, GroupNorm 32
 eps 1e-5; its weight standardization uses eps 1e-8 where BiT (and this project) use 1e-10, a difference far
-below float32 rounding of the logits (docs/hub.md). transformers' BiT repos (`google/bit-50`) are refused:
-see `_not_bit`.
+below float32 rounding of the logits (docs/hub.md). transformers' BiT repos (`google/bit-50`) are read too when
+their config.json keeps BitConfig's BiT settings (symmetric padding, pre-activation units; see `_not_bit`);
+their names (`bit.embedder.convolution`, `bit.encoder.stages.S.layers.B`, `bit.norm`, `classifier.1`) are
+timm's under other prefixes, their head a Linear layer.
 """
 
 from __future__ import annotations
@@ -137,23 +139,64 @@ def read_config(rid: str) -> dict:
   return config
 
 
+def is_transformers(config: dict) -> bool:
+  return config.get('model_type') == 'bit' or 'BitForImageClassification' in (
+    config.get('architectures') or []
+  )
+
+
+# transformers' BitConfig values that make its network BiT's (BitConfig's defaults, google/bit-50's); any other
+# value changes the numerics (see docs/hub.md for what 'SAME' padding costs) or the architecture.
+_TRANSFORMERS_BIT = {
+  'layer_type': 'preactivation',
+  'global_padding': None,
+  'embedding_dynamic_padding': False,
+  'hidden_act': 'relu',
+  'num_groups': 32,
+  'output_stride': 32,
+}
+
+
 def _not_bit(rid: str, config: dict) -> str | None:
-  """Why `config` is not a timm BiT ResNetV2 (None when it is one)."""
-  if config.get('model_type') == 'bit' or 'BitForImageClassification' in (config.get('architectures') or []):
-    return (
-      f"hub repo {rid} is a transformers BiT (BitForImageClassification), whose numerics are not BiT's: its "
-      f'convolutions pad TF-style {config.get("global_padding") or "SAME"!r} (asymmetric at stride 2, where BiT '
-      'pads symmetrically) and its weight standardization uses another epsilon, so its weights here would not '
-      'give its logits. Use the timm repo of the same weights instead, e.g. '
-      'hf-hub:timm/resnetv2_50x1_bit.goog_in21k_ft_in1k (docs/hub.md).'
-    )
+  """Why `config` is not a BiT ResNetV2 with BiT's numerics (None when it is one: timm's or transformers')."""
+  if is_transformers(config):
+    for key, want in _TRANSFORMERS_BIT.items():
+      have = config.get(key, want)
+      if (have or None) != (want or None):  # None, False and '' alike: 'not set'
+        why = {
+          'global_padding': "TF-style 'SAME' padding is asymmetric at stride 2 where BiT pads symmetrically",
+          'embedding_dynamic_padding': 'its stem pads dynamically (TF-style SAME) where BiT pads symmetrically',
+          'layer_type': "'bottleneck' is the post-activation ResNet of ViT-hybrid backbones, not BiT's",
+        }.get(key, "not BiT's")
+        return (
+          f"hub repo {rid} is a transformers BiT whose numerics are not BiT's: {CONFIG} has {key}={have!r} ({why}); "
+          f"bit reads transformers BiT repos with {key}={want!r} only. For BiT's weights use a timm repo, e.g. "
+          'hf-hub:timm/resnetv2_50x1_bit.goog_in21k_ft_in1k (docs/hub.md).'
+        )
+    return None
   arch = config.get('architecture')
   if not isinstance(arch, str) or not _TIMM_ARCH.fullmatch(arch):
+    what = f'architecture={arch!r}' if arch else f'architectures={config.get("architectures")!r}'
     return (
-      f'hub repo {rid} is not a BiT ResNetV2: its {CONFIG} says architecture={arch!r} (timm BiT repos say '
+      f'hub repo {rid} is not a BiT ResNetV2: its {CONFIG} says {what} (timm BiT repos say '
       'resnetv2_50x1_bit, resnetv2_152x2_bit, ...). bit.list_models("hf-hub:*") lists them.'
     )
   return None
+
+
+def from_transformers(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """transformers' BitForImageClassification names -> timm's (the same layers, the head a Linear layer)."""
+  out = {}
+  for k, v in state.items():
+    if k == 'classifier.1.weight' and getattr(v, 'ndim', 0) == 2:
+      out['head.fc.weight'] = np.asarray(v)[:, :, None, None]
+      continue
+    name = re.sub(r'^bit\.embedder\.convolution\.', 'stem.conv.', k)
+    name = re.sub(r'^bit\.encoder\.stages\.(\d+)\.layers\.', r'stages.\1.blocks.', name)
+    name = re.sub(r'^bit\.norm\.', 'norm.', name)
+    name = re.sub(r'^classifier\.1\.', 'head.fc.', name)
+    out[name] = v
+  return out
 
 
 def architecture(name: str) -> str:
@@ -163,8 +206,7 @@ def architecture(name: str) -> str:
   why = _not_bit(rid, config)
   if why:
     raise CheckpointError(why)
-  depth, width = _TIMM_ARCH.fullmatch(config['architecture']).group(1, 2)
-  return models.architecture_name(int(depth), int(width))
+  return architecture_from_config(config)
 
 
 # --- timm's layout <-> params ------------------------------------------------------------------------------
@@ -304,17 +346,27 @@ def load(name: str):
     raise CheckpointError(why)
   path = download(rid, WEIGHTS)
   source = f'{WEIGHTS} of hub repo {rid}'
-  depth, width, classes, params = timm_to_params(read_safetensors(path, source), source=source)
+  state = read_safetensors(path, source)
+  if is_transformers(config):
+    state = from_transformers(state)
+  depth, width, classes, params = timm_to_params(state, source=source)
   arch = models.architecture_name(depth, width)
   said = architecture_from_config(config)
   if said != arch:
-    raise CheckpointError(
-      f'hub repo {rid}: {CONFIG} says {config["architecture"]} ({said}), its weights are {arch}.'
-    )
+    raise CheckpointError(f'hub repo {rid}: {CONFIG} describes {said}, its weights are {arch}.')
   return arch, classes, params, input_size(config), label_names_from_config(config, classes)
 
 
 def architecture_from_config(config: dict) -> str:
+  """'R50x1' from a timm config.json (its architecture) or a transformers one (depths, width_factor)."""
+  if is_transformers(config):
+    depths = tuple(config.get('depths') or ())
+    found = [d for d, blocks in models.BLOCKS.items() if blocks == depths]
+    if not found:
+      raise CheckpointError(
+        f'transformers BiT with depths={list(depths)}: no BiT depth has those units per stage.'
+      )
+    return models.architecture_name(found[0], int(config.get('width_factor') or 1))
   depth, width = _TIMM_ARCH.fullmatch(config['architecture']).group(1, 2)
   return models.architecture_name(int(depth), int(width))
 
@@ -327,7 +379,8 @@ def input_size(config: dict) -> int | None:
 
 
 def label_names_from_config(config: dict, classes: int) -> list[str] | None:
-  names = config.get('label_names')
+  """timm's `label_names` (a list, or {index: name}), or transformers' `id2label`."""
+  names = config.get('label_names') or config.get('id2label')
   if isinstance(names, Mapping):  # timm allows {index: name} when there are gaps
     try:
       names = [str(names.get(str(i), names.get(i, ''))) for i in range(classes)]
@@ -342,6 +395,8 @@ def label_names(name: str) -> list[str] | None:
   rid = repo_id(name)
   config = read_config(rid)
   classes = config.get('num_classes')
+  if not isinstance(classes, int) and isinstance(config.get('id2label'), Mapping):
+    classes = len(config['id2label'])
   return label_names_from_config(config, classes) if isinstance(classes, int) else None
 
 

@@ -57,6 +57,22 @@ def test_timm_layout_gives_timms_own_logits(name):
     np.testing.assert_array_equal(back[k], state[k], err_msg=k)
 
 
+def test_transformers_bit_at_bits_settings_gives_transformers_own_logits():
+  state, config, images, golden = timm_case('hf_r26x1_s64')
+  assert hub._not_bit('google/bit-50', config) is None
+  depth, width, classes, params = hub.timm_to_params(hub.from_transformers(state), source='transformers')
+  assert models.architecture_name(depth, width) == hub.architecture_from_config(config) == 'R26x1'
+  model = models.create_model('R26x1', classes)
+  np.testing.assert_allclose(logits_of(model, params, images), golden, atol=3e-4, rtol=0)
+  assert hub.label_names_from_config(config, classes) == [f'class {i}' for i in range(5)]
+  for key, value in (
+    ('global_padding', 'SAME'),
+    ('layer_type', 'bottleneck'),
+    ('embedding_dynamic_padding', True),
+  ):
+    assert f'{key}={value!r}' in hub._not_bit('x/y', {**config, key: value})
+
+
 def test_a_state_dict_that_does_not_fit_lists_every_problem():
   state, _, _, _ = timm_case('r50x1_s64')
   state = dict(state)
@@ -221,7 +237,12 @@ def test_bad_hub_repos_are_one_line_errors(hf_env, tiny_repo):
         CheckpointError,
         "hub repo me/vit is not a BiT ResNetV2: its config.json says architecture='vit_base_patch16_224'",
       ),
-      ('hf-hub:google/bit-50', CheckpointError, "hub repo google/bit-50 is a transformers BiT .*'SAME'"),
+      (
+        'hf-hub:google/bit-50',
+        CheckpointError,
+        "hub repo google/bit-50 is a transformers BiT whose numerics are not BiT's: config.json has "
+        "global_padding='SAME'",
+      ),
       (
         'hf-hub:me/noweights',
         DownloadError,

@@ -23,6 +23,8 @@ HERE = pathlib.Path(__file__).resolve().parent / 'timm_bit'
 CASES = [
   ('r50x1_s64', 'resnetv2_50x1_bit', (3, 4, 6, 3), 1, 7, 0, True),
   ('r26x3_s64', 'resnetv2_26x3_bit', (2, 2, 2, 2), 3, 5, 1, False),
+  # transformers' BitForImageClassification at BitConfig's defaults (google/bit-50's), 2 units per stage
+  ('hf_r26x1_s64', 'transformers', (2, 2, 2, 2), 1, 5, 2, True),
 ]
 
 
@@ -31,7 +33,7 @@ def timm_weights(keys: dict, seed: int) -> dict:
   rng = np.random.default_rng(seed)
   out = {}
   for name, shape in keys.items():
-    if name.startswith('head.'):
+    if name.startswith(('head.', 'classifier.')):
       std, mean = (0.05, 0.0) if name.endswith('weight') else (0.1, 0.0)
     elif len(shape) == 4:  # a standardized conv: any scale works
       std, mean = 1.0, 0.0
@@ -58,6 +60,9 @@ def main() -> None:
   for case, arch, layers, width, classes, seed, labels in CASES:
     out = HERE / case
     out.mkdir(parents=True, exist_ok=True)
+    if arch == 'transformers':
+      transformers_case(out, layers, classes, seed)
+      continue
     if arch in timm.list_models():
       model = timm.create_model(arch, num_classes=classes)
     else:  # a small-depth, width-3 BiT that timm builds but does not register
@@ -93,6 +98,27 @@ def main() -> None:
     np.save(out / 'images.npy', x)
     np.save(out / 'logits.npy', logits.astype(np.float32))
     print(case, arch, logits.shape, float(np.abs(logits).max()), f'{torch.__version__=} {timm.__version__=}')
+
+
+def transformers_case(out, layers, classes, seed) -> None:
+  import torch
+  import transformers
+
+  config = transformers.BitConfig(
+    depths=list(layers), num_labels=classes, id2label={i: f'class {i}' for i in range(classes)}
+  )
+  model = transformers.BitForImageClassification(config).eval()
+  keys = {k: list(v.shape) for k, v in model.state_dict().items()}
+  weights = timm_weights(keys, seed)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
+  x = images(seed)
+  with torch.no_grad():
+    logits = model(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2)).logits.numpy()
+  (out / 'keys.json').write_text(json.dumps(keys) + '\n')
+  (out / 'config.json').write_text(config.to_json_string())
+  np.save(out / 'images.npy', x)
+  np.save(out / 'logits.npy', logits.astype(np.float32))
+  print(out.name, 'transformers', logits.shape, float(np.abs(logits).max()), f'{transformers.__version__=}')
 
 
 if __name__ == '__main__':
