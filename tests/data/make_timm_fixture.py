@@ -90,8 +90,13 @@ def main() -> None:
         print(f'{case}: save_for_hf failed ({e}); writing the config by hand', file=sys.stderr)
         cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ('url', 'hf_hub_id', 'tag')}
         cfg.update(num_classes=classes, custom_load=False)
-        config = {'architecture': arch, 'num_classes': classes, 'num_features': model.num_features,
-                  'global_pool': 'avg', 'pretrained_cfg': cfg}
+        config = {
+          'architecture': arch,
+          'num_classes': classes,
+          'num_features': model.num_features,
+          'global_pool': 'avg',
+          'pretrained_cfg': cfg,
+        }
     config['pretrained_cfg']['input_size'] = [3, 64, 64]
     (out / 'keys.json').write_text(json.dumps(keys) + '\n')
     (out / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
