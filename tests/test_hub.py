@@ -384,3 +384,21 @@ def test_bit_train_fine_tunes_a_hub_model(hf_env, tiny_repo, tmp_path):
   model, params = checkpoints.load(str(tmp_path / 'w' / 'model.npz'), keep_head=True)
   assert model.architecture == 'R26x1' and 0 <= result.metrics['top1'] <= 1
   assert float(np.abs(np.asarray(params['head']['kernel'])).max()) > 0
+
+
+def test_an_export_keeps_the_input_channels(tiny_repo, tmp_path):
+  import bit
+
+  params, _ = tiny_repo
+  gray = {
+    **params,
+    'root_block': {
+      'conv_root': {'kernel': checkpoints.adapt_input_conv(params['root_block']['conv_root']['kernel'], 1)}
+    },
+  }
+  model = models.create_model('R26x1', 3, in_chans=1)
+  out = bit.export(model, gray, 'stablehlo', tmp_path / 'hlo', size=32)
+  assert json.loads((out / 'export.json').read_text())['input']['shape'] == [None, 32, 32, 1]
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 1)).astype(np.float32)
+  served = jax.export.deserialize((out / 'model.stablehlo').read_bytes()).call(x)
+  np.testing.assert_allclose(np.asarray(served['logits']), logits_of(model, gray, x), atol=1e-4)
