@@ -20,6 +20,8 @@ import dataclasses
 import functools
 import os
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,7 +35,7 @@ DATA_AXIS = 'data'
 MODES = ('shard_map', 'pmap')
 
 
-def data_mesh(devices) -> Mesh:
+def data_mesh(devices: Any) -> Mesh:
   """The 1-D mesh over `devices` along `DATA_AXIS` that every data-parallel computation of bit uses."""
   return Mesh(np.array(list(devices)), (DATA_AXIS,))
 
@@ -100,7 +102,7 @@ class Cluster:
     )
 
 
-def _ints(env, names, kind):
+def _ints(env: Mapping[str, str], names: tuple[str, ...], kind: str) -> dict[str, int]:
   missing = [n for n in names if not env.get(n)]
   if missing:
     raise ConfigError(
@@ -119,7 +121,7 @@ def _ints(env, names, kind):
   return out
 
 
-def detect_cluster(environ=None) -> Cluster:
+def detect_cluster(environ: Mapping[str, str] | None = None) -> Cluster:
   """The cluster this process runs in, from its environment alone (the rules of jax's own detection).
 
   - SLURM: SLURM_JOB_ID and a job step (SLURM_STEP_ID or SLURM_STEP_NODELIST: a task started by srun); then
@@ -180,7 +182,11 @@ def _tpu_workers() -> int | None:
 
 
 def initialize_distributed(
-  coordinator_address=None, num_processes=None, process_id=None, *, distributed: str = 'auto'
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  distributed: str = 'auto',
 ) -> Cluster:
   """Joins a multi-process run with `jax.distributed.initialize`; the result is true if one was joined.
 
@@ -192,7 +198,7 @@ def initialize_distributed(
   `result.describe()` is the line to print.
   """
   if distributed not in DISTRIBUTED:
-    raise ConfigError(f'--distributed={distributed!r} is not one of {", ".join(DISTRIBUTED)}.')
+    raise ConfigError(f'distributed={distributed!r} is not one of {", ".join(DISTRIBUTED)}.')
   coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS') or None
   if num_processes is None and os.environ.get('JAX_NUM_PROCESSES'):
     num_processes = int(os.environ['JAX_NUM_PROCESSES'])
@@ -212,12 +218,12 @@ def initialize_distributed(
     return dataclasses.replace(found, joined=True)
   if coordinator_address is None or num_processes is None or process_id is None:
     raise ConfigError(
-      'A multi-process run needs all three of --coordinator_address (host:port of process 0), '
-      f'--num_processes and --process_id; got coordinator_address={coordinator_address!r}, '
+      'A multi-process run needs all three of coordinator_address= (host:port of process 0), '
+      f'num_processes= and process_id=; got coordinator_address={coordinator_address!r}, '
       f'num_processes={num_processes!r}, process_id={process_id!r}.'
     )
   if not 0 <= int(process_id) < int(num_processes):
-    raise ConfigError(f'--process_id must be in [0, {num_processes}), got {process_id}.')
+    raise ConfigError(f'process_id= must be in [0, {num_processes}), got {process_id}.')
   joined = Cluster('flags', int(num_processes), int(process_id), joined=True)
   if jax.distributed.is_initialized():
     return joined
@@ -235,7 +241,7 @@ def _use_gloo_on_cpu() -> None:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 
 
-def select_devices(num_devices: int = 0) -> list:
+def select_devices(num_devices: int = 0) -> list[Any]:
   """All devices (0), or the first `num_devices` of a single-process run (for tests and debugging)."""
   devices = jax.devices()
   if not num_devices:
@@ -256,15 +262,15 @@ def select_devices(num_devices: int = 0) -> list:
 class DataParallel:
   """Runs per-device functions over a 1-D data mesh with `shard_map` (default) or `pmap`."""
 
-  def __init__(self, mode: str = 'shard_map', devices=None):
+  def __init__(self, mode: str = 'shard_map', devices: Any = None) -> None:
     if mode not in MODES:
       raise ConfigError(
-        f'config.parallelism={mode!r} is not one of {MODES}; use --config.parallelism=shard_map.'
+        f'config.parallelism={mode!r} is not one of {MODES}; use config.parallelism=shard_map.'
       )
     self.mode = mode
-    self.devices = list(devices) if devices is not None else jax.devices()
-    self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
-    self.mesh = data_mesh(self.devices)
+    self.devices: list[Any] = list(devices) if devices is not None else jax.devices()
+    self.local_devices: list[Any] = [d for d in self.devices if d.process_index == jax.process_index()]
+    self.mesh: Any = data_mesh(self.devices)
     # pmap only ever sees this process's devices; its arrays are stacked along a leading device axis.
     self._local_mesh = data_mesh(self.local_devices)
 
@@ -284,10 +290,10 @@ class DataParallel:
       multiple = n * max(1, round(max(global_batch_size, 1) / n))
       raise ConfigError(
         f'config.{key}={global_batch_size} does not divide over {what}; use a multiple of {n}, '
-        f'e.g. --config.{key}={multiple}.'
+        f'e.g. config.{key}={multiple}.'
       )
 
-  def replicate(self, tree):
+  def replicate(self, tree: Any) -> Any:
     """A host tree (the same on every process) -> one copy on every device, ready for `wrap`'s functions."""
     if self.mode == 'pmap':
       n = self.num_local_devices
@@ -298,7 +304,7 @@ class DataParallel:
     sharding = NamedSharding(self.mesh, P())
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
-  def shard(self, local_batch):
+  def shard(self, local_batch: Any) -> Any:
     """This process's slice of a global batch (numpy, leading batch axis) -> the device batch."""
     if self.mode == 'pmap':
       n = self.num_local_devices
@@ -311,7 +317,7 @@ class DataParallel:
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
 
-  def unreplicate(self, tree):
+  def unreplicate(self, tree: Any) -> Any:
     """A replicated device tree -> one host (numpy) copy, read from this process's first device."""
 
     def get(x):
@@ -320,7 +326,7 @@ class DataParallel:
 
     return jax.tree.map(get, tree)
 
-  def wrap(self, fn, *, donate: bool = False, extra_inputs: int = 0):
+  def wrap(self, fn: Any, *, donate: bool = False, extra_inputs: int = 0) -> Any:
     """Runs `fn(replicated, batch, *extra) -> replicated outputs` on every device.
 
     `fn` is written for one device and must reduce its outputs over `DATA_AXIS` itself (pmean/psum), so

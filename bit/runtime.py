@@ -12,7 +12,7 @@ first thing, before JAX's backend starts; a program that uses bit as a library c
 - glibc's `mallopt` (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GB) and JAX's `jax_cpu_enable_async_dispatch` off
   (bit/malloc.py): XLA's per-step buffers are reused instead of faulted in anew. `BIT_MALLOC=system` skips it.
 
-What each setting buys is in the README (Performance), with the command that measured it. Off a CPU backend
+What each setting buys is in docs/performance.md, with the command that measured it. Off a CPU backend
 it costs nothing and changes nothing that matters (the malloc settings hold for host memory only).
 """
 
@@ -27,7 +27,7 @@ from bit import malloc, xla
 TOOL_ENVIRONMENT = {'TF_CPP_MIN_LOG_LEVEL': '2', 'TF_ENABLE_ONEDNN_OPTS': '0'}
 
 
-def configure_cpu() -> dict:
+def configure_cpu() -> dict[str, bool]:
   """Applies the CPU settings above; returns {'xla_flag': bool, 'malloc': bool, 'dispatch': bool}.
 
   Call it before the first JAX computation: once JAX's backend runs, the XLA flag and the dispatch setting
@@ -38,7 +38,7 @@ def configure_cpu() -> dict:
   return {'xla_flag': xla.FLAG in os.environ.get('XLA_FLAGS', ''), **state}
 
 
-def configure_tool() -> dict:
+def configure_tool() -> dict[str, bool]:
   """What every command-line tool runs before JAX starts: TensorFlow kept quiet, then `configure_cpu()`."""
   for name, value in TOOL_ENVIRONMENT.items():
     os.environ.setdefault(name, value)

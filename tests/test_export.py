@@ -205,7 +205,7 @@ def test_overwrite_replaces_only_an_export(workdir, tmp_path, monkeypatch):
   )
   model, params = checkpoints.load(workdir / 'model.npz', keep_head=True)
   out = bit.export(model, params, 'stablehlo', tmp_path / 'hlo', size=SIZE)
-  with pytest.raises(BitError, match='--overwrite'):
+  with pytest.raises(BitError, match=r'give another path=, or overwrite=True'):
     bit.export(model, params, 'stablehlo', out, size=SIZE, input='uint8')
   bit.export(model, params, 'stablehlo', out, size=SIZE, input='uint8', overwrite=True)
   assert (out / 'model.stablehlo').read_text() == 'uint8'

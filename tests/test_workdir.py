@@ -5,10 +5,11 @@ import errno
 
 import numpy as np
 import pytest
+from helpers import checkpoint_bytes
 from PIL import Image
 
 from bit import config as common
-from bit import train
+from bit import files, train, workdir
 from bit.errors import BitError, ConfigError
 from bit.tools import cli
 
@@ -46,16 +47,39 @@ def test_a_run_that_fails_at_start_up_leaves_no_config(tmp_path, folder):
 
 
 def test_dataset_paths_are_compared_normalized(tmp_path):
-  train.files.write_json(tmp_path / 'config.json', {'dataset': '/data/flowers', 'seed': 0})
-  train._check_workdir_config(tmp_path, {'dataset': '/data/flowers/', 'seed': 0}, write=False)
-  train._check_workdir_config(tmp_path, {'dataset': '/data/./flowers', 'seed': 0}, write=False)
+  files.write_json(tmp_path / 'config.json', {'dataset': '/data/flowers', 'seed': 0})
+  workdir.check_same_run(tmp_path, {'dataset': '/data/flowers/', 'seed': 0}, write=False)
+  workdir.check_same_run(tmp_path, {'dataset': '/data/./flowers', 'seed': 0}, write=False)
   with pytest.raises(ConfigError, match='holds a different run'):
-    train._check_workdir_config(tmp_path, {'dataset': '/data/birds', 'seed': 0}, write=False)
+    workdir.check_same_run(tmp_path, {'dataset': '/data/birds', 'seed': 0}, write=False)
 
 
 def test_a_read_only_or_full_workdir_is_a_config_error(tmp_path):
   """EROFS (read-only) and ENOSPC (full disk) as they reach the code: one ConfigError naming the workdir."""
   for code, text in ((errno.EROFS, 'Read-only file system'), (errno.ENOSPC, 'No space left on device')):
     with pytest.raises(ConfigError, match=f"workdir='{tmp_path}' cannot be used: .*{text}; give a writable"):
-      with train._workdir_errors(tmp_path):
+      with workdir.errors(tmp_path):
         raise OSError(code, text, str(tmp_path / 'config.json'))
+
+
+def test_every_reader_of_a_finished_run_takes_its_size_from_the_runs_crop(tmp_path):
+  """bit-export, bit-predict and bit-eval read a workdir through `workdir.load`: the size is the run's crop
+  (48 here), never a default of 224, and a config.json without a crop is an error naming it."""
+  from bit import prediction
+  from bit.export import load_source
+
+  (tmp_path / 'model.npz').write_bytes(checkpoint_bytes(classes=3))
+  files.write_text(tmp_path / 'labels.txt', 'a\nb\nc\n')
+  files.write_json(tmp_path / 'config.json', {'dataset': 'x', 'crop': 48})
+  run = workdir.load(tmp_path)
+  assert (run.model.input_size, run.model.num_classes, run.class_names) == (48, 3, ['a', 'b', 'c'])
+  assert run.config['crop'] == 48 and run.npz == tmp_path / 'model.npz'
+  assert load_source(workdir=tmp_path)[2:] == (['a', 'b', 'c'], 48, tmp_path / 'model.npz')
+  assert prediction.load_for_prediction(workdir=tmp_path)[2:] == (['a', 'b', 'c'], 48)
+  files.write_json(tmp_path / 'config.json', {'dataset': 'x'})
+  with pytest.raises(BitError, match=r'config.json has no valid crop'):
+    workdir.load(tmp_path)
+  files.write_text(tmp_path / 'labels.txt', 'a\nb\n')
+  files.write_json(tmp_path / 'config.json', {'dataset': 'x', 'crop': 48})
+  with pytest.raises(BitError, match=r'labels.txt has 2 names but .* has 3 classes'):
+    workdir.load(tmp_path)

@@ -38,10 +38,16 @@ _CONFIG_ARGUMENTS = {
   'data_dir': '--config.data_dir',
   'model': '--config.model',
 }
+_MULTI_PROCESS = {name: f'--{name}' for name in ('coordinator_address', 'num_processes', 'process_id')}
 _FLAGS_OF_ARGUMENTS = {
-  'bit-train': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
-  'bit-bench': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
-  'bit-distill': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
+  'bit-train': {
+    **_CONFIG_ARGUMENTS,
+    **_MULTI_PROCESS,
+    'workdir': '--workdir',
+    'num_classes': '--num_classes',
+  },
+  'bit-bench': {**_CONFIG_ARGUMENTS, **_MULTI_PROCESS, 'workdir': '--workdir'},
+  'bit-distill': {**_CONFIG_ARGUMENTS, **_MULTI_PROCESS, 'workdir': '--workdir'},
   'bit-probe': {
     'dataset': '--dataset',
     'model': '--model',
@@ -50,6 +56,15 @@ _FLAGS_OF_ARGUMENTS = {
   },
   'bit-eval': {'workdir': '--workdir'},
   'bit-predict': {'workdir': '--workdir', 'model': '--model', 'size': '--size', 'batch_size': '--batch_size'},
+  'bit-export': {
+    'workdir': '--workdir',
+    'model': '--model',
+    'num_classes': '--num_classes',
+    'path': '--output',
+    'overwrite': '--overwrite',
+    'size': '--size',
+    'input': '--input',
+  },
 }
 
 
@@ -274,9 +289,9 @@ def _define_eval_flags() -> None:
 def _eval(argv) -> None:
   if not FLAGS.workdir:
     raise BitError('--workdir is required: the directory of a finished bit-train run.')
-  from bit import evaluation
+  from bit import evaluation, workdir
 
-  result, paths = evaluation.evaluate_workdir(
+  result, paths = workdir.evaluate(
     FLAGS.workdir, split=FLAGS.split, batch_size=FLAGS.batch_size, progress=not FLAGS.json
   )
   if FLAGS.json:

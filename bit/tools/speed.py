@@ -138,11 +138,11 @@ class Setup:
   dp: parallel.DataParallel
   batch: int
   size: int
-  host_batch: dict
+  host_batch: dict[str, Any]
   params: Any  # None with --compile-only
-  transfer: dict
+  transfer: dict[str, Any]
   accum_steps: int
-  result: dict
+  result: dict[str, Any]
 
   @property
   def flops(self) -> float:
@@ -178,7 +178,7 @@ def _check(model, size, batch, dtype, steps, warmup, devices, parallelism, accum
   return n_dev
 
 
-def measure_peak(setup_result: dict, dtype: str, matmul_n: int, n_dev: int) -> None:
+def measure_peak(setup_result: dict[str, Any], dtype: str, matmul_n: int, n_dev: int) -> None:
   """`matmul_peak_gflops` (measured now), and `peak_flops` / `peak_source`: what the MFU divides by."""
   result = setup_result
   result['matmul_peak_gflops'] = round(matmul_peak_gflops(matmul_n, dtype=DTYPES[dtype]), 2)
@@ -203,8 +203,8 @@ def setup(
   parallelism: str,
   num_classes: int,
   accum_steps: int,
-  transfer: dict,
-  result: dict,
+  transfer: dict[str, Any],
+  result: dict[str, Any],
   allocate: bool = True,
 ) -> Setup:
   net = models.create_model(model, num_classes, dtype=DTYPES[dtype])
@@ -243,7 +243,7 @@ def _random_params(net) -> dict:
   return jax.tree_util.tree_map_with_path(fill, models.param_shapes(net))
 
 
-def real_train_step(s: Setup):
+def real_train_step(s: Setup) -> tuple[Any, Any]:
   """(device state, wrapped step): what `bit.train` builds, from the same functions."""
   lr_fn = train_state.lr_schedule(SUPPORTS, BASE_LR)
   params = jax.tree.map(np.asarray, s.params)
@@ -251,7 +251,7 @@ def real_train_step(s: Setup):
   return s.dp.replicate(state), s.dp.wrap(train_state.train_step, donate=True)
 
 
-def measure_train(s: Setup, steps: int, warmup: int):
+def measure_train(s: Setup, steps: int, warmup: int) -> tuple[Any, Any, Any]:
   """Train img/s, MFU, compile time and page faults of the real step; returns (step, state, device batch)."""
   result = s.result
   dstate, step = real_train_step(s)
@@ -346,7 +346,7 @@ def measure_compile_only(s: Setup) -> None:
   result['compile_seconds'] = round(result['train_compile_seconds'] + result['infer_compile_seconds'], 2)
 
 
-def measure_pipeline(folder: str, batch: int, size: int, result: dict) -> None:
+def measure_pipeline(folder: str, batch: int, size: int, result: dict[str, Any]) -> None:
   from bit.tools import input_speed  # imported late: it pulls in TensorFlow
 
   ips = input_speed.pipeline_images_per_sec(folder, global_batch_size=batch, crop=size)
@@ -389,7 +389,7 @@ def run(
   unfreeze_stages: int = 0,
   unfreeze_units: int = 0,
   unfolded: bool = True,
-) -> dict:
+) -> dict[str, Any]:
   """Runs the benchmark and returns its figures as a dict (what the CLI prints as JSON).
 
   `devices` > 1 splits the batch over that many JAX devices (`parallelism`: 'shard_map' or 'pmap', as
@@ -632,7 +632,7 @@ _RUN_KEYS = (
 )
 
 
-def golden_check(name: str) -> dict:
+def golden_check(name: str) -> dict[str, Any]:
   """Max |logits - golden| on the default device, float32 (highest precision) and bfloat16, with pass flags."""
   root = pathlib.Path(__file__).resolve().parents[2] / 'tests'
   case, maker = root / 'data' / name, root / 'make_checkpoint.py'
@@ -679,7 +679,7 @@ def _largest_batch(batches, measure) -> tuple[int, dict]:
   raise AssertionError('unreachable')
 
 
-def suite(name: str = 'accelerator') -> dict:
+def suite(name: str = 'accelerator') -> dict[str, Any]:
   """`--suite accelerator`: the check to run on a machine with a GPU or TPU, as one dict (printed as JSON).
 
   Logits against the golden fixtures (float32 and bfloat16); R50x1 at 224 px train and inference img/s and
@@ -741,7 +741,7 @@ def suite(name: str = 'accelerator') -> dict:
   return out
 
 
-def main(argv=None) -> int:
+def main(argv: Any = None) -> int:
   """The `python -m bit.tools.speed` entry point."""
   ap = argparse.ArgumentParser(prog='python -m bit.tools.speed', description=__doc__.splitlines()[0])
   ap.add_argument('--model', default='R50x1', help='architecture, e.g. R50x1, R26x1, R152x4')
