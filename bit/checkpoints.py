@@ -357,7 +357,9 @@ def npz_to_params(
   return depth, width, classes, params
 
 
-def strict_check(weights: Mapping, expected: Mapping[str, tuple], header: str, footer: str) -> None:
+def strict_check(
+  weights: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], header: str, footer: str
+) -> None:
   """CheckpointError (`header`, every missing, unexpected, mis-shaped and non-float array, `footer`) unless
   `weights` has exactly the names and shapes of `expected`, all floating point."""
   missing = [f'{k} {shape}' for k, shape in expected.items() if k not in weights]
@@ -544,7 +546,9 @@ def _root_kernel(params):
   return params['root_block']['conv_root']['kernel']
 
 
-def adapt_input_conv(kernel, in_chans: int, *, source='the checkpoint'):
+def adapt_input_conv(
+  kernel: jax.Array | np.ndarray, in_chans: int, *, source: str = 'the checkpoint'
+) -> jax.Array:
   """A root kernel (HWIO) for `in_chans` input channels, as timm's `adapt_input_conv` makes it.
 
   in_chans=1: the sum over the input channels (of each RGB triple, when there are 3k of them); in_chans > 3

@@ -31,12 +31,14 @@ import json
 import os
 import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from bit import files, models
 from bit.errors import BitError, CheckpointError, DownloadError
+from bit.types import Params, PathLike
 
 PREFIX = 'hf-hub:'
 
@@ -60,7 +62,7 @@ CARD = 'README.md'
 _TIMM_ARCH = re.compile(r'resnetv2_(\d+)x(\d+)_bit(m|m_in21k|_distilled|_teacher(_384)?)?')
 
 
-def is_hub_name(name) -> bool:
+def is_hub_name(name: object) -> bool:
   return isinstance(name, str) and name.strip().startswith(PREFIX)
 
 
@@ -128,7 +130,7 @@ def _cache_dir() -> str:
     return '$HF_HOME/hub'
 
 
-def read_config(rid: str) -> dict:
+def read_config(rid: str) -> dict[str, Any]:
   path = download(rid, CONFIG)
   try:
     config = json.loads(path.read_text(encoding='utf-8'))
@@ -139,7 +141,7 @@ def read_config(rid: str) -> dict:
   return config
 
 
-def is_transformers(config: dict) -> bool:
+def is_transformers(config: Mapping[str, Any]) -> bool:
   return config.get('model_type') == 'bit' or 'BitForImageClassification' in (
     config.get('architectures') or []
   )
@@ -157,7 +159,7 @@ _TRANSFORMERS_BIT = {
 }
 
 
-def _not_bit(rid: str, config: dict) -> str | None:
+def _not_bit(rid: str, config: Mapping[str, Any]) -> str | None:
   """Why `config` is not a BiT ResNetV2 with BiT's numerics (None when it is one: timm's or transformers')."""
   if is_transformers(config):
     for key, want in _TRANSFORMERS_BIT.items():
@@ -234,7 +236,7 @@ def timm_key(path: tuple[str, ...]) -> str:
   raise BitError(f'The param {"/".join(path)} has no timm name.')
 
 
-def _to_timm(path, arr: np.ndarray) -> np.ndarray:
+def _to_timm(path: tuple[str, ...], arr: np.ndarray) -> np.ndarray:
   if tuple(path) == ('head', 'kernel'):  # (F, C) -> (C, F, 1, 1)
     return np.ascontiguousarray(arr.T[:, :, None, None])
   if arr.ndim == 4:  # HWIO -> OIHW
@@ -242,7 +244,7 @@ def _to_timm(path, arr: np.ndarray) -> np.ndarray:
   return arr
 
 
-def _timm_shape(path, shape) -> tuple[int, ...]:
+def _timm_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
   if tuple(path) == ('head', 'kernel'):
     return (shape[1], shape[0], 1, 1)
   if len(shape) == 4:
@@ -250,7 +252,7 @@ def _timm_shape(path, shape) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def _from_timm(path, arr: np.ndarray) -> np.ndarray:
+def _from_timm(path: tuple[str, ...], arr: np.ndarray) -> np.ndarray:
   if tuple(path) == ('head', 'kernel'):
     return arr[:, :, 0, 0].T
   if arr.ndim == 4:  # OIHW -> HWIO
@@ -258,7 +260,7 @@ def _from_timm(path, arr: np.ndarray) -> np.ndarray:
   return arr
 
 
-def _infer(state, source) -> tuple[int, int, int, int]:
+def _infer(state: Mapping[str, np.ndarray], source: str) -> tuple[int, int, int, int]:
   """(depth, width, num_classes, in_chans) of a timm ResNetV2 state dict, from its names and shapes."""
   units = collections.defaultdict(int)
   for k in state:
@@ -281,7 +283,9 @@ def _infer(state, source) -> tuple[int, int, int, int]:
   return depths[0], stem.shape[0] // 64, classes, int(stem.shape[1])
 
 
-def timm_to_params(state: Mapping[str, np.ndarray], *, source='checkpoint'):
+def timm_to_params(
+  state: Mapping[str, np.ndarray], *, source: str = 'checkpoint'
+) -> tuple[int, int, int, dict[str, Any]]:
   """timm-layout arrays -> (depth, width, num_classes, params), strictly: every missing, unexpected,
   mis-shaped or non-float array listed in one CheckpointError naming `source`; nothing half-loaded."""
   depth, width, classes, in_chans = _infer(state, source)
@@ -312,7 +316,7 @@ def timm_to_params(state: Mapping[str, np.ndarray], *, source='checkpoint'):
   return depth, width, classes, params
 
 
-def params_to_timm(params) -> dict[str, np.ndarray]:
+def params_to_timm(params: Params) -> dict[str, np.ndarray]:
   """Params -> timm's state dict (float32 numpy, contiguous): the exact inverse of `timm_to_params`."""
   import jax
 
@@ -337,7 +341,7 @@ def read_safetensors(path: pathlib.Path, source: str) -> dict[str, np.ndarray]:
     ) from e
 
 
-def load(name: str):
+def load(name: str) -> tuple[str, int, dict[str, Any], int | None, list[str] | None]:
   """(arch, classes, params, input_size, label_names) of a hub model name; see `bit.load`."""
   rid = repo_id(name)
   config = read_config(rid)
@@ -357,7 +361,7 @@ def load(name: str):
   return arch, classes, params, input_size(config), label_names_from_config(config, classes)
 
 
-def architecture_from_config(config: dict) -> str:
+def architecture_from_config(config: Mapping[str, Any]) -> str:
   """'R50x1' from a timm config.json (its architecture) or a transformers one (depths, width_factor)."""
   if is_transformers(config):
     depths = tuple(config.get('depths') or ())
@@ -371,14 +375,14 @@ def architecture_from_config(config: dict) -> str:
   return models.architecture_name(int(depth), int(width))
 
 
-def input_size(config: dict) -> int | None:
+def input_size(config: Mapping[str, Any]) -> int | None:
   size = (config.get('pretrained_cfg') or {}).get('input_size')
   if isinstance(size, list | tuple) and len(size) == 3 and size[1] == size[2] and isinstance(size[1], int):
     return size[1] if size[1] >= models.MIN_IMAGE_SIZE else None
   return None
 
 
-def label_names_from_config(config: dict, classes: int) -> list[str] | None:
+def label_names_from_config(config: Mapping[str, Any], classes: int) -> list[str] | None:
   """timm's `label_names` (a list, or {index: name}), or transformers' `id2label`."""
   names = config.get('label_names') or config.get('id2label')
   if isinstance(names, Mapping):  # timm allows {index: name} when there are gaps
@@ -404,8 +408,13 @@ def label_names(name: str) -> list[str] | None:
 
 
 def timm_config(
-  arch: str, num_classes: int, *, input_size: int | None, label_names=None, in_chans: int = 3
-) -> dict:
+  arch: str,
+  num_classes: int,
+  *,
+  input_size: int | None,
+  label_names: Sequence[str] | None = None,
+  in_chans: int = 3,
+) -> dict[str, Any]:
   """config.json as timm's `save_for_hf` writes it for a BiT ResNetV2 (so timm builds the model from it)."""
   depth, width = models.parse_architecture(arch)
   size = int(input_size or 224)
@@ -435,7 +444,9 @@ def timm_config(
   return config
 
 
-def write_timm(params, output, *, input_size: int | None = None, label_names=None) -> pathlib.Path:
+def write_timm(
+  params: Params, output: PathLike, *, input_size: int | None = None, label_names: Sequence[str] | None = None
+) -> pathlib.Path:
   """Writes `output/model.safetensors` + `output/config.json` in timm's hub layout; returns `output`.
 
   `timm.create_model('local-dir:OUTPUT', pretrained=True)` builds the model with these weights (and, uploaded,
@@ -483,7 +494,14 @@ def _replace_dir(tmp: pathlib.Path, path: pathlib.Path) -> None:
 
 
 def export_timm(
-  output, *, workdir=None, model=None, num_classes=None, keep_head=False, size=None, overwrite=False
+  output: PathLike,
+  *,
+  workdir: PathLike | None = None,
+  model: PathLike | None = None,
+  num_classes: int | None = None,
+  keep_head: bool = False,
+  size: int | None = None,
+  overwrite: bool = False,
 ) -> pathlib.Path:
   """`bit-export --format timm`: a bit-train workdir (or a model name, as `bit.load`) -> timm's hub layout in
   `output` (model.safetensors, config.json with the run's crop as input_size and its class names)."""
@@ -517,7 +535,9 @@ def export_timm(
   return output
 
 
-def model_card(config: Mapping, evals: Mapping[str, Mapping], *, repo_id: str, arch: str, size: int) -> str:
+def model_card(
+  config: Mapping[str, Any], evals: Mapping[str, Mapping[str, Any]], *, repo_id: str, arch: str, size: int
+) -> str:
   """README.md for the hub: what the model is, the recipe (the run's config.json) and its eval results."""
   recipe_keys = (
     'model', 'dataset', 'train_split', 'test_split', 'batch_size', 'base_lr', 'schedule', 'mixup_alpha',
@@ -562,7 +582,7 @@ def model_card(config: Mapping, evals: Mapping[str, Mapping], *, repo_id: str, a
   return '\n'.join(lines) + '\n'
 
 
-def _read_evals(workdir: pathlib.Path) -> dict:
+def _read_evals(workdir: pathlib.Path) -> dict[str, Any]:
   evals = {}
   for path in sorted(workdir.glob('eval_*.json')):
     try:
@@ -572,7 +592,15 @@ def _read_evals(workdir: pathlib.Path) -> dict:
   return evals
 
 
-def hub_folder(workdir_or_params, folder, *, repo_id: str, model=None, input_size=None, label_names=None):
+def hub_folder(
+  workdir_or_params: PathLike | Params,
+  folder: PathLike,
+  *,
+  repo_id: str,
+  model: models.ResNetV2 | None = None,
+  input_size: int | None = None,
+  label_names: Sequence[str] | None = None,
+) -> pathlib.Path:
   """Writes what `push_to_hub` uploads into `folder`: model.safetensors, config.json and README.md."""
   folder = pathlib.Path(folder)
   if isinstance(workdir_or_params, str | os.PathLike):
@@ -593,16 +621,16 @@ def hub_folder(workdir_or_params, folder, *, repo_id: str, model=None, input_siz
 
 
 def push_to_hub(
-  workdir_or_params,
+  workdir_or_params: PathLike | Params,
   repo_id: str,
   *,
-  model=None,
+  model: models.ResNetV2 | None = None,
   input_size: int | None = None,
-  label_names=None,
+  label_names: Sequence[str] | None = None,
   private: bool | None = None,
   token: str | None = None,
   commit_message: str = 'Upload BiT model (bit)',
-):
+) -> Any:
   """Uploads a fine-tuned model to the hub repo `repo_id` (created if needed) in timm's format, with a model
   card stating the recipe and the eval results; returns huggingface_hub's CommitInfo.
 

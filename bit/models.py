@@ -315,7 +315,7 @@ def create_model(
   )
 
 
-def check_in_chans(in_chans) -> int:
+def check_in_chans(in_chans: object) -> int:
   """`in_chans` as an int >= 1; BitError naming the value otherwise."""
   if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
     raise BitError(
