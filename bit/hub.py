@@ -604,10 +604,11 @@ def hub_folder(
   """Writes what `push_to_hub` uploads into `folder`: model.safetensors, config.json and README.md."""
   folder = pathlib.Path(folder)
   if isinstance(workdir_or_params, str | os.PathLike):
-    from bit import evaluation
+    from bit import workdir as workdir_lib
 
     workdir = pathlib.Path(workdir_or_params).expanduser()
-    config, net, params, names = evaluation.read_workdir(workdir)
+    run = workdir_lib.load(workdir)
+    config, params, names = run.config, run.params, run.class_names
     size = int(input_size or config.get('crop') or 224)
     evals = _read_evals(workdir)
     label_names = label_names if label_names is not None else names
