@@ -155,12 +155,17 @@ def serving_function(
   return fn
 
 
+def _channels(prepared) -> int:
+  # The model's input channels follow its root kernel (bit.load(..., in_chans=C)).
+  return int(prepared['root_block']['conv_root']['kernel'].shape[2])
+
+
 def _image_dtype(input):
   return jnp.float32 if input == 'float32' else jnp.uint8
 
 
-def _shape(size, input) -> str:
-  return '(batch, height, width, 3)' if input == 'raw' else f'(batch, {size}, {size}, 3)'
+def _shape(size, input, channels: int = 3) -> str:
+  return f'(batch, height, width, {channels})' if input == 'raw' else f'(batch, {size}, {size}, {channels})'
 
 
 def decode_bytes_tf(tf: Any, data: Any, size: int) -> Any:
@@ -202,12 +207,14 @@ def _write_savedmodel(fn, prepared, size, input, out: pathlib.Path) -> dict:
       f, polymorphic_shapes=[None, shape], with_gradient=False, native_serialization_platforms=PLATFORMS
     )
 
-  converted = convert(fn, _shape(size, input))
+  converted = convert(fn, _shape(size, input, _channels(prepared)))
   module = tf.Module()
   # Variables, not constants: a graph over 2 GB (R152x4) cannot be a protobuf.
   module.params = tf.nest.map_structure(lambda a: tf.Variable(np.asarray(a), trainable=False), prepared)
   side = None if input == 'raw' else size
-  spec = tf.TensorSpec([None, side, side, 3], tf.float32 if input == 'float32' else tf.uint8, name='images')
+  spec = tf.TensorSpec(
+    [None, side, side, _channels(prepared)], tf.float32 if input == 'float32' else tf.uint8, name='images'
+  )
 
   expected = (
     f'a {spec.dtype.name} tensor of shape [batch, {side or "height"}, {side or "width"}, 3] (NHWC RGB)'
@@ -406,7 +413,9 @@ def _write_onnx(fn, prepared, size, input, out: pathlib.Path) -> dict:
 
 
 def _write_stablehlo(fn, prepared, size, input, out: pathlib.Path) -> dict:
-  spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(_shape(size, input)), _image_dtype(input))
+  spec = jax.ShapeDtypeStruct(
+    jax.export.symbolic_shape(_shape(size, input, _channels(prepared))), _image_dtype(input)
+  )
   exported = jax.export.export(jax.jit(lambda images: fn(prepared, images)), platforms=PLATFORMS)(spec)
   (out / FILES['stablehlo']).write_bytes(exported.serialize())
   return {
@@ -452,7 +461,7 @@ SIGNATURE_ERRORS = {
 }
 
 
-def input_manifest(format: str, size: int, input: str) -> dict[str, Any]:
+def input_manifest(format: str, size: int, input: str, channels: int = 3) -> dict[str, Any]:
   """export.json's 'input': the tensor, and the exact transform between an image file and it."""
   dtype = 'float32' if input == 'float32' else 'uint8'
   side = None if input == 'raw' else size
@@ -463,10 +472,10 @@ def input_manifest(format: str, size: int, input: str) -> dict[str, Any]:
     inside, outside = SCALE, [DECODE, resize]
   else:
     inside, outside = f'{resize}, then {SCALE}', [DECODE]
-  layout = 'NHWC, RGB'
+  layout = 'NHWC, RGB' if channels == 3 else f'NHWC, {channels} channels'
   if format == 'onnx':
     layout += ' (the graph transposes to NCHW once, after the input; every op inside is NCHW)'
-  shape = [None, side, side, 3]
+  shape = [None, side, side, channels]
   manifest = {
     'name': 'images',
     'convention': input,
@@ -568,7 +577,7 @@ def export(
       'architecture': model.architecture,
       'num_classes': model.num_classes,
       'size': size,
-      'input': input_manifest(format, size, input),
+      'input': input_manifest(format, size, input, model.in_chans),
       'outputs': {'logits': [None, model.num_classes], 'probabilities': [None, model.num_classes]},
       'labels': 'labels.txt' if labels is not None else None,
       'source': str(source_path) if source_path else None,
