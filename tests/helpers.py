@@ -1,6 +1,7 @@
 """Shared test helpers: tiny image folders, random checkpoints and the tiny training config, tiny random params, running a console script in-process or bit-train in a subprocess,
 two-process runs, a local file server."""
 
+import hashlib
 import http.server
 import io
 import os
@@ -299,3 +300,68 @@ def kill_after_checkpoint(cmd, workdir, env, *, step: int = 2, cwd=None, timeout
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   assert not (workdir / 'model.npz').exists(), 'the run finished before it could be killed'
+
+
+COMMIT = 'c0ffee' + '0' * 34
+
+
+class FakeHub:
+  """Serves repos ({repo_id: {filename: bytes}}) the way the hub's resolve endpoint does, recording every
+  request as (method, path). `gated` repos answer 403 GatedRepo; with `default`, any other repo id serves those files."""
+
+  def __init__(self, repos, gated=(), default=None):
+    self.repos, self.gated, self.requests, self.default = repos, set(gated), [], default
+    hub_ = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def _answer(self, body: bool):
+        hub_.requests.append((self.command, self.path))
+        parts = self.path.split('?')[0].strip('/').split('/')
+        repo, rest = '/'.join(parts[:2]), parts[2:]
+        if len(rest) < 3 or rest[0] != 'resolve':
+          return self._error(404, 'RepoNotFound')
+        if repo in hub_.gated:
+          return self._error(403, 'GatedRepo')
+        files = hub_.repos.get(repo, hub_.default)
+        if files is None:
+          return self._error(401, 'RepoNotFound')
+        data = files.get('/'.join(rest[2:]))
+        if data is None:
+          return self._error(404, 'EntryNotFound')
+        self.send_response(200)
+        self.send_header('X-Repo-Commit', COMMIT)
+        self.send_header('ETag', f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        if body:
+          self.wfile.write(data)
+
+      def _error(self, code, error_code):
+        self.send_response(code)
+        self.send_header('X-Error-Code', error_code)
+        self.send_header('X-Repo-Commit', COMMIT)
+        self.send_header('Content-Length', '0')
+        self.end_headers()
+
+      def do_HEAD(self):  # noqa: N802 - the http.server API
+        self._answer(body=False)
+
+      def do_GET(self):  # noqa: N802
+        self._answer(body=True)
+
+      def log_message(self, *args):
+        pass
+
+    self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
+    self.thread = threading.Thread(
+      target=self.httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True
+    )
+
+  def __enter__(self):
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self.httpd.shutdown()
+    self.httpd.server_close()

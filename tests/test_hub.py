@@ -1,18 +1,15 @@
 """The Hugging Face hub: timm's layout against timm's own logits, downloads through huggingface_hub from a local
 fake hub (online, then offline from its cache), bad repos, the timm export round trip, and push_to_hub."""
 
-import hashlib
-import http.server
 import importlib
 import importlib.util
 import json
 import pathlib
-import threading
 
 import jax
 import numpy as np
 import pytest
-from helpers import fast_params
+from helpers import FakeHub, fast_params
 
 from bit import checkpoints, hub, models
 from bit.errors import BitError, CheckpointError, DownloadError
@@ -87,69 +84,6 @@ def test_a_state_dict_that_does_not_fit_lists_every_problem():
 
 
 # --- a fake hub on 127.0.0.1, served to huggingface_hub itself ----------------------------------------------
-
-COMMIT = 'c0ffee' + '0' * 34
-
-
-class FakeHub:
-  """Serves repos ({repo_id: {filename: bytes}}) the way the hub's resolve endpoint does, recording every
-  request as (method, path). `gated` repos answer 403 GatedRepo."""
-
-  def __init__(self, repos, gated=()):
-    self.repos, self.gated, self.requests = repos, set(gated), []
-    hub_ = self
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-      def _answer(self, body: bool):
-        hub_.requests.append((self.command, self.path))
-        parts = self.path.split('?')[0].strip('/').split('/')
-        repo, rest = '/'.join(parts[:2]), parts[2:]
-        if len(rest) < 3 or rest[0] != 'resolve':
-          return self._error(404, 'RepoNotFound')
-        if repo in hub_.gated:
-          return self._error(403, 'GatedRepo')
-        if repo not in hub_.repos:
-          return self._error(401, 'RepoNotFound')
-        data = hub_.repos[repo].get('/'.join(rest[2:]))
-        if data is None:
-          return self._error(404, 'EntryNotFound')
-        self.send_response(200)
-        self.send_header('X-Repo-Commit', COMMIT)
-        self.send_header('ETag', f'"{hashlib.sha256(data).hexdigest()}"')
-        self.send_header('Content-Length', str(len(data)))
-        self.end_headers()
-        if body:
-          self.wfile.write(data)
-
-      def _error(self, code, error_code):
-        self.send_response(code)
-        self.send_header('X-Error-Code', error_code)
-        self.send_header('X-Repo-Commit', COMMIT)
-        self.send_header('Content-Length', '0')
-        self.end_headers()
-
-      def do_HEAD(self):  # noqa: N802 - the http.server API
-        self._answer(body=False)
-
-      def do_GET(self):  # noqa: N802
-        self._answer(body=True)
-
-      def log_message(self, *args):
-        pass
-
-    self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
-    self.thread = threading.Thread(
-      target=self.httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True
-    )
-
-  def __enter__(self):
-    self.thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self.httpd.shutdown()
-    self.httpd.server_close()
 
 
 @pytest.fixture

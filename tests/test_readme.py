@@ -6,6 +6,7 @@ A block runs in a fresh namespace, in an empty working folder. The HTML comment 
 127.0.0.1 (`$BIT_MODELS_URL`, `$BIT_CACHE`) serving a tiny random official-layout R26x1 under every registry
 name, a finished demo run, photos, a mock CIFAR-10 with a tiny schedule, exports, or a fresh process. The
 fixtures make the blocks fast (tiny models, 32 px); the code run is the page's, character for character.
+A ```py block is code the tests cannot run here (PyTorch, an upload to the hub); each says so in a comment.
 """
 
 import contextlib
@@ -19,7 +20,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import FileServer, checkpoint_bytes, fast_params
+from helpers import FakeHub, FileServer, checkpoint_bytes, fast_params
 from PIL import Image
 
 from bit import checkpoints, models
@@ -164,6 +165,37 @@ def _registry(stack, monkeypatch, ns):
   monkeypatch.setenv('BIT_CACHE', str(pathlib.Path('cache').resolve()))
 
 
+def _hf_hub(stack, monkeypatch, ns):
+  """The Hugging Face hub on 127.0.0.1 (HF_ENDPOINT, an empty HF_HOME): every repo id serves a timm-format
+  tiny R26x1 with 10 named classes and input size 448, written by bit's own timm writer."""
+  import importlib
+
+  import huggingface_hub.constants
+
+  from bit import hub
+
+  model = models.create_model('R26x1', CLASSES)
+  repo = pathlib.Path('hf_repo')
+  repo.mkdir()
+  names = [f'class{i}' for i in range(CLASSES)]
+  hub.write_timm(fast_params(model, head_std=0.05), repo, input_size=448, label_names=names)
+  files = {f.name: f.read_bytes() for f in repo.iterdir()}
+  server = stack.enter_context(FakeHub({}, default=files))
+  for key, value in {
+    'HF_HOME': str(pathlib.Path('hf_home').resolve()),
+    'HF_ENDPOINT': server.url,
+    'HF_HUB_OFFLINE': '0',
+    'HF_HUB_DISABLE_TELEMETRY': '1',
+    'HF_HUB_DISABLE_IMPLICIT_TOKEN': '1',
+  }.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.delenv('HF_HUB_CACHE', raising=False)
+  monkeypatch.delenv('HF_TOKEN', raising=False)
+  importlib.reload(huggingface_hub.constants)  # huggingface_hub reads its environment when imported
+  stack.callback(importlib.reload, huggingface_hub.constants)  # after the test's environment is restored
+  stack.callback(monkeypatch.undo)
+
+
 def _small_models(stack, monkeypatch, ns):
   """Any architecture name builds an R26x1 (a scratch R50x1 compiles for as long as the rest together)."""
   parse = models.parse_architecture
@@ -221,6 +253,7 @@ def _export(fmt, folder):
 
 FIXTURES = {
   'registry': _registry,
+  'hf_hub': _hf_hub,
   'small_models': _small_models,
   'demo_run': _demo_run,
   'photos': _photos,
