@@ -260,6 +260,10 @@ def export(
   inside). `labels`: class names for labels.txt. `source`: the checkpoint file the params came from (its
   path and sha256 go into export.json). Returns `path`.
   """
+  from bit import arguments
+
+  model = arguments.check_model(model, 'bit.export')
+  params = arguments.check_params(model, params, 'bit.export')
   check_format(format)
   size = check_size(size)
   _check_input(input)
