@@ -276,7 +276,7 @@ def export(
   prepared = jax.device_get(models.Inference(model).prepare(params))
   fn = serving_function(model, prepared, input)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'))
+  tmp = files.temporary_dir(path.parent, prefix=f'.{path.name}.', suffix='.tmp')  # ends 0755 (umask 022)
   try:
     details = WRITERS[format](fn, prepared, size, input, tmp)
     if labels is not None:
