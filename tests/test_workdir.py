@@ -59,3 +59,37 @@ def test_a_read_only_or_full_workdir_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=f"workdir='{tmp_path}' cannot be used: .*{text}; give a writable"):
       with train._workdir_errors(tmp_path):
         raise OSError(code, text, str(tmp_path / 'config.json'))
+
+
+def test_a_workdir_is_locked_by_its_run_and_freed_when_the_process_dies(tmp_path):
+  import os
+  import signal
+  import socket
+  import subprocess
+  import sys
+
+  from bit import lock
+
+  code = (
+    'import sys, time; from bit import lock\n'
+    'with lock.workdir_lock(sys.argv[1]):\n'
+    '  print("held", flush=True); time.sleep(60)\n'
+  )
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(sys.path)}
+  holder = subprocess.Popen(
+    [sys.executable, '-c', code, str(tmp_path)], stdout=subprocess.PIPE, env=env, text=True
+  )
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    with pytest.raises(
+      ConfigError, match=rf'in use by another run \(host {socket.gethostname()}, PID {holder.pid}\)'
+    ):
+      with lock.workdir_lock(tmp_path):
+        pass
+  finally:
+    holder.send_signal(signal.SIGKILL)  # kill -9: the OS releases the lock, nothing stale is left
+    holder.wait()
+  with lock.workdir_lock(tmp_path) as path:
+    assert path == tmp_path / '.lock' and str(os.getpid()) in path.read_text()
+  with lock.workdir_lock(tmp_path):  # released at the end of the block
+    pass
