@@ -131,7 +131,7 @@ def export_digits(
 
 def _fingerprint(config) -> dict:
   """The settings that decide a stage's result (operational keys such as log_every may change freely)."""
-  from bit.train import OPERATIONAL_KEYS
+  from bit.config import OPERATIONAL_KEYS
 
   c = json.loads(config.to_json()) if hasattr(config, 'to_json') else dict(config)
   return {k: v for k, v in sorted(c.items()) if k not in OPERATIONAL_KEYS}
