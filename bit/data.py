@@ -68,7 +68,7 @@ class DatasetInfo:
   test_size: int
   image_size: tuple[int, int]
   holdout: bool = False
-  test_split: str = 'test'  # the split evaluated: a folder's name, or 'holdout' (data_sources.resolve_test_split)
+  test_split: str = 'test'  # the split evaluated: a folder's name or 'holdout' (resolve_test_split)
 
 
 def few_shot_indices(labels, examples_per_class: int, seed: int = 0, num_classes: int | None = None):
@@ -648,7 +648,6 @@ class Skipped:
     """One line naming the files met since the last report (None when there are none), also logged."""
     new = list(self.files)[self.reported :]
     self.reported = len(self.files)
-    new = [f for f in new if (self.records.name, f) not in _WARNED]
     _WARNED.update((self.records.name, f) for f in new)
     if not new:
       return None
