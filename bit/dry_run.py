@@ -97,7 +97,7 @@ def _nbytes(tree) -> int:
 def _compiler_options(dp) -> dict:
   # The program is compiled only to read its memory and never runs: on CPU, LLVM's optimization level 0
   # halves the compile time and leaves XLA's HLO passes and buffer assignment, hence every figure, unchanged
-  # (README, Long runs). A GPU's or TPU's compile is left as it is: its figures must be the real program's.
+  # (docs/long-runs.md). A GPU's or TPU's compile is left as it is: its figures must be the real program's.
   return {'xla_backend_optimization_level': 0} if dp.devices[0].platform == 'cpu' else {}
 
 
