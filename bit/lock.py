@@ -45,9 +45,11 @@ def workdir_lock(workdir, *, hold: bool = True):
   import fcntl
 
   workdir = pathlib.Path(workdir).expanduser()
+  created = not workdir.exists()
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / LOCK_FILE
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  locked = False
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -60,8 +62,14 @@ def workdir_lock(workdir, *, hold: bool = True):
       log.warning('cannot lock %s (%s): the workdir is not protected from a second run', path, e.strerror)
       yield None
       return
+    locked = True
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({'host': socket.gethostname(), 'pid': os.getpid()}).encode(), 0)
     yield path
   finally:
+    if locked and created and [p.name for p in workdir.iterdir()] == [LOCK_FILE]:
+      # A run that never started (bad config or data) leaves no workdir behind, as before it had a lock.
+      with contextlib.suppress(OSError):
+        path.unlink()
+        workdir.rmdir()
     os.close(fd)  # releases the lock (the OS does the same when the process dies)
