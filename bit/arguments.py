@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import functools
 import os
+import typing
 from collections.abc import Mapping
+from typing import Any
 
 from bit.errors import BitError, DataError
 
+if typing.TYPE_CHECKING:
+  from bit import models
 
-def describe(value) -> str:
+
+def describe(value: Any) -> str:
   """A short description of a value for an error message: its type and a glimpse of it."""
   if isinstance(value, Mapping):
     keys = list(value)
@@ -25,7 +30,7 @@ def describe(value) -> str:
   return f'the {type(value).__name__} {text[:60] + "..." if len(text) > 60 else text}'
 
 
-def check_model(model, fn: str):
+def check_model(model: Any, fn: str) -> models.ResNetV2:
   """`model` must be a bit.ResNetV2 (as `bit.load` returns it)."""
   from bit import models
 
@@ -39,7 +44,7 @@ def check_model(model, fn: str):
   raise BitError(f'{fn}: model= must be a bit.ResNetV2 (from bit.load), got {describe(model)}{hint}.')
 
 
-def check_params(model, params, fn: str):
+def check_params(model: models.ResNetV2, params: Any, fn: str) -> dict[str, Any]:
   """`params` must be the param tree of `model` (unwrapped from {'params': ...}); returns it.
 
   The whole tree is compared with the model's own parameter shapes (`jax.eval_shape`, cached per
@@ -148,7 +153,7 @@ def _check_tree(model, params, fn: str) -> None:
   )
 
 
-def check_dataset(dataset, fn: str):
+def check_dataset(dataset: Any, fn: str) -> Any:
   """`dataset` must be a TFDS name or an image folder (str or path)."""
   if isinstance(dataset, (str, os.PathLike)) and str(os.fspath(dataset)).strip():
     return dataset
@@ -160,7 +165,7 @@ def check_dataset(dataset, fn: str):
   )
 
 
-def check_size(size, name: str, fn: str) -> int | None:
+def check_size(size: Any, name: str, fn: str) -> int | None:
   """An image side (None = the default) as an int >= 32."""
   if size is None:
     return None

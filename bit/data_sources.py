@@ -26,6 +26,7 @@ import logging
 import os
 import pathlib
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from bit.errors import ConfigError, DataError
 
 _TF_READY = False  # tf_hidden() has hidden the GPUs from TensorFlow
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 0
@@ -64,13 +65,13 @@ def _budget_bytes(value, env: str, default: float) -> float:
   return gb * 1e9
 
 
-def max_memory_bytes(max_memory_gb=None) -> float:
+def max_memory_bytes(max_memory_gb: float | None = None) -> float:
   """The encoded-size budget above which a TFDS split is streamed: the argument, else `$BIT_MAX_MEMORY_GB`,
   else `MAX_MEMORY_GB`. 0 streams every TFDS split."""
   return _budget_bytes(max_memory_gb, 'BIT_MAX_MEMORY_GB', MAX_MEMORY_GB)
 
 
-def decoded_cache_bytes(decoded_cache_gb=None) -> float:
+def decoded_cache_bytes(decoded_cache_gb: float | None = None) -> float:
   """The decoded-pixels budget under which a split is decoded once and kept as uint8: the argument, else
   `$BIT_DECODED_CACHE_GB`, else `DECODED_CACHE_GB`. 0 turns the decoded cache off."""
   return _budget_bytes(decoded_cache_gb, 'BIT_DECODED_CACHE_GB', DECODED_CACHE_GB)
@@ -94,10 +95,10 @@ class Records:
   builder: object = dataclasses.field(default=None, repr=False)  # the TFDS builder when streaming
   unreadable: tuple[str, ...] = ()  # files of the split left out when read: not images (header check)
 
-  def __len__(self):
+  def __len__(self) -> int:
     return self.num_examples if self.streaming else len(self.labels)
 
-  def subset(self, indices) -> Records:
+  def subset(self, indices: Any) -> Records:
     if self.streaming:
       raise DataError(f'{self.name!r} split {self.split!r} is streamed; use gather_streamed() for a subset')
     indices = np.asarray(indices, np.int64)
@@ -109,7 +110,7 @@ _CACHE: dict = {}
 _LOCK = threading.RLock()
 
 
-def clear_cache():
+def clear_cache() -> None:
   """Forgets the splits read so far (they are kept in memory for the life of the process)."""
   with _LOCK:
     _CACHE.clear()
@@ -128,7 +129,13 @@ def is_folder(dataset: str) -> bool:
   return False
 
 
-def load_split(dataset, split: str, data_dir=None, *, max_memory_gb=None) -> Records:
+def load_split(
+  dataset: Any,
+  split: str,
+  data_dir: str | os.PathLike[str] | None = None,
+  *,
+  max_memory_gb: float | None = None,
+) -> Records:
   """Returns the split `split` of `dataset` (TFDS name or folder path), applying the holdout if needed.
 
   A TFDS split whose encoded size is above `max_memory_bytes(max_memory_gb)` comes back `streaming`
@@ -248,7 +255,7 @@ def _base_split(split: str) -> str:
   return split.split('[')[0].split('+')[0].strip()
 
 
-def holdout_indices(labels, fraction=HOLDOUT_FRACTION, seed=HOLDOUT_SEED):
+def holdout_indices(labels: Any, fraction: Any = HOLDOUT_FRACTION, seed: Any = HOLDOUT_SEED) -> Any:
   """Returns (train_indices, test_indices): a stratified seeded holdout of `fraction` of each class."""
   labels = np.asarray(labels)
   rng = np.random.default_rng(seed)
@@ -301,7 +308,7 @@ def _class_folders(split_dir) -> list[str]:
   return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith('.'))
 
 
-def folder_class_names(root) -> list[str]:
+def folder_class_names(root: str | os.PathLike[str]) -> list[str]:
   """The class names of an image folder, sorted (the TFDS ImageFolder order): its train/ class folders, or
   without train/ the union over its splits."""
   root = pathlib.Path(root).expanduser()
@@ -476,7 +483,7 @@ def _prepare_error_message(name: str, builder, e: BaseException) -> str:
   return f'could not download and prepare TFDS dataset {name!r} {where}: {_first_line(e)}'
 
 
-def tfds_split_names(builder) -> list[str]:
+def tfds_split_names(builder: Any) -> list[str]:
   """The splits a TFDS builder declares (empty when its metadata is unknown, as under mock data)."""
   return list(builder.info.splits.keys())
 
@@ -490,7 +497,9 @@ def _split_metadata(builder, split: str) -> tuple[int | None, int | None]:
   return int(info.num_bytes or 0) or None, int(info.num_examples)
 
 
-def as_encoded_dataset(builder, name, split: str, *, shuffle_files=False, read_config=None):
+def as_encoded_dataset(
+  builder: Any, name: str, split: str, *, shuffle_files: bool = False, read_config: Any = None
+) -> Any:
   """TFDS's tf.data reader of `split` with every image kept encoded: elements `(image_bytes, label)`."""
   import tensorflow_datasets as tfds
 
@@ -615,7 +624,7 @@ def streamed_labels(records: Records) -> np.ndarray:
   return memoized(('labels', id(records)), read)
 
 
-def gather_streamed(records: Records, indices) -> Records:
+def gather_streamed(records: Records, indices: Any) -> Records:
   """An in-memory Records of the examples at `indices` (positions in file order) of a streamed split: one
   pass that reads every record and keeps only the chosen ones encoded (for few-shot subsets)."""
   tf = tf_hidden()
@@ -646,7 +655,7 @@ def gather_streamed(records: Records, indices) -> Records:
   )
 
 
-def tf_hidden():
+def tf_hidden() -> Any:
   """Returns the tensorflow module, with TensorFlow kept off the GPUs (JAX owns them)."""
   global _TF_READY
   import tensorflow as tf
@@ -680,7 +689,7 @@ def _typical_size_of_bytes(payload) -> tuple[int, int]:
   return int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))
 
 
-def memoized(key, make):
+def memoized(key: Any, make: Any) -> Any:
   """`make()` once per `key` for the life of the process (until clear_cache); `make` returns (keep, value),
   `keep` an object held so that an id() inside `key` stays unique."""
   with _LOCK:

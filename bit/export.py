@@ -33,6 +33,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ import numpy as np
 
 from bit import files, models
 from bit.errors import BitError
+from bit.types import ExportManifest, Format, Input, Params, PathLike
 
 FORMATS = ('savedmodel', 'onnx', 'stablehlo')
 INPUTS = ('float32', 'uint8')
@@ -233,24 +235,24 @@ def _refuse_existing(path: pathlib.Path, overwrite: bool) -> None:
   if not path.exists():
     return
   if not overwrite:
-    raise BitError(f'{path} exists: give another --output, or --overwrite to replace that export.')
+    raise BitError(f'{path} exists: give another path=, or overwrite=True to replace that export.')
   if not (path.is_dir() and (path / 'export.json').is_file()):
     raise BitError(
-      f'{path} exists and is not a bit export (no export.json in it): --overwrite replaces only a previous '
-      'export; give another --output.'
+      f'{path} exists and is not a bit export (no export.json in it): overwrite=True replaces only a previous '
+      'export; give another path=.'
     )
 
 
 def export(
-  model,
-  params,
-  format: str,
-  path,
+  model: models.ResNetV2,
+  params: Params,
+  format: Format,
+  path: PathLike,
   *,
   size: int = 224,
-  input: str = 'float32',
-  labels=None,
-  source=None,
+  input: Input = 'float32',
+  labels: Sequence[str] | None = None,
+  source: PathLike | None = None,
   overwrite: bool = False,
 ) -> pathlib.Path:
   """Writes the inference function of `model` with `params` to the directory `path` in `format`.
@@ -319,7 +321,7 @@ def export(
   return path
 
 
-def read_manifest(path) -> dict:
+def read_manifest(path: PathLike) -> ExportManifest:
   return json.loads((pathlib.Path(path) / 'export.json').read_text())
 
 
@@ -333,18 +335,12 @@ def load_source(*, workdir=None, model=None, num_classes=None, keep_head=False):
   from bit import checkpoints
 
   if (workdir is None) == (model is None):
-    raise BitError(
-      'Give either --workdir (a bit-train run) or --model (a registry name or an .npz), not both.'
-    )
+    raise BitError('Give either workdir= (a bit-train run) or model= (a registry name or an .npz), not both.')
   if workdir is not None:
-    from bit import evaluation
+    from bit import workdir as workdir_lib
 
-    workdir = pathlib.Path(workdir).expanduser()
-    npz = workdir / 'model.npz'
-    if workdir.is_dir() and not npz.is_file():
-      raise BitError(f'{npz} is missing: {workdir} holds no finished model; run bit-train on it to the end.')
-    config, net, params, names = evaluation.read_workdir(workdir)
-    return net, params, names, int(config.get('crop') or 224), npz
+    run = workdir_lib.load(workdir)
+    return run.model, run.params, run.class_names, int(run.model.input_size), run.npz
   net, params = checkpoints.load(model, num_classes, keep_head=keep_head)
   names = checkpoints.label_names(model) if keep_head else None
   if names is not None and len(names) != net.num_classes:

@@ -8,13 +8,13 @@ import jax
 import numpy as np
 import pytest
 from helpers import run_cli
-from make_checkpoint import random_checkpoint
 from PIL import Image
 
 import bit
 from bit import checkpoints, prediction
 from bit.errors import BitError
 from bit.export import ONNX_OPSET, sha256_file
+from bit.testing import random_checkpoint
 from bit.tools import cli
 
 CLASSES = ('ant', 'bee', 'cow', 'doe', 'eel')
@@ -205,7 +205,7 @@ def test_overwrite_replaces_only_an_export(workdir, tmp_path, monkeypatch):
   )
   model, params = checkpoints.load(workdir / 'model.npz', keep_head=True)
   out = bit.export(model, params, 'stablehlo', tmp_path / 'hlo', size=SIZE)
-  with pytest.raises(BitError, match='--overwrite'):
+  with pytest.raises(BitError, match=r'give another path=, or overwrite=True'):
     bit.export(model, params, 'stablehlo', out, size=SIZE, input='uint8')
   bit.export(model, params, 'stablehlo', out, size=SIZE, input='uint8', overwrite=True)
   assert (out / 'model.stablehlo').read_text() == 'uint8'
