@@ -72,11 +72,11 @@ def check_params(model: models.ResNetV2, params: Any, fn: str) -> dict[str, Any]
   return params
 
 
-def _flat_shapes(tree) -> dict:
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{'block1/unit01/conv1/kernel': shape} of a nested param dict (leaves: anything with a shape)."""
-  out = {}
+  out: dict[str, tuple[int, ...]] = {}
 
-  def walk(node, prefix):
+  def walk(node: Any, prefix: str) -> None:
     for key, value in node.items():
       name = f'{prefix}/{key}' if prefix else str(key)
       if isinstance(value, Mapping):
@@ -89,14 +89,14 @@ def _flat_shapes(tree) -> dict:
 
 
 @functools.lru_cache(maxsize=32)
-def model_shapes(depth: int, width: int, num_classes: int) -> dict:
+def model_shapes(depth: int, width: int, num_classes: int) -> dict[str, tuple[int, ...]]:
   """The flat {name: shape} param tree of a ResNetV2 (eval_shape: nothing is allocated), cached."""
   from bit import models
 
   return _flat_shapes(models.param_shapes(models.ResNetV2(depth=depth, width=width, num_classes=num_classes)))
 
 
-def implied_architecture(shapes: dict) -> str:
+def implied_architecture(shapes: dict[str, tuple[int, ...]]) -> str:
   """What a flat {name: shape} param tree looks like: 'R50x1 (block units 3/4/6/3, root 64 channels, 10
   classes)'; the parts that cannot be told are left out or marked '?'."""
   from bit import models
@@ -117,21 +117,21 @@ def implied_architecture(shapes: dict) -> str:
   return f'{arch} ({", ".join(parts)})'
 
 
-def _listed(items, limit: int = 4) -> str:
+def _listed(items: list[str], limit: int = 4) -> str:
   more = f' and {len(items) - limit} more' if len(items) > limit else ''
   return ', '.join(items[:limit]) + more
 
 
-def _modules(names) -> list[str]:
+def _modules(names: list[str]) -> list[str]:
   """Leaf names collapsed to their residual unit (or top-level module): 'block1/unit03', 'head/kernel'."""
-  out = {}
+  out: dict[str, None] = {}
   for n in names:
     parts = n.split('/')
     out.setdefault('/'.join(parts[:2]) if parts[0].startswith('block') else n, None)
   return list(out)
 
 
-def _check_tree(model, params, fn: str) -> None:
+def _check_tree(model: Any, params: Any, fn: str) -> None:
   want = model_shapes(int(model.depth), int(model.width), int(model.num_classes))
   have = _flat_shapes(params)
   missing = _modules([n for n in want if n not in have])

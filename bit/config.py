@@ -174,7 +174,7 @@ REFERENCE_BATCH = 512
 SMALL_BATCH = 128
 
 
-def scaled_for_batch(base_lr: float, schedule, batch_size: int) -> tuple[float, list[int]]:
+def scaled_for_batch(base_lr: float, schedule: Any, batch_size: int) -> tuple[float, list[int]]:
   """(lr x B/512, every schedule step x 512/B, rounded): the official BiT colab's rule for batch sizes other
   than 512 (the same examples seen, the same lr per example)."""
   lr = float(base_lr) * batch_size / REFERENCE_BATCH
@@ -182,7 +182,7 @@ def scaled_for_batch(base_lr: float, schedule, batch_size: int) -> tuple[float, 
   return lr, check_schedule(steps)
 
 
-def recipe(cfg: dict, info, devices: int, what: str = '') -> list[str]:
+def recipe(cfg: dict[str, Any], info: Any, devices: int, what: str = '') -> list[str]:
   """The resolved recipe of a run in a few lines, printed at its start: the model and where its weights come
   from, the data and the split evaluated, the image sizes, the schedule, MixUp, the batch and lr, devices."""
   from bit import checkpoints
@@ -212,7 +212,7 @@ def recipe(cfg: dict, info, devices: int, what: str = '') -> list[str]:
   return lines + ([note] if note else [])
 
 
-def small_batch_note(cfg: dict) -> str | None:
+def small_batch_note(cfg: dict[str, Any]) -> str | None:
   """The one line a run prints when its batch is small and its lr and steps are the batch-512 recipe's."""
   b = int(cfg['batch_size'])
   if b >= SMALL_BATCH or cfg.get('scale_lr_with_batch'):

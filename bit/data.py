@@ -631,12 +631,18 @@ class Skipped:
   the middle of the progress bar) is left for `report()` once the bar is done.
   """
 
-  def __init__(self, records, deferred: bool = False):
+  records: Any
+  deferred: bool
+  files: dict[str, None]
+  reported: int
+
+  def __init__(self, records: Any, deferred: bool = False) -> None:
     self.records, self.deferred = records, deferred
-    self.files: dict[str, None] = dict.fromkeys(getattr(records, 'unreadable', ()) or ())
+    self.files = dict.fromkeys(getattr(records, 'unreadable', ()) or ())
     self.reported = len(self.files)
 
-  def add(self, index) -> None:
+  def add(self, index: int) -> None:
+    """Counts the file of example `index` (once), logging it unless deferred."""
     where = _where(self.records, index)
     if where in self.files:
       return
@@ -646,7 +652,7 @@ class Skipped:
       _WARNED.add(key)
       log.warning('an image could not be decoded: %s (%s)', where, self.records.name)
 
-  def __len__(self):
+  def __len__(self) -> int:
     return len(self.files)
 
   def report(self) -> str | None:
@@ -669,13 +675,15 @@ class TrainBatches:
   """The iterator `train_iterator` returns: its batches, and `skipped` (a `Skipped`), the files that did not
   decode so far."""
 
-  def __init__(self, batches, skipped: Skipped):
+  skipped: Skipped
+
+  def __init__(self, batches: Any, skipped: Skipped) -> None:
     self._batches, self.skipped = batches, skipped
 
-  def __iter__(self):
+  def __iter__(self) -> TrainBatches:
     return self
 
-  def __next__(self):
+  def __next__(self) -> dict[str, Any]:
     return next(self._batches)
 
 

@@ -196,7 +196,9 @@ def _eval_split(splits, folder: bool) -> str:
   return HOLDOUT
 
 
-def resolve_test_split(dataset, test_split: str = 'test', data_dir=None) -> str:
+def resolve_test_split(
+  dataset: str | os.PathLike[str], test_split: str = 'test', data_dir: str | os.PathLike[str] | None = None
+) -> str:
   """The split that asking for `test_split` evaluates: `test_split` itself, except 'test' for a dataset
   without a test split: an image folder's `validation` (or `val`) folder, else 'holdout' (the seeded
   holdout of train)."""
@@ -208,13 +210,13 @@ def resolve_test_split(dataset, test_split: str = 'test', data_dir=None) -> str:
   return test_split if not splits or 'test' in splits else _eval_split(splits, folder)
 
 
-def same_test_split(old, new) -> bool:
+def same_test_split(old: Any, new: Any) -> bool:
   """Whether the `test_split` of an existing workdir's config.json (`old`) names the split `new` does: a
   workdir written before the split was resolved says 'test' where a dataset without one means the holdout."""
   return old == new or (old == 'test' and new == HOLDOUT)
 
 
-def check_folder_splits(root, train_split: str, test_split: str) -> None:
+def check_folder_splits(root: str | os.PathLike[str], train_split: str, test_split: str) -> None:
   """The warnings and errors of an image folder's layout, before a run: a class folder of the evaluation split
   that train lacks is a DataError naming it; a train class without evaluation images, and a folder that is not
   a split, are warnings naming them."""

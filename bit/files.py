@@ -33,7 +33,7 @@ def umask() -> int:
   return mask
 
 
-def temporary_dir(parent, prefix: str = '', suffix: str = '.tmp') -> pathlib.Path:
+def temporary_dir(parent: str | os.PathLike[str], prefix: str = '', suffix: str = '.tmp') -> pathlib.Path:
   """`tempfile.mkdtemp` in `parent`, with the mode of a plain mkdir (0777 less the umask; mkdtemp gives 0700),
   for a folder built in place and then renamed to its final name (an export)."""
   path = pathlib.Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))

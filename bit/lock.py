@@ -18,10 +18,11 @@ import logging
 import os
 import pathlib
 import socket
+from collections.abc import Iterator
 
 from bit.errors import ConfigError
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 LOCK_FILE = '.lock'
 
@@ -35,7 +36,7 @@ def _holder(path: pathlib.Path) -> str:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir, *, hold: bool = True):
+def workdir_lock(workdir: str | os.PathLike[str], *, hold: bool = True) -> Iterator[pathlib.Path | None]:
   """Holds `WORKDIR/.lock` while the block runs; ConfigError naming the holder's host and PID when another
   process (on any host that shares the filesystem's locks) holds it. `hold=False` (the non-primary processes
   of a multi-process run) does nothing."""
