@@ -4,8 +4,13 @@ host batches for one process of a (possibly multi-host) run.
 A dataset spec is a TFDS name (`'cifar10'`, `'oxford_flowers102'`, `'name:1.2.0'`) or a path to an image folder
 `ROOT/<split>/<class>/<image>` (class order sorted by name; the formats and the decoding of `bit.images`, the
 one decoder of every reader: JPEG/PNG/BMP/GIF/WebP, EXIF orientation applied, every mode to 8-bit RGB;
-unreadable files are logged by path, skipped and counted). A dataset without a `test` split (tf_flowers, a folder with
-only `train/`) is divided by a stratified seeded holdout: 10% of each class is `test`, the rest `train`.
+files that are not images are left out when the split is read; every bad file is named once and counted). A
+folder without `test/` is evaluated on its `validation/` (or `val/`) folder; a dataset with neither (tf_flowers,
+a folder with only `train/`) is divided by a stratified seeded holdout: 10% of each class is the `holdout`
+split, the rest `train` (`data_sources.resolve_test_split`).
+
+Bad files: a file that does not decode in training never shifts the stream: its slot gets a replacement example
+drawn from (seed, position) (`_fill_bad`, the one bad-file policy). Evaluation skips it (masked) and counts it.
 
 Determinism: the example at global position p of the training stream (step s holds positions
 [s*B, (s+1)*B) of the global batch B) is a pure function of (seed, p): epoch e = p // N reads a seeded
