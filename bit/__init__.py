@@ -33,6 +33,8 @@ _EXPORTS = {
   'label_names': 'bit.checkpoints',
   'cache_dir': 'bit.checkpoints',
   'REGISTRY': 'bit.checkpoints',
+  # the Hugging Face hub
+  'push_to_hub': 'bit.hub',
   # recipe
   'hyperrule': 'bit',
   # training and the workflow
@@ -116,6 +118,7 @@ if typing.TYPE_CHECKING:
   from bit.errors import BitError, CheckpointError, ConfigError, DataError, DownloadError  # noqa: F401
   from bit.evaluation import evaluate  # noqa: F401
   from bit.export import export  # noqa: F401
+  from bit.hub import push_to_hub  # noqa: F401
   from bit.models import ARCHITECTURES, ResNetV2, create_model, init_params, parse_architecture  # noqa: F401
   from bit.prediction import predict, predict_files, preprocess  # noqa: F401
   from bit.runtime import configure_cpu  # noqa: F401

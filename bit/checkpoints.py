@@ -53,6 +53,7 @@ __all__ = [
   'reset_head',
   'label_names',
   'official_key',
+  'adapt_input_conv',
 ]
 
 DEFAULT_BASE_URL = 'https://storage.googleapis.com/bit_models/'
@@ -163,8 +164,11 @@ REGISTRY: dict[str, PretrainedCfg] = _build_registry()
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-  """The registry names (optionally filtered by a shell pattern such as 'BiT-M-*'), in registry order."""
-  names = list(REGISTRY)
+  """The registry names, then timm's BiT repos on the Hugging Face hub ('hf-hub:timm/resnetv2_50x1_bit...'),
+  optionally filtered by a shell pattern such as 'BiT-M-*' or 'hf-hub:*'."""
+  from bit import hub
+
+  names = list(REGISTRY) + [hub.PREFIX + r for r in hub.HUB_MODELS]
   if pattern:
     names = [n for n in names if fnmatch.fnmatch(n.lower(), pattern.lower())]
   return names
@@ -328,8 +332,10 @@ def npz_to_params(
   """
   depth, width, classes = _infer(weights, source)
   arch = models.architecture_name(depth, width)
+  root = weights.get('resnet/root_block/standardized_conv2d/kernel')
+  in_chans = int(root.shape[2]) if getattr(root, 'ndim', None) == 4 and root.shape[2] > 0 else 3
   try:
-    model = models.create_model(arch, classes)
+    model = models.create_model(arch, classes, in_chans=in_chans)
   except BitError as e:
     raise CheckpointError(
       f'{source}: the checkpoint looks like {arch} with {classes} classes, which this '
@@ -338,20 +344,36 @@ def npz_to_params(
   expected = {}
   for path, leaf in _flatten(models.param_shapes(model)):
     expected[official_key(path)] = (path, _official_shape(path, leaf.shape))
-  missing = [f'{k} {shape}' for k, (_, shape) in expected.items() if k not in weights]
+  strict_check(
+    weights,
+    {k: shape for k, (_, shape) in expected.items()},
+    f'{source} does not fit BiT {arch} with {classes} classes (read from its keys); nothing was loaded.',
+    'Use an official BiT .npz checkpoint or one written by bit.save_npz.',
+  )
+  params = _unflatten(
+    (path, jnp.asarray(np.asarray(weights[k], np.float32).reshape(_flax_shape(path, weights[k].shape))))
+    for k, (path, _) in expected.items()
+  )
+  return depth, width, classes, params
+
+
+def strict_check(
+  weights: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], header: str, footer: str
+) -> None:
+  """CheckpointError (`header`, every missing, unexpected, mis-shaped and non-float array, `footer`) unless
+  `weights` has exactly the names and shapes of `expected`, all floating point."""
+  missing = [f'{k} {shape}' for k, shape in expected.items() if k not in weights]
   unexpected = [f'{k} {tuple(np.shape(w))}' for k, w in weights.items() if k not in expected]
   misshaped, nonfloat = [], []
-  for k, (_, shape) in expected.items():
+  for k, shape in expected.items():
     if k in weights:
       w = weights[k]
-      if tuple(w.shape) != shape:
-        misshaped.append(f'{k}: {tuple(w.shape)} in the file, the model expects {shape}')
+      if tuple(w.shape) != tuple(shape):
+        misshaped.append(f'{k}: {tuple(w.shape)} in the file, the model expects {tuple(shape)}')
       elif not np.issubdtype(w.dtype, np.floating):
         nonfloat.append(f'{k}: dtype {w.dtype}')
   if missing or unexpected or misshaped or nonfloat:
-    lines = [
-      f'{source} does not fit BiT {arch} with {classes} classes (read from its keys); nothing was loaded.'
-    ]
+    lines = [header]
     for title, items in (
       ('missing', missing),
       ('unexpected', unexpected),
@@ -361,13 +383,8 @@ def npz_to_params(
       if items:
         lines.append(f'  {title} ({len(items)}):')
         lines.extend(f'    {item}' for item in items)
-    lines.append('Use an official BiT .npz checkpoint or one written by bit.save_npz.')
+    lines.append(footer)
     raise CheckpointError('\n'.join(lines))
-  params = _unflatten(
-    (path, jnp.asarray(np.asarray(weights[k], np.float32).reshape(_flax_shape(path, weights[k].shape))))
-    for k, (path, _) in expected.items()
-  )
-  return depth, width, classes, params
 
 
 def _flax_shape(path, official_shape):
@@ -409,7 +426,8 @@ def save_npz(params: Params, path: PathLike, *, model: Any = None) -> pathlib.Pa
 
 
 def _resolve(name_or_path):
-  """('registry', cfg) | ('file', path) | ('arch', name); BitError for an unknown name."""
+  """('registry', cfg) | ('hub', 'hf-hub:owner/repo') | ('file', path) | ('arch', name); BitError for an
+  unknown name."""
   if isinstance(name_or_path, os.PathLike):
     return 'file', pathlib.Path(name_or_path)
   if not isinstance(name_or_path, str):
@@ -417,6 +435,11 @@ def _resolve(name_or_path):
       f'name_or_path= must be a registry name, an .npz path or an architecture, got {arguments.describe(name_or_path)}.'
     )
   s = name_or_path.strip()
+  from bit import hub
+
+  if hub.is_hub_name(s):
+    hub.repo_id(s)  # checks the form
+    return 'hub', s
   try:
     return 'registry', get_pretrained_cfg(s)
   except BitError:
@@ -444,21 +467,30 @@ def load(
   keep_head: bool = False,
   dtype: DType = jnp.float32,
   seed: int = 0,
+  in_chans: int | None = None,
 ) -> tuple[models.ResNetV2, dict[str, Any]]:
-  """Returns (model, params) for a registry name, a local official-layout .npz, or a bare architecture.
+  """Returns (model, params) for a registry name, a hub repo, a local official-layout .npz, or an architecture.
 
   - A registry name (see `list_models()`) is downloaded once into the cache (`$BIT_CACHE`).
+  - 'hf-hub:OWNER/REPO' (e.g. 'hf-hub:timm/resnetv2_50x1_bit.goog_in21k'): a timm BiT repo's
+    model.safetensors and config.json through huggingface_hub and its cache (`bit.hub`, docs/hub.md).
   - A local .npz file: its architecture is read from its keys.
   - An architecture such as 'R50x1': random init (the from-scratch baseline); `num_classes` is required.
   The head is new and zero-initialized with `num_classes` outputs, unless `keep_head=True`, which keeps the
   checkpoint's own head (`num_classes` must then be None or equal to it). `dtype` is the compute dtype;
   params are float32. `seed` drives the random init of a scratch model.
 
+  `in_chans=C` adapts the root kernel to C input channels the way timm's `adapt_input_conv` does (C=1: the
+  sum over RGB; C>3: the RGB kernel repeated and scaled by 3/C; see `adapt_input_conv`); the model then takes
+  C-channel images (`model.in_chans`), and `save_npz` / `bit-export` keep C. None keeps the checkpoint's own.
+
   A model that keeps its head knows the image size it was trained at (`model.input_size`, which
   `bit.evaluate` and `bit.predict` use when given no size): the registry's resolution, or the `crop` of the
   run's config.json beside a local .npz (a bit-train workdir). A new head is a new task: `input_size` None.
   """
   kind, what = _resolve(name_or_path)
+  if in_chans is not None:
+    models.check_in_chans(in_chans)
   if num_classes is not None:
     try:  # numpy integers (e.g. a label count from a dataset) are fine; 10.0 or '10' is a mistake
       num_classes = operator.index(num_classes)
@@ -472,10 +504,14 @@ def load(
       )
     if num_classes is None:
       raise BitError(f'load({what!r}) builds a randomly initialized model: pass num_classes.')
-    model = models.create_model(what, num_classes, dtype)
+    model = models.create_model(what, num_classes, dtype, in_chans=in_chans or 3)
     return model, models.init_params(model, seed=seed)
 
-  if kind == 'registry':
+  if kind == 'hub':
+    from bit import hub
+
+    arch, classes, params, size, _ = hub.load(what)
+  elif kind == 'registry':
     path = _fetch(what)
     try:
       weights = load_npz(path)
@@ -496,7 +532,7 @@ def load(
     depth, width, classes, params = npz_to_params(load_npz(path), source=str(path))
     arch = models.architecture_name(depth, width)
     size = _run_crop(path)
-  return _finish(arch, classes, params, num_classes, keep_head, dtype, name_or_path, size)
+  return _finish(arch, classes, params, num_classes, keep_head, dtype, name_or_path, size, in_chans)
 
 
 def _run_crop(npz: pathlib.Path) -> int | None:
@@ -511,20 +547,75 @@ def _run_crop(npz: pathlib.Path) -> int | None:
   return crop if isinstance(crop, int) and crop >= models.MIN_IMAGE_SIZE else None
 
 
-def _finish(arch, classes, params, num_classes, keep_head, dtype, source, size=None):
+def _root_kernel(params):
+  return params['root_block']['conv_root']['kernel']
+
+
+def adapt_input_conv(
+  kernel: jax.Array | np.ndarray, in_chans: int, *, source: str = 'the checkpoint'
+) -> jax.Array:
+  """A root kernel (HWIO) for `in_chans` input channels, as timm's `adapt_input_conv` makes it.
+
+  in_chans=1: the sum over the input channels (of each RGB triple, when there are 3k of them); in_chans > 3
+  from 3: the RGB kernel repeated and cut to in_chans channels, times 3 / in_chans; the same count: unchanged.
+
+  BiT's root conv is weight-standardized (over H, W and the input channels) at every call, so unlike a plain
+  conv the adapted model is not exactly the RGB model on repeated channels: the scale 3 / in_chans is undone
+  by the standardization, and a uniform scale of the root's output is undone by the first GroupNorm (so an
+  image repeated k times into 3k channels gives the RGB logits up to float rounding); but the sum over RGB
+  is standardized by its own spread per output channel, which differs from the RGB kernel's (a colour-
+  opponent filter sums to near zero and is blown up). docs/hub.md has the figure; for the RGB model's exact
+  answer on gray images, repeat them to 3 channels (`jnp.repeat(x, 3, axis=-1)`) instead.
+  """
+  in_chans = models.check_in_chans(in_chans)
+  k = np.asarray(jax.device_get(kernel), np.float32)
+  have = k.shape[2]
+  if in_chans == have:
+    return jnp.asarray(k)
+  if in_chans == 1:
+    if have % 3:
+      raise BitError(
+        f'in_chans=1: cannot sum the {have} input channels of the root kernel of {source} over RGB '
+        '(not a multiple of 3).'
+      )
+    k = k.reshape(*k.shape[:2], have // 3, 3, k.shape[-1]).sum(axis=3)
+    return jnp.asarray(k)
+  if have != 3:
+    raise BitError(
+      f'in_chans={in_chans}: the root kernel of {source} has {have} input channels; it can only be adapted '
+      'from 3 (RGB) channels, or summed to 1.'
+    )
+  reps = -(-in_chans // 3)
+  k = np.tile(k, (1, 1, reps, 1))[:, :, :in_chans] * (3.0 / in_chans)
+  return jnp.asarray(k.astype(np.float32))
+
+
+def _with_in_chans(params, in_chans, source):
+  if in_chans is None or _root_kernel(params).shape[2] == in_chans:
+    return params
+  out = dict(params)
+  out['root_block'] = {
+    'conv_root': {'kernel': adapt_input_conv(_root_kernel(params), in_chans, source=source)}
+  }
+  return out
+
+
+def _finish(arch, classes, params, num_classes, keep_head, dtype, source, size=None, in_chans=None):
+  params = _with_in_chans(params, in_chans, source)
+  in_chans = int(_root_kernel(params).shape[2])
   if keep_head:
     if num_classes is not None and num_classes != classes:
       raise BitError(
         f'keep_head=True keeps the {classes}-class head of {source}, but num_classes='
         f'{num_classes}: drop num_classes, or drop keep_head for a new head.'
       )
-    return models.create_model(arch, classes, dtype, input_size=size), params
+    return models.create_model(arch, classes, dtype, input_size=size, in_chans=in_chans), params
   if num_classes is None:
     raise BitError(
       f'load({str(source)!r}): pass num_classes for a new (zero-initialized) head, or '
       f"keep_head=True to keep the checkpoint's {classes}-class head."
     )
-  return models.create_model(arch, num_classes, dtype), _zero_head(params, num_classes)
+  return models.create_model(arch, num_classes, dtype, in_chans=in_chans), _zero_head(params, num_classes)
 
 
 @overload
@@ -585,7 +676,8 @@ def _zero_head(params, num_classes) -> dict[str, Any]:
 
 
 def label_names(name_or_path: PathLike) -> list[str] | None:
-  """Class names for a registry checkpoint with a labels file (downloaded and cached), else None.
+  """Class names for a registry checkpoint with a labels file (downloaded and cached), or a hub repo whose
+  config.json has `label_names`, else None.
 
   For a local .npz file, the names come from a `labels.txt` next to it (as a training workdir writes them),
   one per line; None if there is none.
@@ -593,6 +685,10 @@ def label_names(name_or_path: PathLike) -> list[str] | None:
   kind, what = _resolve(name_or_path)
   if kind == 'arch':
     return None
+  if kind == 'hub':
+    from bit import hub
+
+    return hub.label_names(what)
   if kind == 'file':
     labels = pathlib.Path(what).expanduser().parent / layout.LABELS_FILE
     return _read_labels(labels, None) if labels.is_file() else None

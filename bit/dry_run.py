@@ -49,6 +49,10 @@ def architecture(model: str) -> str:
   kind, what = checkpoints._resolve(model)
   if kind == 'registry':
     return what.architecture
+  if kind == 'hub':  # its config.json only (small, cached)
+    from bit import hub
+
+    return hub.architecture(what)
   if kind == 'arch':
     return models.architecture_name(*models.parse_architecture(what))
   path = pathlib.Path(what).expanduser()

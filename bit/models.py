@@ -201,7 +201,13 @@ class ResidualBlock(nn.Module):
 class ResNetV2(nn.Module):
   """BiT ResNetV2. `apply({'params': p}, images)` -> float32 logits; `pre_logits=True` -> pooled features.
 
-  Images are NHWC floats in [-1, 1], at least 32x32. `dtype` is the compute dtype (e.g. jnp.bfloat16);
+  `features=True` -> a dict for use as a backbone (detection, segmentation): `stem` (after the root's
+  max-pool, stride 4, 64w channels), `stage1` .. `stage4` (the outputs of block1 .. block4: strides 4, 8, 16,
+  32; 256w, 512w, 1024w, 2048w channels; pre-activation, i.e. before any norm, in the compute dtype), and
+  `pre_logits` and `logits`, identical to the plain call's.
+
+  Images are NHWC floats in [-1, 1], at least 32x32, with `in_chans` channels (3, RGB, unless the root kernel
+  was adapted by `bit.load(..., in_chans=C)`; the root kernel's input axis is the model's channel count). `dtype` is the compute dtype (e.g. jnp.bfloat16);
   parameters, weight standardization and GroupNorm statistics stay float32.
 
   `folded=True` is the inference form: it expects params from `fold_for_inference` (kernels standardized
@@ -219,6 +225,7 @@ class ResNetV2(nn.Module):
   folded: bool = False
   remat: str = 'none'  # 'none', 'unit' or 'stage': what the backward pass recomputes instead of storing
   input_size: int | None = None
+  in_chans: int = 3
 
   @property
   def num_features(self) -> int:
@@ -229,12 +236,15 @@ class ResNetV2(nn.Module):
     return architecture_name(self.depth, self.width)
 
   @nn.compact
-  def __call__(self, x: jax.Array | np.ndarray, *, pre_logits: bool = False) -> jax.Array:
+  def __call__(
+    self, x: jax.Array | np.ndarray, *, pre_logits: bool = False, features: bool = False
+  ) -> jax.Array | dict[str, jax.Array]:
     if self.depth not in BLOCKS:
       raise BitError(f'Unknown depth {self.depth}: use one of {sorted(BLOCKS)}.')
-    if x.ndim != 4 or x.shape[-1] != 3 or min(x.shape[1:3]) < MIN_IMAGE_SIZE:
+    if x.ndim != 4 or x.shape[-1] != self.in_chans or min(x.shape[1:3]) < MIN_IMAGE_SIZE:
+      what = 'RGB images' if self.in_chans == 3 else f'images of {self.in_chans} channels (in_chans)'
       raise BitError(
-        f'ResNetV2 expects NHWC RGB images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, got shape {x.shape}.'
+        f'ResNetV2 expects NHWC {what} of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, got shape {x.shape}.'
       )
     if not jnp.issubdtype(x.dtype, jnp.floating):  # a trace-time check: free under jit
       raise BitError(
@@ -243,6 +253,7 @@ class ResNetV2(nn.Module):
       )
     base = 64 * self.width
     x = RootBlock(base, dtype=self.dtype, folded=self.folded, name='root_block')(x)
+    out = {'stem': x}
     if self.remat not in REMAT:
       raise BitError(f'remat={self.remat!r} is not one of {", ".join(REMAT)}.')
     for b, units in enumerate(BLOCKS[self.depth], 1):
@@ -257,10 +268,11 @@ class ResNetV2(nn.Module):
         name=f'block{b}',
       )
       x = (_recomputed(block) if self.remat == 'stage' else block)(x)
+      out[f'stage{b}'] = x
     x = GroupNorm(dtype=self.dtype, relu=True, name='norm_pre_head')(x)
-    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    if pre_logits:
-      return features
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if pre_logits and not features:
+      return pooled
     head = nn.Dense(
       self.num_classes,
       kernel_init=nn.initializers.zeros,
@@ -268,7 +280,10 @@ class ResNetV2(nn.Module):
       param_dtype=jnp.float32,
       name='head',
     )
-    return head(features)
+    logits = head(pooled)
+    if features:
+      return {**out, 'pre_logits': pooled, 'logits': logits}
+    return logits
 
 
 class RootBlock(nn.Module):
@@ -287,15 +302,31 @@ class RootBlock(nn.Module):
 
 
 def create_model(
-  arch: str, num_classes: int, dtype: DType = jnp.float32, input_size: int | None = None
+  arch: str,
+  num_classes: int,
+  dtype: DType = jnp.float32,
+  input_size: int | None = None,
+  in_chans: int = 3,
 ) -> ResNetV2:
-  """A ResNetV2 for an architecture name such as 'R50x1'."""
+  """A ResNetV2 for an architecture name such as 'R50x1' (`in_chans` input channels, RGB by default)."""
   depth, width = parse_architecture(arch)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise BitError(f'num_classes must be a positive integer, got {num_classes!r}.')
   if input_size is not None and (not isinstance(input_size, int) or input_size < MIN_IMAGE_SIZE):
     raise BitError(f'input_size must be an integer >= {MIN_IMAGE_SIZE}, got {input_size!r}.')
-  return ResNetV2(depth=depth, width=width, num_classes=num_classes, dtype=dtype, input_size=input_size)
+  check_in_chans(in_chans)
+  return ResNetV2(
+    depth=depth, width=width, num_classes=num_classes, dtype=dtype, input_size=input_size, in_chans=in_chans
+  )
+
+
+def check_in_chans(in_chans: object) -> int:
+  """`in_chans` as an int >= 1; BitError naming the value otherwise."""
+  if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+    raise BitError(
+      f'in_chans must be a positive integer (the input image channels: 3 for RGB, 1 for gray), got {in_chans!r}.'
+    )
+  return in_chans
 
 
 def fold_for_inference(params: Params) -> dict[str, Any]:
@@ -338,20 +369,24 @@ class Inference:
     """The params with every conv kernel standardized once (`fold_for_inference`)."""
     return fold_for_inference(params)
 
-  def __call__(self, prepared: Params, images: jax.Array | np.ndarray, pre_logits: bool = False) -> jax.Array:
-    return self.model.clone(folded=True).apply({'params': prepared}, images, pre_logits=pre_logits)
+  def __call__(
+    self, prepared: Params, images: jax.Array | np.ndarray, pre_logits: bool = False, features: bool = False
+  ) -> jax.Array | dict[str, jax.Array]:
+    return self.model.clone(folded=True).apply(
+      {'params': prepared}, images, pre_logits=pre_logits, features=features
+    )
 
 
 def init_params(model: ResNetV2, seed: int = 0, image_size: int = 64) -> dict[str, Any]:
   """Randomly initialized float32 params (a plain nested dict); the head is zeros."""
-  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  images = jnp.zeros((1, image_size, image_size, model.in_chans), jnp.float32)
   variables = jax.jit(model.init)(jax.random.PRNGKey(seed), images)
   return jax.tree_util.tree_map(lambda a: a, dict(variables['params']))
 
 
 def param_shapes(model: ResNetV2) -> Any:
   """The param tree as jax.ShapeDtypeStructs, without allocating anything."""
-  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  images = jax.ShapeDtypeStruct((1, 64, 64, model.in_chans), jnp.float32)
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)['params']
 
 

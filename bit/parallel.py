@@ -16,9 +16,11 @@ process.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -61,22 +63,159 @@ def _without_donation_warning(fn):
   return wrapped
 
 
-def initialize_distributed(
-  coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
-) -> bool:
-  """Joins a multi-process run with `jax.distributed.initialize`; returns True if one was joined.
+# --- joining a multi-process run -------------------------------------------------------------------------
 
-  Arguments win over the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`).
-  With neither, this is a single-process run and nothing happens. Must run before anything touches the
-  devices. On CPU the collectives across processes go through gloo.
+DISTRIBUTED = ('auto', 'off')
+
+# What SLURM, Open MPI and Kubernetes set in every task, as jax's cluster detection reads them
+# (jax/_src/clusters/*.py): (kind, the variable whose presence means "a task of a cluster job",
+# the variables jax needs then, the process-count variable).
+_SLURM_NEEDS = ('SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID')
+_OMPI_NEEDS = ('OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_LOCAL_RANK')
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+  """What `initialize_distributed` found and did. True when this process joined a multi-process run.
+
+  `kind`: 'flags' (the three arguments or JAX_COORDINATOR_ADDRESS & co.), 'slurm', 'ompi', 'tpu', 'k8s', or
+  'none' (no cluster: one process). `num_processes` / `process_id` are what the environment says (None for
+  TPU and Kubernetes, which jax asks itself); after joining, `jax.process_count()` is the truth.
   """
+
+  kind: str = 'none'
+  num_processes: int | None = 1
+  process_id: int | None = 0
+  joined: bool = False
+  note: str = ''
+
+  def __bool__(self) -> bool:
+    return self.joined
+
+  def describe(self) -> str:
+    """The start line: 'cluster: slurm (job 42), process 1 of 2, 2 local devices (cpu)'."""
+    note = f' ({self.note})' if self.note else ''
+    local = jax.local_devices()
+    return (
+      f'cluster: {self.kind}{note}, process {jax.process_index()} of {jax.process_count()}, '
+      f'{len(local)} local device{"s" if len(local) != 1 else ""} ({local[0].platform})'
+    )
+
+
+def _ints(env: Mapping[str, str], names: tuple[str, ...], kind: str) -> dict[str, int]:
+  missing = [n for n in names if not env.get(n)]
+  if missing:
+    raise ConfigError(
+      f'A {kind} task without {", ".join(missing)} in its environment: jax cannot tell the processes of the '
+      f'run apart. Launch with srun/mpirun as usual (which set them), set them, pass --coordinator_address '
+      '--num_processes --process_id, or --distributed=off for one process.'
+    )
+  out = {}
+  for n in names:
+    if n == 'SLURM_STEP_NODELIST':
+      continue
+    try:
+      out[n] = int(env[n].split('(')[0])  # SLURM_NTASKS may read '4(x2)' in some versions
+    except ValueError:
+      raise ConfigError(f'{n}={env[n]!r} in the {kind} environment is not an integer.') from None
+  return out
+
+
+def detect_cluster(environ: Mapping[str, str] | None = None) -> Cluster:
+  """The cluster this process runs in, from its environment alone (the rules of jax's own detection).
+
+  - SLURM: SLURM_JOB_ID and a job step (SLURM_STEP_ID or SLURM_STEP_NODELIST: a task started by srun); then
+    SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID must all be set. A batch script or an
+    salloc shell outside srun is one process.
+  - Open MPI: OMPI_MCA_orte_hnp_uri (mpirun/mpiexec of Open MPI < 5), with OMPI_COMM_WORLD_SIZE, _RANK and
+    _LOCAL_RANK. Open MPI 5 sets no coordinator jax can read: an error asking for the flags.
+  - Cloud TPU VM with more than one worker (TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES on GKE, the
+    metadata server on GCE): 'tpu'.
+  - Kubernetes indexed Job (KUBERNETES_SERVICE_HOST and JOB_COMPLETION_INDEX): 'k8s' (needs jax[k8s]).
+  One task (SLURM_NTASKS=1, a one-rank mpirun, a one-worker TPU VM) is one process. ConfigError for a
+  partial environment, naming what is missing.
+  """
+  env = os.environ if environ is None else environ
+  if 'SLURM_JOB_ID' in env and ('SLURM_STEP_ID' in env or 'SLURM_STEP_NODELIST' in env):
+    v = _ints(env, _SLURM_NEEDS, 'SLURM')
+    n, i = v['SLURM_NTASKS'], v['SLURM_PROCID']
+    if not 0 <= i < n:
+      raise ConfigError(f'SLURM_PROCID={i} is not a task of SLURM_NTASKS={n}.')
+    return Cluster('slurm', n, i, note=f'job {env["SLURM_JOB_ID"]}')
+  if 'OMPI_MCA_orte_hnp_uri' in env:
+    v = _ints(env, _OMPI_NEEDS, 'Open MPI')
+    return Cluster('ompi', v['OMPI_COMM_WORLD_SIZE'], v['OMPI_COMM_WORLD_RANK'])
+  if int(env.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1:
+    raise ConfigError(
+      f'An Open MPI run of {env["OMPI_COMM_WORLD_SIZE"]} ranks without OMPI_MCA_orte_hnp_uri (Open MPI 5 or '
+      'later): jax cannot find the coordinator. Pass --coordinator_address=HOST_OF_RANK_0:PORT '
+      '--num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK.'
+    )
+  if 'KUBERNETES_SERVICE_HOST' in env and 'JOB_COMPLETION_INDEX' in env:
+    import importlib.util
+
+    if importlib.util.find_spec('kubernetes') is None:
+      raise ConfigError(
+        'A Kubernetes indexed Job (JOB_COMPLETION_INDEX is set), but the kubernetes package that jax uses '
+        'to find the other pods is not installed: pip install "jax[k8s]", or pass the three flags.'
+      )
+    return Cluster('k8s', None, None)
+  workers = _tpu_workers()
+  if workers is not None and workers > 1:
+    return Cluster('tpu', workers, None)
+  return Cluster()
+
+
+def _tpu_workers() -> int | None:
+  """The number of processes of this Cloud TPU slice, or None when this is no Cloud TPU VM."""
+  try:
+    from jax._src import cloud_tpu_init
+    from jax._src.clusters import cloud_tpu_cluster
+  except ImportError:  # another jax layout: no TPU detection, flags still work
+    return None
+  if not cloud_tpu_init.running_in_cloud_tpu_vm:
+    return None
+  for env in (cloud_tpu_cluster.GkeTpuCluster, cloud_tpu_cluster.GceTpuCluster):
+    if env.is_env_present():
+      return env.get_process_count()
+  return None
+
+
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  distributed: str = 'auto',
+) -> Cluster:
+  """Joins a multi-process run with `jax.distributed.initialize`; the result is true if one was joined.
+
+  Arguments win over the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`). With
+  neither and `distributed='auto'`, the cluster `detect_cluster` finds is joined (SLURM, Open MPI, a TPU pod
+  slice, a Kubernetes indexed Job) the way `jax.distributed.initialize()` joins it; outside one, or in a
+  one-task job, this is a single-process run and nothing happens. `distributed='off'` skips the detection.
+  Must run before anything touches the devices. On CPU the collectives across processes go through gloo.
+  `result.describe()` is the line to print.
+  """
+  if distributed not in DISTRIBUTED:
+    raise ConfigError(f'distributed={distributed!r} is not one of {", ".join(DISTRIBUTED)}.')
   coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS') or None
   if num_processes is None and os.environ.get('JAX_NUM_PROCESSES'):
     num_processes = int(os.environ['JAX_NUM_PROCESSES'])
   if process_id is None and os.environ.get('JAX_PROCESS_ID'):
     process_id = int(os.environ['JAX_PROCESS_ID'])
   if coordinator_address is None and num_processes is None and process_id is None:
-    return False
+    if distributed == 'off':
+      return Cluster(note='detection off')
+    found = detect_cluster()
+    if found.kind == 'none' or found.num_processes == 1:
+      return found
+    if not jax.distributed.is_initialized():
+      _use_gloo_on_cpu()
+      # SLURM and Open MPI by name, so that a SLURM job started with mpirun is read as what we reported.
+      method = found.kind if found.kind in ('slurm', 'ompi') else None
+      jax.distributed.initialize(cluster_detection_method=method)
+    return dataclasses.replace(found, joined=True)
   if coordinator_address is None or num_processes is None or process_id is None:
     raise ConfigError(
       'A multi-process run needs all three of coordinator_address= (host:port of process 0), '
@@ -85,14 +224,21 @@ def initialize_distributed(
     )
   if not 0 <= int(process_id) < int(num_processes):
     raise ConfigError(f'process_id= must be in [0, {num_processes}), got {process_id}.')
+  joined = Cluster('flags', int(num_processes), int(process_id), joined=True)
   if jax.distributed.is_initialized():
-    return True
+    return joined
+  _use_gloo_on_cpu()
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=int(num_processes),
+    process_id=int(process_id),
+  )
+  return joined
+
+
+def _use_gloo_on_cpu() -> None:
   # gloo is jax's CPU default today; set it explicitly so CPU-only clusters keep working if that changes.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(
-    coordinator_address=coordinator_address, num_processes=int(num_processes), process_id=int(process_id)
-  )
-  return True
 
 
 def select_devices(num_devices: int = 0) -> list[Any]:

@@ -1,6 +1,8 @@
 """The per-device steps and their two wrappers, on a tiny linear model (fast to compile): the same update on
 1 device, 4 devices with shard_map, 4 with pmap, without any mapping, and with gradient accumulation."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -118,7 +120,7 @@ def test_bad_mode_devices_and_multihost_flags():
   with pytest.raises(ConfigError, match='num_devices=9'):
     parallel.select_devices(9)
   assert len(parallel.select_devices(0)) == len(jax.devices())
-  assert parallel.initialize_distributed() is False  # nothing set: a single-process run
+  assert not parallel.initialize_distributed()  # nothing set: a single-process run
   with pytest.raises(ConfigError, match='num_processes'):
     parallel.initialize_distributed(coordinator_address='127.0.0.1:1234')
 
@@ -177,3 +179,177 @@ def test_donation_warning_is_silenced_only_inside_bits_calls_on_cpu(mode):
     jax.jit(step, donate_argnums=0)({'a': jnp.zeros(3), 'b': jnp.zeros((7, 5))}, jnp.ones(3))
   donation = [w for w in seen if 'donated buffers were not usable' in str(w.message)]
   assert len(donation) == 1  # JAX's own jit still warns; bit's wrapped step did not
+
+
+# --- joining the cluster jax detects, without flags ---------------------------------------------------------
+
+SLURM_TWO_TASKS = {
+  'SLURM_JOB_ID': '4242',
+  'SLURM_STEP_ID': '0',
+  'SLURM_NTASKS': '2',
+  'SLURM_PROCID': '1',
+  'SLURM_LOCALID': '1',
+  'SLURM_STEP_NODELIST': 'node[001-002]',
+  'SLURM_NODELIST': 'node[001-002]',
+}
+
+
+@pytest.mark.parametrize(
+  'env, kind, n, i',
+  [
+    ({}, 'none', 1, 0),
+    (SLURM_TWO_TASKS, 'slurm', 2, 1),
+    ({**SLURM_TWO_TASKS, 'SLURM_NTASKS': '1', 'SLURM_PROCID': '0'}, 'slurm', 1, 0),  # a one-task job step
+    (
+      {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4', 'SLURM_NODELIST': 'a'},
+      'none',
+      1,
+      0,
+    ),  # sbatch script, no srun
+    (
+      {
+        'OMPI_MCA_orte_hnp_uri': '1.0;tcp://10.0.0.2:5000',
+        'OMPI_COMM_WORLD_SIZE': '4',
+        'OMPI_COMM_WORLD_RANK': '3',
+        'OMPI_COMM_WORLD_LOCAL_RANK': '1',
+      },
+      'ompi',
+      4,
+      3,
+    ),
+    ({'KUBERNETES_SERVICE_HOST': '10.0.0.1'}, 'none', 1, 0),  # a pod, not an indexed Job
+  ],
+)
+def test_detect_cluster_reads_the_environment_as_jax_does(env, kind, n, i):
+  found = parallel.detect_cluster(env)
+  assert (found.kind, found.num_processes, found.process_id) == (kind, n, i)
+  assert not found  # detecting joins nothing
+
+
+@pytest.mark.parametrize(
+  'env, missing',
+  [
+    ({k: v for k, v in SLURM_TWO_TASKS.items() if k != 'SLURM_NTASKS'}, 'SLURM_NTASKS'),
+    ({k: v for k, v in SLURM_TWO_TASKS.items() if k != 'SLURM_LOCALID'}, 'SLURM_LOCALID'),
+    ({**SLURM_TWO_TASKS, 'SLURM_PROCID': '2'}, 'SLURM_PROCID=2 is not a task of SLURM_NTASKS=2'),
+    ({**SLURM_TWO_TASKS, 'SLURM_NTASKS': 'two'}, "SLURM_NTASKS='two'"),
+    ({'OMPI_MCA_orte_hnp_uri': 'x', 'OMPI_COMM_WORLD_SIZE': '2'}, 'OMPI_COMM_WORLD_RANK'),
+    ({'OMPI_COMM_WORLD_SIZE': '2', 'OMPI_COMM_WORLD_RANK': '0'}, 'Open MPI 5'),
+  ],
+)
+def test_a_partial_cluster_environment_is_an_error_naming_what_is_missing(env, missing, monkeypatch):
+  import re
+
+  with pytest.raises(ConfigError, match=re.escape(missing)):
+    parallel.detect_cluster(env)
+  # The same from the tools' entry point, before anything waits on a coordinator; --distributed=off skips it.
+  for k in [k for k in os.environ if k.startswith(('SLURM_', 'OMPI_', 'JAX_'))]:
+    monkeypatch.delenv(k)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  with pytest.raises(ConfigError, match=re.escape(missing)):
+    parallel.initialize_distributed()
+  off = parallel.initialize_distributed(distributed='off')
+  assert not off and off.kind == 'none'
+
+
+def _slurm_port_job_id() -> int:
+  """A job id whose coordinator port in jax's SLURM rule (job id % 4096 + 61440) is free on 127.0.0.1."""
+  import random
+  import socket
+
+  for port in random.Random().sample(range(61440, 65536), 200):
+    with socket.socket() as s:
+      try:
+        s.bind(('127.0.0.1', port))
+      except OSError:
+        continue
+    return 10 * 4096 + port - 61440
+  pytest.skip('no free port in 61440..65535 for the SLURM coordinator')
+
+
+def test_two_slurm_tasks_without_flags_form_one_run_equal_to_one_process(tmp_path):
+  import subprocess
+  import sys
+
+  from helpers import ROOT, without_compilation_cache
+  from test_train import make_folder, make_npz
+
+  from bit import checkpoints
+
+  folder, npz = make_folder(tmp_path / 'folder'), make_npz(tmp_path / 'm.npz')
+
+  def command(workdir):
+    return [
+      sys.executable,
+      '-c',
+      'from bit.tools.cli import train_main; train_main()',
+      '--config',
+      str(ROOT / 'configs' / 'common.py'),
+      '--workdir',
+      str(workdir),
+      f'--config.model={npz}',
+      f'--config.dataset={folder}',
+      '--config.batch_size=8',
+      '--config.resize=40',
+      '--config.crop=32',
+      '--config.schedule=[1,2,3,4,6]',
+      '--config.mixup_alpha=0.0',
+    ]
+
+  base = {
+    k: v for k, v in without_compilation_cache(os.environ).items() if not k.startswith(('SLURM_', 'JAX_'))
+  }
+  base.update(JAX_PLATFORMS='cpu')
+  job = str(_slurm_port_job_id())
+  procs = []
+  for i in range(2):
+    env = dict(
+      base,
+      XLA_FLAGS='--xla_force_host_platform_device_count=2',
+      SLURM_JOB_ID=job,
+      SLURM_STEP_ID='0',
+      SLURM_NTASKS='2',
+      SLURM_NNODES='1',
+      SLURM_PROCID=str(i),
+      SLURM_LOCALID=str(i),
+      SLURM_NODEID='0',
+      SLURM_STEP_NODELIST='localhost',
+      SLURM_NODELIST='localhost',
+      SLURM_STEP_NUM_TASKS='2',
+      SLURM_STEP_NUM_NODES='1',
+    )
+    procs.append(
+      subprocess.Popen(
+        command(tmp_path / 'two'),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
+  single = subprocess.Popen(
+    command(tmp_path / 'one'),
+    env=dict(base, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    outs = [p.communicate(timeout=600) for p in [*procs, single]]
+  finally:
+    for p in [*procs, single]:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip([*procs, single], outs, strict=True):
+    assert p.returncode == 0, err[-4000:]
+  for i in range(2):
+    assert f'cluster: slurm (job {job}), process {i} of 2, 2 local devices (cpu)' in outs[i][1]
+  assert 'cluster: none, process 0 of 1, 4 local devices (cpu)' in outs[2][1]
+  _, two = checkpoints.load(str(tmp_path / 'two' / 'model.npz'), keep_head=True)
+  _, one = checkpoints.load(str(tmp_path / 'one' / 'model.npz'), keep_head=True)
+  assert float(np.abs(np.asarray(two['head']['kernel'])).max()) > 0  # it trained
+  for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)

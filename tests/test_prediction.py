@@ -225,7 +225,9 @@ def test_predict_takes_files_folders_pil_images_and_arrays(folder, tiny):
   np.testing.assert_allclose(prediction.predict(model, params, str(dogs), size=32), expected, rtol=1e-5)
   mixed = [files[0], Image.open(files[1]), np.asarray(Image.open(files[0]))]
   probs = prediction.predict(model, params, mixed, size=32)
-  np.testing.assert_allclose(probs, expected[[0, 1, 0]], rtol=1e-5, atol=1e-7)
+  # A batch of 3 compiles another kernel than the folder's batch: float32 rounding, not other pixels (those
+  # would move the probabilities by far more than 1e-5).
+  np.testing.assert_allclose(probs, expected[[0, 1, 0]], rtol=1e-5, atol=1e-5)
   # One file, one PIL image: one row of probabilities, as for one HWC array.
   one = prediction.predict(model, params, str(files[1]), size=32)
   assert one.shape == (len(CLASSES),)

@@ -179,6 +179,24 @@ def _define_multihost_flags() -> None:
   _define(
     'integer', 'process_id', None, 'Multi-host: this process, 0..num_processes-1 (or env JAX_PROCESS_ID).'
   )
+  if 'distributed' not in FLAGS:
+    flags.DEFINE_enum(
+      'distributed',
+      'auto',
+      ['auto', 'off'],
+      'auto: without the three flags above, join the cluster jax detects (SLURM, Open MPI, TPU pod, '
+      'Kubernetes; docs/clusters.md); off: one process unless the flags say otherwise.',
+      module_name=_main_module(),
+    )
+
+
+def _join_cluster() -> None:
+  from bit import parallel
+
+  cluster = parallel.initialize_distributed(
+    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, distributed=FLAGS.distributed
+  )
+  print(cluster.describe(), file=sys.stderr, flush=True)
 
 
 def _define_config_flag(default=None) -> None:
@@ -228,12 +246,10 @@ def _train(argv) -> None:
   """
   if FLAGS.config is None:
     raise BitError('--config is required, e.g. --config configs/common.py --config.dataset=cifar10.')
-  from bit import parallel
-
   if FLAGS.dry_run:
     from bit import dry_run
 
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    _join_cluster()
     plan = dry_run.plan(FLAGS.config, num_classes=FLAGS.num_classes, device_memory_gb=FLAGS.device_memory_gb)
     print(dry_run.format_plan(plan))
     print(json.dumps(plan), flush=True)
@@ -248,13 +264,12 @@ def _train(argv) -> None:
 
 
 def _launch(target: str, report: bool = True) -> None:
-  """Joins the hosts (`--coordinator_address` ...), then runs `target` ('module:function', imported only now)
-  on --config and --workdir; with `report`, process 0 prints the metrics it returns as one JSON line."""
+  """Joins the cluster (`--distributed`, `--coordinator_address` ...), then runs `target` ('module:function',
+  imported only now) on --config and --workdir; with `report`, process 0 prints the metrics it returns as one
+  JSON line."""
   import importlib
 
-  from bit import parallel
-
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  _join_cluster()
   module, name = target.split(':')
   result = getattr(importlib.import_module(module), name)(FLAGS.config, FLAGS.workdir)
   import jax
@@ -487,15 +502,27 @@ def _define_export_flags() -> None:
     'integer', 'num_classes', None, 'With --model: a new (zero) head of this many classes, as bit.load.'
   )
   _define('boolean', 'keep_head', False, "With --model: keep the checkpoint's own head, as bit.load.")
-  _define('string', 'format', None, 'savedmodel (TensorFlow), onnx (needs the [export] extra) or stablehlo.')
+  _define(
+    'string',
+    'format',
+    None,
+    'savedmodel (TensorFlow), onnx (needs the [export] extra), stablehlo, or timm (model.safetensors + '
+    "config.json as timm's hub repos have them; docs/hub.md).",
+  )
   _define('string', 'output', None, 'The directory to write; it must not exist (or --overwrite an export).')
   _define('integer', 'size', None, "Image side the export takes (default: the run's crop, or 224).")
-  _define('string', 'input', 'float32', 'float32 (NHWC in [-1, 1]) or uint8 (RGB 0..255, scaled inside).')
+  _define(
+    'string',
+    'input',
+    'float32',
+    'float32 (NHWC in [-1, 1]), uint8 (RGB 0..255, scaled inside) or raw (uint8 RGB at any size, resized and '
+    'scaled inside; a SavedModel also gets serving_bytes for encoded JPEG/PNG).',
+  )
   _define('boolean', 'overwrite', False, 'Replace an existing export at --output.')
 
 
 def _export(argv) -> None:
-  """bit-export --workdir W --format savedmodel|onnx|stablehlo --output DIR [--size 224] [--input uint8]
+  """bit-export --workdir W --format savedmodel|onnx|stablehlo --output DIR [--size 224] [--input uint8|raw]
 
   Writes the model's inference function (images -> logits, probabilities; any batch size) for serving
   outside JAX, with labels.txt and export.json (size, input convention, source sha256, how to call it).
@@ -503,14 +530,30 @@ def _export(argv) -> None:
   from bit.export import FORMATS, INPUTS, check_format, check_size, export, load_source
 
   if not FLAGS.format:
-    raise BitError(f'--format is required: one of {", ".join(FORMATS)}.')
-  check_format(FLAGS.format)
+    raise BitError(f'--format is required: one of {", ".join(FORMATS)}, timm.')
   if not FLAGS.output:
     raise BitError('--output is required: the directory that receives the export.')
+  if FLAGS.format == 'timm':  # timm's hub layout (bit/hub.py), not an inference function
+    from bit import hub
+
+    path = hub.export_timm(
+      FLAGS.output,
+      workdir=FLAGS.workdir,
+      model=FLAGS.model,
+      num_classes=FLAGS.num_classes,
+      keep_head=FLAGS.keep_head,
+      size=FLAGS.size,
+      overwrite=FLAGS.overwrite,
+    )
+    print(
+      f"wrote {path} (timm: {hub.WEIGHTS} + {hub.CONFIG}; timm.create_model('local-dir:{path}', pretrained=True))"
+    )
+    return
+  check_format(FLAGS.format)
   if FLAGS.size is not None:
     check_size(FLAGS.size)
   if FLAGS.input not in INPUTS:
-    raise BitError(f'--input must be float32 or uint8, got {FLAGS.input!r}.')
+    raise BitError(f'--input must be one of {", ".join(INPUTS)}, got {FLAGS.input!r}.')
   model, params, names, size, source = load_source(
     workdir=FLAGS.workdir, model=FLAGS.model, num_classes=FLAGS.num_classes, keep_head=FLAGS.keep_head
   )
