@@ -89,11 +89,12 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 @functools.lru_cache(maxsize=32)
-def model_shapes(depth: int, width: int, num_classes: int) -> dict[str, tuple[int, ...]]:
+def model_shapes(depth: int, width: int, num_classes: int, in_chans: int = 3) -> dict[str, tuple[int, ...]]:
   """The flat {name: shape} param tree of a ResNetV2 (eval_shape: nothing is allocated), cached."""
   from bit import models
 
-  return _flat_shapes(models.param_shapes(models.ResNetV2(depth=depth, width=width, num_classes=num_classes)))
+  model = models.ResNetV2(depth=depth, width=width, num_classes=num_classes, in_chans=in_chans)
+  return _flat_shapes(models.param_shapes(model))
 
 
 def implied_architecture(shapes: dict[str, tuple[int, ...]]) -> str:
@@ -132,7 +133,9 @@ def _modules(names: list[str]) -> list[str]:
 
 
 def _check_tree(model: Any, params: Any, fn: str) -> None:
-  want = model_shapes(int(model.depth), int(model.width), int(model.num_classes))
+  want = model_shapes(
+    int(model.depth), int(model.width), int(model.num_classes), int(getattr(model, 'in_chans', 3))
+  )
   have = _flat_shapes(params)
   missing = _modules([n for n in want if n not in have])
   unexpected = _modules([n for n in have if n not in want])
