@@ -412,8 +412,13 @@ def params_to_npz(params: Params) -> dict[str, np.ndarray]:
   return out
 
 
-def save_npz(params: Params, path: PathLike) -> pathlib.Path:
-  """Writes params in the official .npz layout, atomically (temp file, then rename); returns the path."""
+def save_npz(params: Params, path: PathLike, *, model: Any = None) -> pathlib.Path:
+  """Writes params in the official .npz layout, atomically (temp file, then rename); returns the path.
+
+  With `model=`, the params are first checked to be that model's whole param tree (BitError otherwise).
+  """
+  if model is not None:
+    params = arguments.check_params(arguments.check_model(model, 'bit.save_npz'), params, 'bit.save_npz')
   return files.save_npz(pathlib.Path(path).expanduser(), **params_to_npz(params))
 
 

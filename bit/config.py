@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
   # The recipe (BiT-HyperRule); None = from the hyper-rule and the data.
   'batch_size': 512,  # global batch size per update, over all devices and hosts (the paper's 512)
   'base_lr': 0.003,  # peak learning rate of SGD (momentum 0.9, no weight decay), after linear warmup
+  # Small batches (the official colab's rule): True scales base_lr by batch_size/512 and every schedule step by
+  # 512/batch_size (the same number of examples seen); False (the paper's rule) keeps both as they are.
+  'scale_lr_with_batch': False,
   'resize': Unset(int),  # resize train images to resize x resize before the random crop
   'crop': Unset(int),  # training crop side; eval images are resized to crop x crop
   'mixup_alpha': Unset(float),  # MixUp Beta(alpha, alpha); 0 = off
@@ -131,7 +134,7 @@ OPERATIONAL_KEYS = frozenset(
   }
 )
 # Keys added after the first workdirs were written: a config.json without them ran with their defaults.
-LATER_KEYS = (*TRANSFER_KEYS, 'early_stopping_patience', 'remat', 'restart')
+LATER_KEYS = (*TRANSFER_KEYS, 'early_stopping_patience', 'remat', 'restart', 'scale_lr_with_batch')
 
 
 # --- checks and resolution (bit.train runs them before any data or model is touched) ---------------------
@@ -158,7 +161,67 @@ def resolve(config: Any, info: Any) -> dict[str, Any]:
   if c.get('schedule') is None:
     c['schedule'] = hyperrule.schedule(info.train_size)
   c['schedule'] = check_schedule(c['schedule'])
+  if c.get('scale_lr_with_batch'):
+    c['base_lr'], c['schedule'] = scaled_for_batch(c['base_lr'], c['schedule'], int(c['batch_size']))
+  # The split evaluated, as resolved from the data: a folder's name, or 'holdout' (data.get_info).
+  c['test_split'] = getattr(info, 'test_split', c.get('test_split'))
   return c
+
+
+# The batch size of the paper's recipe; scale_lr_with_batch scales lr and steps relative to it.
+REFERENCE_BATCH = 512
+# Below this batch size the unscaled recipe is flagged at the start of a run.
+SMALL_BATCH = 128
+
+
+def scaled_for_batch(base_lr: float, schedule: Any, batch_size: int) -> tuple[float, list[int]]:
+  """(lr x B/512, every schedule step x 512/B, rounded): the official BiT colab's rule for batch sizes other
+  than 512 (the same examples seen, the same lr per example)."""
+  lr = float(base_lr) * batch_size / REFERENCE_BATCH
+  steps = [int(round(s * REFERENCE_BATCH / batch_size)) for s in schedule]
+  return lr, check_schedule(steps)
+
+
+def recipe(cfg: dict[str, Any], info: Any, devices: int, what: str = '') -> list[str]:
+  """The resolved recipe of a run in a few lines, printed at its start: the model and where its weights come
+  from, the data and the split evaluated, the image sizes, the schedule, MixUp, the batch and lr, devices."""
+  from bit import checkpoints
+
+  try:
+    kind = checkpoints._resolve(cfg['model'])[0]
+  except Exception:  # noqa: BLE001 - only a description
+    kind = 'file'
+  source = {
+    'registry': 'pretrained weights from the model registry (downloaded once, then cached)',
+    'arch': 'randomly initialized (from scratch)',
+  }.get(kind, 'weights from this file')
+  s = cfg['schedule']
+  split = cfg.get('test_split')
+  split_text = 'the seeded 10% holdout of train' if split == 'holdout' else f'split {split!r}'
+  lines = [
+    f'model {cfg["model"]}: {source}' + (f'; {what}' if what else ''),
+    f'data {cfg["dataset"]}: {info.train_size} train examples, {info.num_classes} classes; evaluated on '
+    f'{split_text} ({info.test_size} examples)',
+    f'images resized to {cfg["resize"]}, random crop {cfg["crop"]} + flip; eval resized to {cfg["crop"]}',
+    f'schedule {s[-1]} steps (warmup {s[0]}, lr /10 at {s[1]}, {s[2]}, {s[3]}), MixUp alpha {cfg["mixup_alpha"]}',
+    f'batch {cfg["batch_size"]}, lr {cfg["base_lr"]:g} (SGD momentum 0.9'
+    + (', scaled for the batch by scale_lr_with_batch' if cfg.get('scale_lr_with_batch') else '')
+    + f'), {devices} device(s)',
+  ]
+  note = small_batch_note(cfg)
+  return lines + ([note] if note else [])
+
+
+def small_batch_note(cfg: dict[str, Any]) -> str | None:
+  """The one line a run prints when its batch is small and its lr and steps are the batch-512 recipe's."""
+  b = int(cfg['batch_size'])
+  if b >= SMALL_BATCH or cfg.get('scale_lr_with_batch'):
+    return None
+  return (
+    f"batch_size={b} is small for the recipe's lr {cfg['base_lr']} and {cfg['schedule'][-1]} steps (tuned "
+    f'for {REFERENCE_BATCH}); set config.scale_lr_with_batch=True for lr x {b}/{REFERENCE_BATCH} and steps x '
+    f'{REFERENCE_BATCH}/{b} (the official colab), or set base_lr and schedule yourself.'
+  )
 
 
 def check_schedule(schedule: Any) -> list[int]:

@@ -4,8 +4,13 @@ host batches for one process of a (possibly multi-host) run.
 A dataset spec is a TFDS name (`'cifar10'`, `'oxford_flowers102'`, `'name:1.2.0'`) or a path to an image folder
 `ROOT/<split>/<class>/<image>` (class order sorted by name; the formats and the decoding of `bit.images`, the
 one decoder of every reader: JPEG/PNG/BMP/GIF/WebP, EXIF orientation applied, every mode to 8-bit RGB;
-unreadable files are logged by path, skipped and counted). A dataset without a `test` split (tf_flowers, a folder with
-only `train/`) is divided by a stratified seeded holdout: 10% of each class is `test`, the rest `train`.
+files that are not images are left out when the split is read; every bad file is named once and counted). A
+folder without `test/` is evaluated on its `validation/` (or `val/`) folder; a dataset with neither (tf_flowers,
+a folder with only `train/`) is divided by a stratified seeded holdout: 10% of each class is the `holdout`
+split, the rest `train` (`data_sources.resolve_test_split`).
+
+Bad files: a file that does not decode in training never shifts the stream: its slot gets a replacement example
+drawn from (seed, position) (`_fill_bad`, the one bad-file policy). Evaluation skips it (masked) and counts it.
 
 Determinism: the example at global position p of the training stream (step s holds positions
 [s*B, (s+1)*B) of the global batch B) is a pure function of (seed, p): epoch e = p // N reads a seeded
@@ -48,7 +53,9 @@ from bit.images import to_unit_range
 log: logging.Logger = logging.getLogger(__name__)
 
 # Independent random streams derived from the one seed of a run.
-_SHUFFLE, _CROP, _FLIP, _MIX_A, _MIX_B, _FEW_SHOT, _FILES, _BUFFER = range(1, 9)
+_SHUFFLE, _CROP, _FLIP, _MIX_A, _MIX_B, _FEW_SHOT, _FILES, _BUFFER, _REPLACE = range(1, 10)
+# Draws of a replacement for an example whose file does not decode, before the run stops with a DataError.
+MAX_REPLACEMENTS = 8
 # Records in the shuffle buffer of a streamed split (encoded: ~110 KB each for imagenet2012, so ~1 GB).
 SHUFFLE_BUFFER = 10_000
 
@@ -69,6 +76,7 @@ class DatasetInfo:
   test_size: int
   image_size: tuple[int, int]
   holdout: bool = False
+  test_split: str = 'test'  # the split evaluated: a folder's name or 'holdout' (resolve_test_split)
 
 
 def few_shot_indices(
@@ -125,7 +133,15 @@ def get_info(
   Sizes come from the data itself (the split as read, after the holdout and the few-shot draw), so the
   hyper-rule works for any dataset. A streamed split (above the memory budget) is not read: its size comes
   from the TFDS metadata, its image size from a small sample, and a few-shot size is k x classes.
+
+  `test_split` is resolved (`data_sources.resolve_test_split`: 'test' of a folder without test/ is its
+  validation/ or val/ folder, else the 'holdout'), logged and kept in `test_split`; an image folder's layout is
+  checked first (`data_sources.check_folder_splits`).
   """
+  test_split = data_sources.resolve_test_split(dataset, test_split, data_dir)
+  if data_sources.is_folder(dataset):
+    data_sources.check_folder_splits(dataset, train_split, test_split)
+  log.info('%s: evaluating on split %r', dataset, test_split)
   train = data_sources.load_split(dataset, train_split, data_dir, max_memory_gb=max_memory_gb)
   if train.streaming and examples_per_class is not None:
     k = int(examples_per_class)
@@ -143,6 +159,7 @@ def get_info(
     test_size=len(test),
     image_size=train.image_size,
     holdout=train.holdout or test.holdout,
+    test_split=test_split,
   )
 
 
@@ -178,6 +195,57 @@ def _decode(tf, raw, min_side: int):
   from bit import images
 
   return images.decode_op(tf, raw, min_side)
+
+
+def _decode_checked(tf, raw, min_side: int):
+  """`_decode` that does not raise: (uint8 (h, w, 3), ok). A file that does not decode gives a (0, 0, 3) image
+  and ok False, for the bad-file policy (`_fill_bad`)."""
+  from bit import images
+
+  def run(data):
+    try:
+      return images.decode(data, min_side), np.bool_(True)
+    except images.ImageDecodeError:
+      return np.zeros((0, 0, 3), np.uint8), np.bool_(False)
+
+  image, ok = tf.numpy_function(run, [raw], [tf.uint8, tf.bool], stateful=False)
+  image.set_shape([None, None, 3])
+  ok.set_shape([])
+  return image, ok
+
+
+def _fill_bad(tf, load, index, p, n: int, key: int):
+  """The bad-file policy of training: the example at stream position p reads `index`; when its file does not
+  decode (`load(index) -> (image, ok)`, ok False), the slot is filled by a replacement example drawn from
+  (seed, p, try), retried up to MAX_REPLACEMENTS times. So a bad file never shifts the stream: the batch of
+  step s is the same whether the run started at 0 or resumed, on any number of devices.
+
+  Returns (image, the index used, the bad indices met: int64 (MAX_REPLACEMENTS,), -1 padded).
+  """
+  image, ok = load(index)
+  bad = tf.fill([MAX_REPLACEMENTS], tf.constant(-1, tf.int64))
+  key = tf.constant(key, tf.int64)
+
+  def cond(k, index, image, ok, bad):
+    return tf.logical_and(tf.logical_not(ok), k < MAX_REPLACEMENTS)
+
+  def body(k, index, image, ok, bad):
+    bad = tf.tensor_scatter_nd_update(bad, tf.reshape(k, [1, 1]), tf.reshape(index, [1]))
+    seed = tf.stack([key, p * MAX_REPLACEMENTS + k])
+    index = tf.random.stateless_uniform([], seed=seed, minval=0, maxval=n, dtype=tf.int64)
+    image, ok = load(index)
+    return k + 1, index, image, ok, bad
+
+  invariants = (tf.TensorShape([]), tf.TensorShape([]), tf.TensorShape([None, None, 3]), tf.TensorShape([]))
+  _, index, image, ok, bad = tf.while_loop(
+    cond,
+    body,
+    (tf.constant(0, tf.int64), tf.cast(index, tf.int64), image, ok, bad),
+    shape_invariants=(*invariants, tf.TensorShape([MAX_REPLACEMENTS])),
+  )
+  message = f'{MAX_REPLACEMENTS + 1} files in a row could not be decoded: too many bad images in the split'
+  with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+    return tf.identity(image), index, bad
 
 
 def _check_labels(records, num_classes):
@@ -246,8 +314,9 @@ def _decoded(tf, records, decoded_cache_gb) -> _Decoded | None:
   return data_sources.memoized(('decoded', id(records), budget), build)
 
 
-def _image_loader(tf, records, min_side, decoded_cache_gb):
-  """Returns `load(index) -> uint8 (h, w, 3)` for an in-memory split.
+def _image_loader(tf, records, min_side, decoded_cache_gb, checked: bool = False):
+  """Returns `load(index) -> uint8 (h, w, 3)` for an in-memory split; with `checked`, `load(index) -> (image,
+  ok)` that does not raise for a file that does not decode (ok False), for `_fill_bad`.
 
   From the decoded cache when the split fits its budget and the cache gives the very same pixels: a JPEG that
   `_decode` would downscale in the DCT for this `min_side` makes the loader decode from the encoded data.
@@ -259,6 +328,9 @@ def _image_loader(tf, records, min_side, decoded_cache_gb):
     def load(index):
       h, w = shapes[index, 0], shapes[index, 1]
       size = h * w * 3
+      if checked:  # the cache knows which files did not decode: (0, 0)
+        offset = offsets[index]
+        return tf.reshape(flat[offset : offset + size], tf.stack([h, w, 3])), size > 0
       # An image that did not decode fails here too, and tf.data's ignore_errors skips it, as without cache.
       check = tf.debugging.assert_positive(size, message='image could not be decoded')
       with tf.control_dependencies([check]):
@@ -270,7 +342,7 @@ def _image_loader(tf, records, min_side, decoded_cache_gb):
 
   def load(index):  # noqa: F811 - the uncached loader
     raw = tf.gather(payload, index)
-    return _decode(tf, tf.io.read_file(raw) if is_path else raw, min_side)
+    return (_decode_checked if checked else _decode)(tf, tf.io.read_file(raw) if is_path else raw, min_side)
 
   return load
 
@@ -342,6 +414,7 @@ def train_iterator(
   max_memory_gb: float | None = None,
   decoded_cache_gb: float | None = None,
   records: Any = None,
+  defer_skip_warnings: bool = False,
 ) -> Any:
   """Returns an infinite iterator of this process's training batches, starting at step `start_step`.
 
@@ -357,6 +430,10 @@ def train_iterator(
   before it. A split whose decoded pixels fit `decoded_cache_gb` is decoded once and kept (same batches).
   `records` (a `data_sources.Records`) is read instead of `dataset`/`split` when given; a label of -1 is an
   unlabeled example, whose one-hot label is all zeros (`bit.distill` adds such examples).
+
+  A file that does not decode never shifts the stream: its slot gets a replacement example drawn from (seed,
+  position) (`_fill_bad`). The iterator's `skipped` (a `Skipped`) counts such files once each; they are logged
+  by path when first met, or with `defer_skip_warnings` only by `skipped.report()` (after a progress bar).
   """
   seed = _seed(seed)
   b_local = _local_batch(global_batch_size, process_index, process_count)
@@ -392,7 +469,8 @@ def train_iterator(
     where = lambda q: int(position(q))  # noqa: E731 - a skipped record is named by its stream position
   else:
     labels = tf.constant(records.labels)
-    load = _image_loader(tf, records, resize, decoded_cache_gb)
+    load = _image_loader(tf, records, resize, decoded_cache_gb, checked=True)
+    replace_key = _stream_key(seed, _REPLACE)
 
     def index_of(p):
       return tf.random.experimental.index_shuffle(
@@ -403,15 +481,15 @@ def train_iterator(
 
     def example(q):
       p = position(q)
-      index = index_of(p)
-      image = _train_augment(tf, load(index), p, resize, crop, crop_key, flip_key)
-      return image, tf.gather(labels, index), q
+      image, index, bad = _fill_bad(tf, load, index_of(p), p, n, replace_key)
+      image = _train_augment(tf, image, p, resize, crop, crop_key, flip_key)
+      return image, tf.gather(labels, index), q, bad
 
     ds = tf.data.Dataset.counter(start=int(start_step) * b, dtype=tf.int64)
-    where = lambda q: int(index_of(position(q)))  # noqa: E731
+    where = lambda q: int(index_of(position(q)))  # noqa: E731 - (never skips: a bad file's slot is filled)
 
   def finish(step, batch):
-    image, label, q = batch
+    image, label, q, bad = batch
     label = tf.one_hot(label, num_classes, dtype=tf.float32)
     if mixup_alpha > 0:
       shape = [b] if per_example_mixup else []
@@ -427,14 +505,19 @@ def train_iterator(
       lam_label = tf.reshape(lam, [-1, 1]) if per_example_mixup else lam
       image = lam_image * image + (1.0 - lam_image) * tf.reverse(image, [0])
       label = lam_label * label + (1.0 - lam_label) * tf.reverse(label, [0])
-    return {'image': image, 'label': label, 'q': q}
+    return {'image': image, 'label': label, 'q': q, 'bad': bad}
 
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  # A file that passed the header check but fails to decode (truncated) is logged and skipped.
-  ds = ds.ignore_errors(log_warning=True)
+  if records.streaming:
+    # A streamed record that does not decode cannot be replaced by index: it is skipped (logged, counted);
+    # the in-memory splits (every image folder) fill its slot instead (`_fill_bad`), so nothing shifts.
+    ds = ds.ignore_errors(log_warning=True).map(
+      lambda image, label, q: (image, label, q, tf.fill([MAX_REPLACEMENTS], tf.constant(-1, tf.int64)))
+    )
   ds = ds.batch(b, drop_remainder=True).enumerate(start=int(start_step))
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
-  return _reported(_numpy(ds), int(start_step) * b, where, records)
+  skipped = Skipped(records, deferred=defer_skip_warnings)
+  return TrainBatches(_replaced(_reported(_numpy(ds), int(start_step) * b, where, skipped), skipped), skipped)
 
 
 def eval_iterator(
@@ -518,16 +601,108 @@ def eval_iterator(
     log_warning=True
   )
   ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
-  return _padded(_reported(_numpy(ds), 0, where, records, num_batches * b), num_batches, b, crop)
+  skipped = Skipped(records)
+  return _padded(_reported(_numpy(ds), 0, where, skipped, num_batches * b), num_batches, b, crop)
 
 
 def _numpy(ds):
-  for batch in ds.as_numpy_iterator():
+  tf = data_sources.tf_hidden()
+  try:
+    yield from ds.as_numpy_iterator()
+  except tf.errors.InvalidArgumentError as e:
+    if 'could not be decoded' not in str(e):
+      raise
+    raise DataError(
+      f'{MAX_REPLACEMENTS + 1} images in a row could not be decoded (a replacement is drawn for each bad file): '
+      'the split has too many bad files; remove them (each is named in the log)'
+    ) from None
+
+
+# (dataset, file) pairs already warned about in this process: a bad file is named once, not at every epoch.
+_WARNED: set = set()
+
+
+def _where(records, index) -> str:
+  if records.streaming:
+    return f'stream position {index} of split {records.split!r}'
+  return str(records.payload[index]) if records.is_path else f'record {index} of split {records.split!r}'
+
+
+class Skipped:
+  """The files of one split that did not decode, each counted once however many epochs meet it.
+
+  Files that failed the header check when the split was read (`Records.unreadable`) count too. Unless
+  `deferred`, each is logged by path the first time this process meets it; a deferred one (training: not in
+  the middle of the progress bar) is left for `report()` once the bar is done.
+  """
+
+  records: Any
+  deferred: bool
+  files: dict[str, None]
+  reported: int
+
+  def __init__(self, records: Any, deferred: bool = False) -> None:
+    self.records, self.deferred = records, deferred
+    self.files = dict.fromkeys(getattr(records, 'unreadable', ()) or ())
+    self.reported = len(self.files)
+
+  def add(self, index: int) -> None:
+    """Counts the file of example `index` (once), logging it unless deferred."""
+    where = _where(self.records, index)
+    if where in self.files:
+      return
+    self.files[where] = None
+    key = (self.records.name, where)
+    if not self.deferred and key not in _WARNED:
+      _WARNED.add(key)
+      log.warning('an image could not be decoded: %s (%s)', where, self.records.name)
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def report(self) -> str | None:
+    """One line naming the files met since the last report (None when there are none), also logged."""
+    new = list(self.files)[self.reported :]
+    self.reported = len(self.files)
+    _WARNED.update((self.records.name, f) for f in new)
+    if not new:
+      return None
+    shown = ', '.join(new[:5]) + (f' and {len(new) - 5} more' if len(new) > 5 else '')
+    line = (
+      f'{len(new)} image(s) of {self.records.name} split {self.records.split!r} could not be decoded; training '
+      f'used a seeded replacement example in their place (the stream is unchanged): {shown}'
+    )
+    log.warning(line)
+    return line
+
+
+class TrainBatches:
+  """The iterator `train_iterator` returns: its batches, and `skipped` (a `Skipped`), the files that did not
+  decode so far."""
+
+  skipped: Skipped
+
+  def __init__(self, batches: Any, skipped: Skipped) -> None:
+    self._batches, self.skipped = batches, skipped
+
+  def __iter__(self) -> TrainBatches:
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    return next(self._batches)
+
+
+def _replaced(batches, skipped: Skipped):
+  """Drops the bookkeeping field 'bad' (the indices of files met that did not decode) into `skipped`."""
+  for batch in batches:
+    bad = batch.pop('bad')
+    for index in np.unique(bad[bad >= 0]):
+      skipped.add(int(index))
     yield batch
 
 
-def _reported(batches, first, position_index, records, end=None):
-  """Drops the bookkeeping field 'q' and logs, by path, every example the pipeline skipped.
+def _reported(batches, first, position_index, skipped: Skipped, end=None):
+  """Drops the bookkeeping field 'q' and counts (logs) by path every example the pipeline skipped.
 
   tf.data's ignore_errors drops an image that passed the header check but does not decode (a truncated
   file) without saying which; the gap in the running example counter q tells.
@@ -536,19 +711,11 @@ def _reported(batches, first, position_index, records, end=None):
   for batch in batches:
     q = batch.pop('q')
     for missing in np.setdiff1d(np.arange(expected, q[-1] + 1), q):
-      _log_skipped(records, position_index(int(missing)))
+      skipped.add(position_index(int(missing)))
     expected = int(q[-1]) + 1
     yield batch
   for missing in range(expected, expected if end is None else end):
-    _log_skipped(records, position_index(missing))
-
-
-def _log_skipped(records, index):
-  if records.streaming:
-    where = f'stream position {index} of split {records.split!r}'
-  else:
-    where = records.payload[index] if records.is_path else f'record {index} of split {records.split!r}'
-  log.warning('skipped an image that could not be decoded: %s (%s)', where, records.name)
+    skipped.add(position_index(missing))
 
 
 def _padded(batches, num_batches, b, crop):

@@ -10,9 +10,12 @@ variable `BIT_MAX_MEMORY_GB`, or a `max_memory_gb` argument; 0 streams every TFD
 sample) and the TFDS builder, and `bit.data` reads it with TFDS's own tf.data reader. Image folders hold only
 paths, so they are always index-addressable.
 
-Datasets without a `test` split (tf_flowers, a folder with only `train/`) are divided by a stratified,
-seeded holdout: `HOLDOUT_FRACTION` of each class becomes `test`, the rest `train`. The holdout seed is a
-constant so every run sees the same test set.
+The evaluation split: `test` when the dataset has one. An image folder without `test/` is evaluated on its
+`validation/` (or `val/`) folder; a dataset with neither (tf_flowers, a folder with only `train/`) is divided
+by a stratified, seeded holdout: `HOLDOUT_FRACTION` of each class becomes the `holdout` split, the rest
+`train`. The holdout seed is a constant so every run sees the same test set. `resolve_test_split` says which
+(asking for 'test' reads it). The classes of an image folder are its `train/` class folders (sorted by name);
+a class folder of another split that train lacks is an error.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ log: logging.Logger = logging.getLogger(__name__)
 
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 0
+HOLDOUT = 'holdout'  # the split name of the held-out side of train
+# The folders of an image folder that are splits; without test/, the first of the others is evaluated.
+FOLDER_SPLITS = ('train', 'test', 'validation', 'val')
 # The formats of the one decoder of every reader (bit.images).
 IMAGE_EXTENSIONS = images.EXTENSIONS
 DECODABLE_FORMATS = images.FORMATS
@@ -87,6 +93,7 @@ class Records:
   streaming: bool = False
   num_examples: int = 0  # the split size when streaming (from the metadata)
   builder: object = dataclasses.field(default=None, repr=False)  # the TFDS builder when streaming
+  unreadable: tuple[str, ...] = ()  # files of the split left out when read: not images (header check)
 
   def __len__(self) -> int:
     return self.num_examples if self.streaming else len(self.labels)
@@ -140,13 +147,15 @@ def load_split(
   with _LOCK:
     if key in _CACHE:
       return _CACHE[key]
-  if is_folder(dataset):
+  folder = is_folder(dataset)
+  if folder:
     splits = _folder_split_names(dataset)
     reader = lambda s: _read_folder(dataset, s)  # noqa: E731
   else:
     builder = _tfds_builder(dataset, data_dir)
     splits = tfds_split_names(builder)
     reader = lambda s: _read_tfds(builder, dataset, s, budget)  # noqa: E731
+  holdout = _has_holdout(splits, folder)
 
   def read(s):  # both sides of a holdout come from one read of the train split
     raw_key = ('raw',) + key[:1] + (s,) + key[2:]
@@ -156,7 +165,15 @@ def load_split(
       return _CACHE[raw_key]
 
   # TFDS mock data (and unprepared metadata) has no split list: then every split is taken as it is.
-  if split in ('train', 'test') and splits and 'train' in splits and 'test' not in splits:
+  if split == 'test' and splits and 'test' not in splits:
+    split = _eval_split(splits, folder)
+  if split == HOLDOUT and not holdout:
+    raise DataError(
+      f'dataset {dataset!r} has no {HOLDOUT!r} split: the seeded holdout of train is the evaluation split only '
+      f'of a dataset without a test split{" (or validation/, val/ folder)" if folder else ""}; its splits are '
+      f'{sorted(splits)}'
+    )
+  if split == HOLDOUT or (split == 'train' and holdout):
     records = _holdout(read('train'), split)
   else:
     if splits and _base_split(split) not in splits:
@@ -165,6 +182,75 @@ def load_split(
   with _LOCK:
     _CACHE[key] = records
   return records
+
+
+def _has_holdout(splits, folder: bool) -> bool:
+  """Whether train is divided by the seeded holdout: a train split and no split to evaluate on."""
+  return bool(splits) and 'train' in splits and _eval_split(splits, folder) == HOLDOUT
+
+
+def _eval_split(splits, folder: bool) -> str:
+  for name in FOLDER_SPLITS[1:] if folder else ('test',):
+    if name in splits:
+      return name
+  return HOLDOUT
+
+
+def resolve_test_split(
+  dataset: str | os.PathLike[str], test_split: str = 'test', data_dir: str | os.PathLike[str] | None = None
+) -> str:
+  """The split that asking for `test_split` evaluates: `test_split` itself, except 'test' for a dataset
+  without a test split: an image folder's `validation` (or `val`) folder, else 'holdout' (the seeded
+  holdout of train)."""
+  if test_split != 'test':
+    return test_split
+  dataset = os.fspath(dataset)
+  folder = is_folder(dataset)
+  splits = _folder_split_names(dataset) if folder else tfds_split_names(_tfds_builder(dataset, data_dir))
+  return test_split if not splits or 'test' in splits else _eval_split(splits, folder)
+
+
+def same_test_split(old: Any, new: Any) -> bool:
+  """Whether the `test_split` of an existing workdir's config.json (`old`) names the split `new` does: a
+  workdir written before the split was resolved says 'test' where a dataset without one means the holdout."""
+  return old == new or (old == 'test' and new == HOLDOUT)
+
+
+def check_folder_splits(root: str | os.PathLike[str], train_split: str, test_split: str) -> None:
+  """The warnings and errors of an image folder's layout, before a run: a class folder of the evaluation split
+  that train lacks is a DataError naming it; a train class without evaluation images, and a folder that is not
+  a split, are warnings naming them."""
+  root = pathlib.Path(root).expanduser()
+  splits = _folder_split_names(root)
+  others = [s for s in splits if s not in (*FOLDER_SPLITS, train_split, test_split)]
+  if others:
+    log.warning(
+      'image folder %s: %s %s not a split (the splits are %s) and %s not read',
+      root,
+      ', '.join(f'{s}/' for s in others),
+      'is' if len(others) == 1 else 'are',
+      '/'.join(FOLDER_SPLITS),
+      'is' if len(others) == 1 else 'are',
+    )
+  if test_split == HOLDOUT or train_split not in splits or test_split not in splits:
+    return
+  train, test = set(_class_folders(root / train_split)), set(_class_folders(root / test_split))
+  extra = sorted(test - train)
+  if extra:
+    raise DataError(
+      f'image folder {str(root)!r}: class folder(s) {", ".join(extra)} of {test_split}/ are not in '
+      f'{train_split}/: the model could never predict them; add them to {train_split}/ or remove them from '
+      f'{test_split}/'
+    )
+  empty = sorted(train - test)
+  if empty:
+    log.warning(
+      'image folder %s: class(es) %s of %s/ have no %s/ images: they are not evaluated',
+      root,
+      ', '.join(empty),
+      train_split,
+      test_split,
+    )
 
 
 def _base_split(split: str) -> str:
@@ -193,14 +279,16 @@ def _holdout(records: Records, split: str) -> Records:
     )
   train, test = holdout_indices(records.labels)
   part = records.subset(train if split == 'train' else test)
-  part = dataclasses.replace(part, split=split, holdout=True)
+  part = dataclasses.replace(
+    part, split=split, holdout=True, unreadable=records.unreadable if split == 'train' else ()
+  )
   if not len(part):
     raise DataError(
       f'the seeded {HOLDOUT_FRACTION:.0%} holdout of {records.name!r} split {records.split!r} '
-      f'leaves no {split!r} examples ({len(records)} in all); add a {split}/ split'
+      f'leaves no {split!r} examples ({len(records)} in all); add images, or a test/ split'
     )
   log.info(
-    '%s has no test split: its %s split is the seeded %.0f%% holdout side of train (%d train, %d test)',
+    '%s has no test split: its %s split is the seeded %.0f%% holdout side of train (%d train, %d holdout)',
     records.name,
     split,
     100 * HOLDOUT_FRACTION,
@@ -218,12 +306,19 @@ def _folder_split_names(root) -> list[str]:
   return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
 
 
+def _class_folders(split_dir) -> list[str]:
+  return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith('.'))
+
+
 def folder_class_names(root: str | os.PathLike[str]) -> list[str]:
-  """Sorted union of the class folder names over every split of `root` (the TFDS ImageFolder order)."""
+  """The class names of an image folder, sorted (the TFDS ImageFolder order): its train/ class folders, or
+  without train/ the union over its splits."""
   root = pathlib.Path(root).expanduser()
+  if (root / 'train').is_dir():
+    return _class_folders(root / 'train')
   names = set()
   for split in _folder_split_names(root):
-    names.update(p.name for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith('.'))
+    names.update(_class_folders(root / split))
   return sorted(names)
 
 
@@ -247,6 +342,12 @@ def _read_folder(root, split: str) -> Records:
   if not present:
     raise DataError(
       f'split folder {str(split_dir)!r} has no class folders; expected {split_dir}/<class>/<image>'
+    )
+  unknown = [name for name in present if name not in class_names]
+  if unknown:
+    raise DataError(
+      f'class folder(s) {", ".join(unknown)} of {split_dir} are not in {root / "train"}: the classes are '
+      "train's; add them to train/ or remove them"
     )
   paths, labels = [], []
   for name in present:
@@ -286,6 +387,7 @@ def _read_folder(root, split: str) -> Records:
     class_names=tuple(class_names),
     image_size=(int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))),
     sizes=sizes.astype(np.int64),
+    unreadable=tuple(paths[i] for i, p in enumerate(probes) if isinstance(p, str)),
   )
 
 

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import files, layout, models
+from bit import arguments, files, layout, models
 from bit.errors import ConfigError, DataError
 
 log: logging.Logger = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ def load_teacher(spec: Any, num_classes: int, class_names: Any = None, dtype: st
       'workdir, an official-layout .npz or a registry name.'
     )
   model, params = checkpoints.load(source, keep_head=True, dtype=TEACHER_DTYPES[dtype])
+  params = arguments.check_params(model, params, f'config.teacher={spec!r}')
   if model.num_classes != int(num_classes):
     raise ConfigError(
       f'config.teacher={spec!r} ({source}) has a {model.num_classes}-class head but the dataset has '

@@ -222,7 +222,18 @@ def evaluate_test_split(
     process_count=jax.process_count(),
   )
   result = evaluate_batches(apply_fn, params, batches, num_classes, devices=devices)
-  return sum_over_processes(result) if jax.process_count() > 1 else result
+  result = sum_over_processes(result) if jax.process_count() > 1 else result
+  # Every eval_<split>.json says how many files did not decode (0 when none), as bit-eval's does.
+  result['skipped'] = _skipped(cfg['dataset'], cfg['test_split'], cfg['data_dir'], result['count'])
+  return result
+
+
+def _skipped(dataset, split, data_dir, count) -> int:
+  """The files of a split that were not evaluated: those that did not decode and those not images at all."""
+  from bit import data_sources
+
+  records = data_sources.load_split(dataset, split, data_dir)
+  return int(len(records) - count + len(records.unreadable))
 
 
 def evaluate(
@@ -292,12 +303,12 @@ def evaluate(
   finally:
     if bar is not None:
       bar.close()
-  skipped = len(records) - result['count']
+  skipped = len(records) - result['count'] + len(records.unreadable)  # also the files that are not images
   if skipped:  # the policy of every reader (training too): logged by path above, skipped, counted
     log.warning(
       '%d of the %d images of %r split %r could not be decoded and were skipped (named above).',
       skipped,
-      len(records),
+      len(records) + len(records.unreadable),
       str(dataset),
       split,
     )

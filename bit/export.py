@@ -553,6 +553,10 @@ def export(
   scaled; a SavedModel also gets `serving_bytes` for encoded images; docs/serving.md). `labels`: class names for labels.txt. `source`: the checkpoint file the params came from (its
   path and sha256 go into export.json). Returns `path`.
   """
+  from bit import arguments
+
+  model = arguments.check_model(model, 'bit.export')
+  params = arguments.check_params(model, params, 'bit.export')
   check_format(format)
   size = check_size(size)
   _check_input(input)
@@ -565,7 +569,7 @@ def export(
   prepared = jax.device_get(models.Inference(model).prepare(params))
   fn = serving_function(model, prepared, input, size)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'))
+  tmp = files.temporary_dir(path.parent, prefix=f'.{path.name}.', suffix='.tmp')  # ends 0755 (umask 022)
   try:
     details = WRITERS[format](fn, prepared, size, input, tmp)
     if labels is not None:

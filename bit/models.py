@@ -246,6 +246,11 @@ class ResNetV2(nn.Module):
       raise BitError(
         f'ResNetV2 expects NHWC {what} of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, got shape {x.shape}.'
       )
+    if not jnp.issubdtype(x.dtype, jnp.floating):  # a trace-time check: free under jit
+      raise BitError(
+        f'ResNetV2 takes float images with values in [-1, 1] (float32), got dtype {x.dtype}: convert '
+        'uint8 pixels with bit.preprocess(images) (or x / 127.5 - 1), never pass 0..255 integers.'
+      )
     base = 64 * self.width
     x = RootBlock(base, dtype=self.dtype, folded=self.folded, name='root_block')(x)
     out = {'stem': x}

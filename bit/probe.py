@@ -94,8 +94,10 @@ def extract_features(
   image size). With `workdir`, the result is cached in `workdir/features/` and reused by the next call with
   the same dataset, split, crop and backbone.
   """
-  from bit import data, data_sources, hyperrule
+  from bit import arguments, data, data_sources, hyperrule
 
+  model = arguments.check_model(model, 'bit.extract_features')
+  params = arguments.check_params(model, params, 'bit.extract_features')  # before any data is read
   records = data_sources.load_split(dataset, split, data_dir)
   if crop is None:
     _, crop = hyperrule.train_resolution(records.image_size)

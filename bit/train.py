@@ -21,15 +21,20 @@ files are listed in `bit.layout`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
+import pathlib
 import typing
 from collections.abc import Mapping
 from typing import Any, Callable
 
-from bit import layout, recovery, train_setup
+import jax
+
+from bit import config as config_lib
+from bit import layout, lock, recovery, train_setup
 from bit import workdir as workdir_lib
 from bit.config import OPERATIONAL_KEYS, as_config
 from bit.config import resolve as resolve_config
@@ -95,6 +100,14 @@ def fit(config: Any, workdir: str | os.PathLike[str], objective: Objective | Non
   config = as_config(config)
   if not isinstance(workdir, (str, os.PathLike)) or not str(os.fspath(workdir)).strip():
     raise ConfigError(f'workdir= must be a folder path (str or pathlib.Path), got {workdir!r}.')
+  with contextlib.ExitStack() as held:
+    path = pathlib.Path(workdir).expanduser().absolute()
+    with workdir_lib.errors(path):  # one run per workdir: a second one is refused here, before anything
+      held.enter_context(lock.workdir_lock(path, hold=jax.process_index() == 0))
+    return _fit(config, workdir, objective)
+
+
+def _fit(config, workdir, objective: Objective | None) -> FitResult:
   setup = train_setup.setup(config, workdir, objective)
   with recovery.StopSignals() as stop:
     run = _start(setup, stop)
@@ -142,7 +155,8 @@ def _start(setup: train_setup.Setup, stop: recovery.StopSignals) -> _Run:
     total=end, initial=start, desc='train', unit='step', disable=not setup.primary, dynamic_ncols=True
   )
   if setup.primary:
-    bar.write(setup.what)
+    for line in config_lib.recipe(setup.cfg, setup.info, len(setup.dp.devices), setup.what):
+      bar.write(line)
   return _Run(
     setup=setup,
     stop=stop,
@@ -344,5 +358,8 @@ class _Run:
 
   def close(self) -> None:
     self.bar.close()
+    skipped = getattr(self.batches, 'skipped', None)
+    if skipped is not None:
+      skipped.report()  # the files that did not decode, named once each, after the progress bar
     self.writer.close()
     self.setup.manager.close()

@@ -272,6 +272,7 @@ def train_iterator(setup: Setup) -> Any:
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     records=None if setup.objective is None else setup.objective.train_records,
+    defer_skip_warnings=True,  # named once the progress bar is done (`bit.train`), not in its middle
   )
 
 

@@ -93,6 +93,10 @@ def check_same_run(workdir: pathlib.Path, resolved: dict[str, Any], write: bool)
     operational = OPERATIONAL_KEYS
     if new.get('early_stopping_patience'):
       operational = operational - {'eval_every'}  # it decides when an early-stopped run stops
+    from bit import data_sources
+
+    if data_sources.same_test_split(old.get('test_split'), new.get('test_split')):
+      old['test_split'] = new.get('test_split')  # written before the split was resolved: 'test' meant this
     diff = differences(old, new, operational)
     if diff:
       raise ConfigError(

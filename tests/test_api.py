@@ -235,3 +235,67 @@ def test_no_library_error_names_a_flag(run_dir, photo_folder, tmp_path):
   assert 'e.g. --config.batch_size=8' in cli.as_flags('bit-train', messages['check_batch'])
   assert '--num_classes=N and --config.crop=PIXELS' in cli.as_flags('bit-train', messages['dry_run.plan'])
   assert '--coordinator_address= ' in cli.as_flags('bit-bench', messages['initialize_distributed'])
+
+
+# --- params that fit the model, float images: or a clear error before any data is read ---------------------------
+
+
+def _zeros(model):
+  return jax.tree.map(lambda s: np.zeros(s.shape, np.float32), models.param_shapes(model))
+
+
+def test_params_of_another_architecture_are_refused_before_any_data_is_read(tmp_path, monkeypatch):
+  import importlib
+
+  from bit import data_sources
+
+  probe = importlib.import_module('bit.probe')
+
+  def no_reading(*args, **kwargs):
+    raise AssertionError('data was read before the params were checked')
+
+  monkeypatch.setattr(data_sources, 'load_split', no_reading)
+  m26 = models.create_model('R26x1', num_classes=3)
+  images = np.zeros((1, 32, 32, 3), np.float32)
+  swaps = [
+    (
+      m26,
+      _zeros(models.create_model('R50x1', 3)),
+      r'params are R50x1 \(block units 3/4/6/3.*model is R26x1.*',
+    ),
+    (m26, _zeros(models.create_model('R26x2', 3)), r'params are R26x2 .*root 128 channels.*mis-shaped'),
+    (m26, _zeros(models.create_model('R26x1', 5)), r'5-class head but model= has 3 classes'),
+  ]
+  extra = _zeros(m26)
+  extra['block1']['unit03'] = extra['block1']['unit02']
+  swaps.append((m26, extra, r'unexpected block1/unit03'))
+  missing = _zeros(m26)
+  del missing['block4']['unit02']
+  swaps.append((m26, missing, r'missing block4/unit02'))
+  for model, params, pattern in swaps:
+    entries = [
+      lambda model=model, params=params: bit.predict(model, params, images),
+      lambda model=model, params=params: bit.evaluate(model, params, str(tmp_path)),
+      lambda model=model, params=params: bit.export(model, params, 'stablehlo', tmp_path / 'export'),
+      lambda model=model, params=params: probe.extract_features(model, params, str(tmp_path), 'train'),
+      lambda model=model, params=params: bit.save_npz(params, tmp_path / 'model.npz', model=model),
+    ]
+    for call in entries:
+      with pytest.raises(bit.BitError, match=pattern) as e:
+        call()
+      assert '\n' not in str(e.value)
+  assert not list(tmp_path.iterdir())  # nothing written
+  checkpoints.save_npz(_zeros(m26), tmp_path / 'model.npz', model=m26)  # the model's own params pass
+
+
+def test_integer_images_are_refused_at_trace_time():
+  model = models.create_model('R26x1', num_classes=3)
+  params = _zeros(model)
+  apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
+  for dtype in (np.uint8, np.int64, np.bool_):
+    with pytest.raises(
+      bit.BitError,
+      match=r'float images with values in \[-1, 1\].*got dtype (uint8|int32|int64|bool).*bit.preprocess',
+    ):
+      apply(params, np.zeros((1, 32, 32, 3), dtype))
+  assert apply(params, np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 3)

@@ -2,6 +2,7 @@
 
 import io
 import logging
+import pathlib
 
 import numpy as np
 import pytest
@@ -599,3 +600,87 @@ def test_streaming_with_the_real_tfds_reader_and_size_metadata(tmp_path):
     for i in range(2)
   ]
   assert [len(p) for p in parts] == [2, 2] and sum(b['mask'].sum() for p in parts for b in p) == 7
+
+
+def _damaged_folder(root, rng):
+  """train/ with 2 classes of 6 images, 2 truncated JPEGs and a non-image .jpg; test/ with 2 clean images."""
+  for c in ('a', 'b'):
+    (root / 'train' / c).mkdir(parents=True)
+    (root / 'test' / c).mkdir(parents=True)
+    for i in range(6):
+      _photo(rng, 0, 40, 40).save(root / 'train' / c / f'{i}.jpg')
+    _photo(rng, 0, 40, 40).save(root / 'test' / c / '0.jpg')
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(buf, 'JPEG')
+    (root / 'train' / c / 'trunc.jpg').write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+  (root / 'train' / 'a' / 'text.jpg').write_bytes(b'not an image at all')
+  return root
+
+
+@pytest.mark.parametrize('cache_gb', ['0', '1'])
+def test_bad_files_never_shift_the_stream(tmp_path, caplog, monkeypatch, cache_gb):
+  monkeypatch.setenv('BIT_DECODED_CACHE_GB', cache_gb)
+  folder = str(_damaged_folder(tmp_path, np.random.default_rng(3)))
+  kw = dict(global_batch_size=4, num_classes=2)
+  with caplog.at_level(logging.WARNING):
+    it = _train(folder, **kw)
+    straight = _take(it, 12)  # 48 examples: 4 epochs of the 14 readable files
+  assert sorted(pathlib.Path(f).name for f in it.skipped.files) == ['text.jpg', 'trunc.jpg', 'trunc.jpg']
+  assert caplog.text.count('trunc.jpg') == 2  # each bad file named once, not at every epoch
+  for start in (1, 5, 9):  # resumed anywhere: the very same batches
+    resumed = _take(_train(folder, start_step=start, **kw), 12 - start)
+    for a, b in zip(straight[start:], resumed, strict=True):
+      np.testing.assert_array_equal(a['image'], b['image'])
+      np.testing.assert_array_equal(a['label'], b['label'])
+  halves = [_take(_train(folder, process_index=i, process_count=2, **kw), 12) for i in (0, 1)]
+  for s in range(12):  # and each process's slice is its part of the same global batch
+    np.testing.assert_array_equal(np.concatenate([h[s]['image'] for h in halves]), straight[s]['image'])
+  deferred = _train(folder, defer_skip_warnings=True, **kw)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    _take(deferred, 12)
+    assert 'trunc.jpg' not in caplog.text
+  assert 'trunc.jpg' in deferred.skipped.report() and deferred.skipped.report() is None
+
+
+def _folder(root, layout):
+  """layout: {split: {class: n_images}}."""
+  rng = np.random.default_rng(4)
+  for split, classes in layout.items():
+    for c, n in classes.items():
+      (root / split / c).mkdir(parents=True)
+      for i in range(n):
+        _photo(rng, 0, 32, 32).save(root / split / c / f'{i}.png')
+  return str(root)
+
+
+def test_the_evaluation_split_of_a_folder(tmp_path, caplog):
+  train = {'a': 10, 'b': 10}
+  cases = [
+    ({'train': train, 'test': {'a': 1, 'b': 1}, 'validation': {'a': 2, 'b': 2}}, 'test', 2, 20),
+    ({'train': train, 'validation': {'a': 2, 'b': 2}, 'val': {'a': 3, 'b': 3}}, 'validation', 4, 20),
+    ({'train': train, 'val': {'a': 3, 'b': 3}}, 'val', 6, 20),
+    ({'train': train}, 'holdout', 2, 18),  # only without any of them: the seeded 10% holdout of train
+  ]
+  for i, (layout, chosen, test_size, train_size) in enumerate(cases):
+    folder = _folder(tmp_path / str(i), layout)
+    info = data.get_info(folder)
+    assert (info.test_split, info.test_size, info.train_size) == (chosen, test_size, train_size), layout
+    assert data_sources.load_split(folder, 'test').split == chosen  # asking for 'test' reads it
+    assert info.holdout == (chosen == 'holdout')
+  with pytest.raises(DataError, match=r"no 'holdout' split.*without a test split"):
+    data_sources.load_split(str(tmp_path / '1'), 'holdout')  # it has validation/: no holdout
+
+
+def test_folder_classes_must_match_between_splits(tmp_path, caplog):
+  folder = _folder(tmp_path / 'x', {'train': {'a': 2, 'b': 2}, 'validation': {'a': 1, 'c': 1}})
+  with pytest.raises(DataError, match=r'class folder\(s\) c of validation/ are not in train/'):
+    data.get_info(folder)
+  with pytest.raises(DataError, match=r'class folder\(s\) c of .*validation are not in'):
+    data_sources.load_split(folder, 'validation')  # also without get_info (bit.evaluate)
+  folder = _folder(tmp_path / 'y', {'train': {'a': 2, 'b': 2}, 'test': {'a': 1}, 'extra': {'a': 1}})
+  with caplog.at_level(logging.WARNING):
+    info = data.get_info(folder)
+  assert info.num_classes == 2 and info.class_names == ('a', 'b')
+  assert 'class(es) b of train/ have no test/ images' in caplog.text
+  assert 'extra/ is not a split' in caplog.text

@@ -402,3 +402,18 @@ def test_model_flag_follows_bit_load(workdir):
     load_source(model=str(workdir / 'model.npz'))
   with pytest.raises(BitError, match='not both'):
     load_source(workdir=workdir, model='R26x1')
+
+
+def test_an_export_is_readable_by_others_under_umask_022(workdir, tmp_path):
+  import os
+  import stat
+
+  model, params = checkpoints.load(workdir / 'model.npz', keep_head=True)
+  old = os.umask(0o022)
+  try:
+    out = bit.export(model, params, 'stablehlo', tmp_path / 'hlo', size=SIZE, labels=CLASSES)
+  finally:
+    os.umask(old)
+  modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob('*')]}
+  assert modes[out] == 0o755 and modes[out / 'labels.txt'] == 0o644
+  assert all(m & 0o004 for m in modes.values()), modes  # world-readable, every file and folder

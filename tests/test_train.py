@@ -185,3 +185,88 @@ def test_cli_sigkill_then_rerun_resumes_with_the_same_result(runs, assets, tmp_p
   _, one = runs('one')
   _, params = checkpoints.load(str(workdir / 'model.npz'), keep_head=True)
   assert_params_close(params, one.params)
+
+
+# --- damaged data: exact resume; one run per workdir; the recipe at the start ----------------------------------
+
+
+def _damaged(root):
+  """The tiny folder with two truncated JPEGs and a .png that is not an image in train/."""
+  import io
+
+  root = make_folder(root)
+  rng = np.random.default_rng(5)
+  for c in (1, 4):
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(buf, 'JPEG')
+    (root / 'train' / f'class_{c}' / 'cut.jpg').write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+  (root / 'train' / 'class_2' / 'text.png').write_bytes(b'not an image')
+  return root
+
+
+def _interrupted_then_resumed(config, workdir):
+  """fit() stopped by SIGINT once the checkpoint of step 2 exists (after the step in flight), then rerun."""
+  import signal
+  import threading
+
+  from bit.errors import Interrupted
+
+  def interrupt():
+    while not (workdir / 'checkpoints' / '2').exists():
+      threading.Event().wait(0.02)
+    os.kill(os.getpid(), signal.SIGINT)
+
+  thread = threading.Thread(target=interrupt, daemon=True)
+  thread.start()
+  with pytest.raises(Interrupted) as e:
+    train.fit(config, workdir)
+  thread.join()
+  assert e.value.exit_code == 130 and not (workdir / 'model.npz').exists()
+  return train.fit(config, workdir)
+
+
+@pytest.mark.parametrize('devices', [1, 4])
+def test_damaged_folder_interrupted_and_resumed_is_bit_identical(assets, tmp_path, devices, caplog):
+  folder = _damaged(tmp_path / 'damaged')
+  config = base_config(assets['npz'], folder, num_devices=devices, eval_every=0)
+  straight = train.fit(config, tmp_path / 'straight')
+  resumed = _interrupted_then_resumed(config, tmp_path / 'resumed')
+  a, b = flat(straight.params), flat(resumed.params)
+  assert max(float(np.abs(a[k] - b[k]).max()) for k in a) == 0.0
+  report = json.loads((tmp_path / 'straight' / 'eval_test.json').read_text())
+  assert report['skipped'] == 0  # every eval_<split>.json says it, 0 when none
+  reports = [r.getMessage() for r in caplog.records if 'could not be decoded' in r.getMessage()]
+  assert reports and all('seeded replacement' in r for r in reports)  # one line per run, after the bar
+  assert all(r.count('class_1/cut.jpg') == 1 and r.count('class_4/cut.jpg') == 1 for r in reports[:1])
+
+
+def test_a_second_run_on_a_running_workdir_is_refused_at_once(runs, assets, tmp_path):
+  import time
+
+  workdir = tmp_path / 'w'
+  cmd = cli_command(workdir, assets['npz'], assets['folder'])
+  first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True)
+  try:
+    while not (workdir / 'config.json').exists():
+      assert first.poll() is None, first.communicate()[1][-3000:]
+      time.sleep(0.05)
+    began = time.time()
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert (
+      second.returncode != 0
+      and f'PID {first.pid}' in second.stderr
+      and 'in use by another run' in second.stderr
+    )
+    assert time.time() - began < 30  # refused at once, before any data or model is read
+    out, err = first.communicate(timeout=600)
+  finally:
+    first.kill()
+  assert first.returncode == 0, err[-3000:]
+  assert 'R26x1' not in second.stderr and 'Resuming' not in err
+  lines = read_metrics(workdir)
+  assert [m['step'] for m in lines if 'loss' in m] == list(range(1, 11))  # one run's lines, no second start
+  _, params = checkpoints.load(str(workdir / 'model.npz'), keep_head=True)
+  _, one = runs('one')
+  assert_params_close(params, one.params)  # the model of a run alone

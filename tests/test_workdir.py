@@ -2,6 +2,7 @@
 paths compared normalized."""
 
 import errno
+import json
 import os
 
 import numpy as np
@@ -112,3 +113,75 @@ def test_every_reader_of_a_finished_run_takes_its_size_from_the_runs_crop(tmp_pa
   files.write_json(tmp_path / 'config.json', {'dataset': 'x', 'crop': 48})
   with pytest.raises(BitError, match=r'labels.txt has 2 names but .* has 3 classes'):
     workdir.load(tmp_path)
+
+
+def test_a_workdir_is_locked_by_its_run_and_freed_when_the_process_dies(tmp_path):
+  import os
+  import signal
+  import socket
+  import subprocess
+  import sys
+
+  from bit import lock
+
+  code = (
+    'import sys, time; from bit import lock\n'
+    'with lock.workdir_lock(sys.argv[1]):\n'
+    '  print("held", flush=True); time.sleep(60)\n'
+  )
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(sys.path)}
+  holder = subprocess.Popen(
+    [sys.executable, '-c', code, str(tmp_path)], stdout=subprocess.PIPE, env=env, text=True
+  )
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    with pytest.raises(
+      ConfigError, match=rf'in use by another run \(host {socket.gethostname()}, PID {holder.pid}\)'
+    ):
+      with lock.workdir_lock(tmp_path):
+        pass
+  finally:
+    holder.send_signal(signal.SIGKILL)  # kill -9: the OS releases the lock, nothing stale is left
+    holder.wait()
+  with lock.workdir_lock(tmp_path) as path:
+    assert path == tmp_path / '.lock' and str(os.getpid()) in path.read_text()
+  with lock.workdir_lock(tmp_path):  # released at the end of the block
+    pass
+
+
+def _info(train_size=1000, test_split='test'):
+  from bit import data
+
+  return data.DatasetInfo('ds', 3, ('a', 'b', 'c'), train_size, 10, (64, 64), test_split=test_split)
+
+
+def test_scale_lr_with_batch_and_the_small_batch_line():
+  c = common.get_config()
+  c.dataset, c.batch_size = 'ds', 64
+  plain = common.resolve(c, _info())
+  assert plain['base_lr'] == 0.003 and plain['schedule'] == [100, 200, 300, 400, 500]
+  note = common.small_batch_note(plain)
+  assert 'batch_size=64 is small' in note and 'scale_lr_with_batch=True' in note
+  assert note in common.recipe(plain, _info(), 1)
+  c.scale_lr_with_batch = True
+  scaled = common.resolve(c, _info())
+  assert scaled['base_lr'] == 0.003 * 64 / 512 and scaled['schedule'] == [800, 1600, 2400, 3200, 4000]
+  assert common.small_batch_note(scaled) is None
+  c.scale_lr_with_batch, c.batch_size = False, 128
+  assert common.small_batch_note(common.resolve(c, _info())) is None
+
+
+def test_the_resolved_test_split_and_old_workdirs(tmp_path):
+  c = common.get_config()
+  c.dataset = 'ds'
+  cfg = common.resolve(c, _info(test_split='holdout'))
+  assert cfg['test_split'] == 'holdout'
+  lines = common.recipe(dict(cfg, model='R26x1'), _info(test_split='holdout'), 4, '10 of 10 parameters')
+  assert 'randomly initialized' in lines[0] and 'evaluated on the seeded 10% holdout of train (10' in lines[1]
+  assert 'resized to' in lines[2] and 'schedule 500 steps' in lines[3] and '4 device(s)' in lines[4]
+  old = json.loads(json.dumps(dict(cfg, test_split='test')))
+  old.pop('scale_lr_with_batch')  # written before the key existed
+  files.write_json(tmp_path / 'config.json', old)
+  workdir.check_same_run(tmp_path, cfg, write=False)  # 'test' there meant the holdout: the same run
+  with pytest.raises(ConfigError, match=r"test_split: 'test' there vs 'validation' now"):
+    workdir.check_same_run(tmp_path, dict(cfg, test_split='validation'), write=False)

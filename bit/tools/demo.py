@@ -26,7 +26,6 @@ import os
 import pathlib
 import shutil
 import statistics
-import tempfile
 import time
 from typing import Any
 
@@ -101,7 +100,7 @@ def export_digits(
   digits = load_digits()
   images, targets = digits.images, digits.target
   final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{final.name}.', dir=final.parent))
+  tmp = files.temporary_dir(final.parent, prefix=f'.{final.name}.', suffix='')
   try:
     rng = np.random.default_rng(seed)
     for digit in range(10):
