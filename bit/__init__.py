@@ -34,7 +34,7 @@ _EXPORTS = {
   'cache_dir': 'bit.checkpoints',
   'REGISTRY': 'bit.checkpoints',
   # the Hugging Face hub
-  'push_to_hub': 'bit.hub',
+  'push_to_hub': 'bit.sharing',
   # recipe
   'hyperrule': 'bit',
   # training and the workflow
@@ -43,7 +43,7 @@ _EXPORTS = {
   'predict': 'bit.prediction',
   'predict_files': 'bit.prediction',
   'preprocess': 'bit.prediction',
-  'export': 'bit.export',
+  'export': 'bit.exporter',
   # the CPU runtime settings of the tools, on request
   'configure_cpu': 'bit.runtime',
   # errors
@@ -58,7 +58,7 @@ __all__ = sorted(_EXPORTS)
 
 # The library's modules, as attributes after a bare `import bit` (PEP 562: each is imported on first use, so
 # `import bit` still loads neither JAX nor TensorFlow), e.g. `bit.ops.set_fast_ops('off')`. `dir(bit)` lists
-# them beside the API; `bit.export` and `bit.hyperrule` are in the API already (`bit.export` is the function).
+# them beside the API; `bit.hyperrule` is in the API already; `bit.export` is the function, `bit.exporter` its module.
 _SUBMODULES = (
   'checkpoints',
   'config',
@@ -67,6 +67,7 @@ _SUBMODULES = (
   'distill',
   'errors',
   'evaluation',
+  'exporter',
   'freeze',
   'images',
   'models',
@@ -91,6 +92,7 @@ if typing.TYPE_CHECKING:
   from bit import distill as distill
   from bit import errors as errors
   from bit import evaluation as evaluation
+  from bit import exporter as exporter
   from bit import freeze as freeze
   from bit import hyperrule  # noqa: F401
   from bit import images as images
@@ -117,11 +119,11 @@ if typing.TYPE_CHECKING:
   )
   from bit.errors import BitError, CheckpointError, ConfigError, DataError, DownloadError  # noqa: F401
   from bit.evaluation import evaluate  # noqa: F401
-  from bit.export import export  # noqa: F401
-  from bit.hub import push_to_hub  # noqa: F401
+  from bit.exporter import export  # noqa: F401
   from bit.models import ARCHITECTURES, ResNetV2, create_model, init_params, parse_architecture  # noqa: F401
   from bit.prediction import predict, predict_files, preprocess  # noqa: F401
   from bit.runtime import configure_cpu  # noqa: F401
+  from bit.sharing import push_to_hub  # noqa: F401
   from bit.train import train_and_evaluate  # noqa: F401
 
 

@@ -35,6 +35,10 @@ from typing_extensions import deprecated
 from bit import arguments, files, layout, models
 from bit.downloader import cache_dir, cache_path, download
 from bit.errors import BitError, CheckpointError, DownloadError
+from bit.param_tree import flatten as _flatten
+from bit.param_tree import root_kernel as _root_kernel
+from bit.param_tree import strict_check
+from bit.param_tree import unflatten as _unflatten
 from bit.types import DType, Params, PathLike
 
 __all__ = [
@@ -227,24 +231,6 @@ def _official_shape(path, shape) -> tuple[int, ...]:
   return (1, 1, *shape) if tuple(path) == ('head', 'kernel') else tuple(shape)
 
 
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _flatten(v, (*prefix, k))
-    else:
-      yield (*prefix, k), v
-
-
-def _unflatten(items) -> dict:
-  tree = {}
-  for path, v in items:
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
-
-
 # --- reading and writing .npz files -----------------------------------------------------------------------
 
 
@@ -355,36 +341,6 @@ def npz_to_params(
     for k, (path, _) in expected.items()
   )
   return depth, width, classes, params
-
-
-def strict_check(
-  weights: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], header: str, footer: str
-) -> None:
-  """CheckpointError (`header`, every missing, unexpected, mis-shaped and non-float array, `footer`) unless
-  `weights` has exactly the names and shapes of `expected`, all floating point."""
-  missing = [f'{k} {shape}' for k, shape in expected.items() if k not in weights]
-  unexpected = [f'{k} {tuple(np.shape(w))}' for k, w in weights.items() if k not in expected]
-  misshaped, nonfloat = [], []
-  for k, shape in expected.items():
-    if k in weights:
-      w = weights[k]
-      if tuple(w.shape) != tuple(shape):
-        misshaped.append(f'{k}: {tuple(w.shape)} in the file, the model expects {tuple(shape)}')
-      elif not np.issubdtype(w.dtype, np.floating):
-        nonfloat.append(f'{k}: dtype {w.dtype}')
-  if missing or unexpected or misshaped or nonfloat:
-    lines = [header]
-    for title, items in (
-      ('missing', missing),
-      ('unexpected', unexpected),
-      ('wrong shape', misshaped),
-      ('not floating point', nonfloat),
-    ):
-      if items:
-        lines.append(f'  {title} ({len(items)}):')
-        lines.extend(f'    {item}' for item in items)
-    lines.append(footer)
-    raise CheckpointError('\n'.join(lines))
 
 
 def _flax_shape(path, official_shape):
@@ -545,10 +501,6 @@ def _run_crop(npz: pathlib.Path) -> int | None:
   except (OSError, ValueError, AttributeError):
     return None  # not a workdir (or not one of ours): the size is simply unknown
   return crop if isinstance(crop, int) and crop >= models.MIN_IMAGE_SIZE else None
-
-
-def _root_kernel(params):
-  return params['root_block']['conv_root']['kernel']
 
 
 def adapt_input_conv(

@@ -93,7 +93,7 @@ class TrainResult(_TrainResultRequired, total=False):
 
 
 class ExportManifest(TypedDict, total=False):
-  """export.json of a `bit.export` directory (a plain dict; `bit.export.read_manifest(path)` reads it)."""
+  """export.json of a `bit.export` directory (a plain dict; `bit.exporter.read_manifest(path)` reads it)."""
 
   format: str
   file: str

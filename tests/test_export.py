@@ -13,7 +13,7 @@ from PIL import Image
 import bit
 from bit import checkpoints, prediction
 from bit.errors import BitError
-from bit.export import ONNX_OPSET, sha256_file
+from bit.exporter import ONNX_OPSET, sha256_file
 from bit.testing import random_checkpoint
 from bit.tools import cli
 
@@ -362,9 +362,8 @@ def test_bad_input(workdir, tmp_path, capsys, monkeypatch):
 
 
 def test_overwrite_replaces_only_an_export(workdir, tmp_path, monkeypatch):
-  from bit import export as export_module  # noqa: F401 (binds bit.export to the module: it stays callable)
+  from bit import exporter as module
 
-  module = sys.modules['bit.export']
   monkeypatch.setitem(
     module.WRITERS, 'stablehlo', lambda fn, p, size, i, out: (out / 'model.stablehlo').write_text(i) and {}
   )
@@ -392,7 +391,7 @@ def test_overwrite_replaces_only_an_export(workdir, tmp_path, monkeypatch):
 
 
 def test_model_flag_follows_bit_load(workdir):
-  from bit.export import load_source
+  from bit.exporter import load_source
 
   model, _, names, size, source = load_source(model=str(workdir / 'model.npz'), keep_head=True)
   assert (model.num_classes, names, size, source) == (len(CLASSES), list(CLASSES), 224, workdir / 'model.npz')

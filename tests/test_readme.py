@@ -240,7 +240,7 @@ def _tiny_training(stack, monkeypatch, ns):
 
 def _export(fmt, folder):
   def make(stack, monkeypatch, ns):
-    from bit.export import export
+    from bit.exporter import export
 
     if fmt == 'onnx':
       pytest.importorskip('onnx', reason="the ONNX export needs pip install -e '.[export]'")

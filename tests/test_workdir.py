@@ -96,7 +96,7 @@ def test_every_reader_of_a_finished_run_takes_its_size_from_the_runs_crop(tmp_pa
   """bit-export, bit-predict and bit-eval read a workdir through `workdir.load`: the size is the run's crop
   (48 here), never a default of 224, and a config.json without a crop is an error naming it."""
   from bit import prediction
-  from bit.export import load_source
+  from bit.exporter import load_source
 
   (tmp_path / 'model.npz').write_bytes(checkpoint_bytes(classes=3))
   files.write_text(tmp_path / 'labels.txt', 'a\nb\nc\n')

@@ -61,6 +61,7 @@ _FLAGS_OF_ARGUMENTS = {
     'model': '--model',
     'num_classes': '--num_classes',
     'path': '--output',
+    'output': '--output',
     'overwrite': '--overwrite',
     'size': '--size',
     'input': '--input',
@@ -527,16 +528,16 @@ def _export(argv) -> None:
   Writes the model's inference function (images -> logits, probabilities; any batch size) for serving
   outside JAX, with labels.txt and export.json (size, input convention, source sha256, how to call it).
   """
-  from bit.export import FORMATS, INPUTS, check_format, check_size, export, load_source
+  from bit.exporter import FORMATS, INPUTS, check_format, check_size, export, load_source
 
   if not FLAGS.format:
     raise BitError(f'--format is required: one of {", ".join(FORMATS)}, timm.')
   if not FLAGS.output:
     raise BitError('--output is required: the directory that receives the export.')
-  if FLAGS.format == 'timm':  # timm's hub layout (bit/hub.py), not an inference function
-    from bit import hub
+  if FLAGS.format == 'timm':  # timm's hub layout (bit/sharing.py), not an inference function
+    from bit import hub, sharing
 
-    path = hub.export_timm(
+    path = sharing.export_timm(
       FLAGS.output,
       workdir=FLAGS.workdir,
       model=FLAGS.model,
@@ -574,7 +575,7 @@ def _export(argv) -> None:
 
 
 def export_main() -> None:
-  """bit-export: the inference function as a TF SavedModel, ONNX or serialized StableHLO; see bit.export."""
+  """bit-export: the inference function as a TF SavedModel, ONNX or serialized StableHLO; see bit.export (bit/exporter.py)."""
   _run('bit-export', _define_export_flags, _export)
 
 

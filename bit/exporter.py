@@ -38,7 +38,6 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -636,14 +635,3 @@ def load_source(*, workdir=None, model=None, num_classes=None, keep_head=False):
   except BitError:
     path = pathlib.Path(model).expanduser()
   return net, params, names, int(size), path
-
-
-class _CallableModule(type(sys.modules[__name__])):
-  """`bit.export` is both this module and the function: importing a submodule binds the package attribute
-  to the module (`import bit.export` after `bit.export` was resolved), so the module calls `export`."""
-
-  def __call__(self, *args, **kwargs):
-    return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
