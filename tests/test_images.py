@@ -120,3 +120,69 @@ def test_a_file_that_does_not_decode_is_skipped_and_counted_by_evaluate(tmp_path
   assert evaluation.summary(result)['skipped'] == 1
   with pytest.raises(DataError, match='trunc.jpg'):
     prediction.load_image(d / 'trunc.jpg', 32)
+
+
+# --- the native decode of the tf.data pipelines: the same pixels as `images.decode` -------------------------
+
+
+def _photo(rng, h, w) -> np.ndarray:
+  """A photo-like picture: smooth colour fields with fine noise (compresses and decodes like a photo)."""
+  coarse = Image.fromarray(rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8))
+  field = np.asarray(coarse.resize((w, h), Image.BICUBIC), np.float32)
+  return np.clip(field + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, fmt, **kwargs)
+  return buf.getvalue()
+
+
+@pytest.fixture(scope='module')
+def corpus():
+  """Real-size photos of every kind the readers meet -> (encoded bytes, how `decode_op` should decode them)."""
+  rng = np.random.default_rng(0)
+  native, pillow = images._NATIVE_JPEG, images._PILLOW
+  out = {}
+  for o in range(1, 9):
+    exif = Image.Exif()
+    exif[0x0112] = o
+    for name, (h, w) in (('', (375, 500)), ('_big', (1200, 1600))):
+      photo = Image.fromarray(_photo(rng, h, w))
+      out[f'exif{o}{name}'] = (_encoded(photo, 'JPEG', quality=90, exif=exif.tobytes()), native)
+  photo = Image.fromarray(_photo(rng, 375, 500))
+  out['progressive'] = (_encoded(Image.fromarray(_photo(rng, 900, 1200)), 'JPEG', progressive=True), native)
+  out['4:4:4'] = (_encoded(photo, 'JPEG', quality=95, subsampling=0), native)
+  out['gray'] = (_encoded(photo.convert('L'), 'JPEG'), native)
+  out['gray_big'] = (_encoded(Image.fromarray(_photo(rng, 1500, 1000)).convert('L'), 'JPEG'), native)
+  out['cmyk'] = (_encoded(photo.convert('CMYK'), 'JPEG'), pillow)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  out['png'] = (_encoded(photo, 'PNG', exif=exif.tobytes()), images._NATIVE_PNG)
+  out['png_rgba'] = (_encoded(photo.convert('RGBA'), 'PNG'), images._NATIVE_PNG)
+  out['png_gray'] = (_encoded(photo.convert('L'), 'PNG'), images._NATIVE_PNG)
+  out['png_16bit'] = (
+    _encoded(Image.fromarray(_photo(rng, 375, 500)[..., 0].astype(np.uint16) * 257), 'PNG'),
+    pillow,
+  )
+  out['palette'] = (_encoded(photo.convert('P', palette=Image.Palette.ADAPTIVE), 'PNG'), pillow)
+  out['webp'] = (_encoded(photo, 'WEBP'), pillow)
+  out['bmp'] = (_encoded(photo, 'BMP'), pillow)
+  return out
+
+
+@pytest.mark.parametrize('min_side', [None, 150, 300, 600])
+def test_the_pipelines_native_decode_gives_the_pixels_of_the_one_decoder(corpus, min_side):
+  """tf.data decodes common JPEGs/PNGs with TensorFlow's kernels, the rest with Pillow: every kind of file,
+  every EXIF orientation and every reduced-scale JPEG decode gives exactly `images.decode`'s pixels."""
+  tf = data_sources.tf_hidden()
+  names = list(corpus)
+  ds = tf.data.Dataset.from_tensor_slices([corpus[n][0] for n in names])
+  ds = ds.map(lambda raw: images.decode_op(tf, raw, min_side or 0))
+  for name, got in zip(names, ds.as_numpy_iterator(), strict=True):
+    raw, how = corpus[name]
+    assert images._plan(raw, min_side)[0] == how, name  # the common kinds really take the native path
+    expected = images.decode(raw, min_side)
+    assert got.shape == expected.shape and np.array_equal(got, expected), name
+  if min_side == 300:  # a big JPEG is decoded at a reduced scale: 1200x1600 at 1/4
+    assert images._plan(corpus['exif6_big'][0], 300)[2] == images._SCALES.index(4)
