@@ -1,4 +1,4 @@
-"""The README's long-run figures on this machine: save stall (sync vs async), SIGTERM to exit, remat cost.
+"""The long-run figures of docs/long-runs.md: save stall (sync vs async), SIGTERM to exit, remat cost.
 
   python benchmarks/long_runs.py save      # stall of one checkpoint save of an R50x1 train state
   python benchmarks/long_runs.py sigterm   # SIGTERM after step 2 of an R50x1 run at 128 px to its exit

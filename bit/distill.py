@@ -417,7 +417,7 @@ def distill(config, workdir) -> dict:
 def evaluate_teacher(teacher: Teacher, cfg: dict, workdir, info) -> dict:
   """The teacher on the run's test split, as the student is evaluated; kept in WORKDIR/teacher.json (a rerun
   with the same teacher file reads it back)."""
-  from bit import train
+  from bit import evaluation
 
   path = pathlib.Path(workdir).expanduser() / TEACHER_FILE
   if path.is_file():
@@ -428,7 +428,7 @@ def evaluate_teacher(teacher: Teacher, cfg: dict, workdir, info) -> dict:
     except (OSError, ValueError):
       pass
   apply_fn = models.Inference(teacher.model.clone(dtype=jnp.float32))
-  result = train.evaluate_test_split(apply_fn, teacher.params, cfg, info.num_classes)
+  result = evaluation.evaluate_test_split(apply_fn, teacher.params, cfg, info.num_classes)
   out = {
     'source': teacher.source,
     'split': cfg['test_split'],

@@ -1,6 +1,6 @@
 """The memory plan of a training config, before the run: `bit-train ... --dry_run`.
 
-`plan(config)` compiles the real train step of the config (`bit.train._compiled`'s step: the same model,
+`plan(config)` compiles the real train step of the config (`bit.train_setup.compiled_step`'s step: the same model,
 optimizer, accumulation, remat and data parallelism) for the local devices from shapes alone
 (`jax.eval_shape`, `jit(...).lower(...).compile()`): no data is read, no checkpoint is downloaded and no
 device memory is allocated for the params. Per device it reports the params, the optimizer state, the
@@ -97,20 +97,20 @@ def _nbytes(tree) -> int:
 def _compiler_options(dp) -> dict:
   # The program is compiled only to read its memory and never runs: on CPU, LLVM's optimization level 0
   # halves the compile time and leaves XLA's HLO passes and buffer assignment, hence every figure, unchanged
-  # (README, Long runs). A GPU's or TPU's compile is left as it is: its figures must be the real program's.
+  # (docs/long-runs.md). A GPU's or TPU's compile is left as it is: its figures must be the real program's.
   return {'xla_backend_optimization_level': 0} if dp.devices[0].platform == 'cpu' else {}
 
 
 def measure(config, arch, num_classes, crop, *, remat='none', accum_steps=1) -> dict:
   """Per-device bytes of one compiled train step: params, opt_state, batch, temp (shapes only)."""
-  from bit import train
+  from bit import config as config_lib
   from bit.train_state import create_state, lr_schedule, train_step
 
   dp = parallel.DataParallel(config.parallelism, parallel.select_devices(config.get('num_devices', 0)))
   dp.check_batch(int(config.batch_size), int(accum_steps))
   model = models.create_model(arch, num_classes, models.DTYPES[config.dtype]).clone(remat=remat)
   params = models.param_shapes(model)
-  transfer = train._transfer_settings(config)
+  transfer = config_lib.transfer_settings(config)
   supports = list(config.schedule) if config.get('schedule') else [1, 2, 3, 4, 5]  # no shape depends on it
   lr_fn = lr_schedule(supports, config.base_lr)
   state = jax.eval_shape(lambda p: create_state(model, p, lr_fn, accum_steps=accum_steps, **transfer), params)
@@ -202,9 +202,9 @@ def _suggest(config, arch, num_classes, crop, limit, first) -> dict | None:
 
 def plan(config, *, num_classes=None, device_memory_gb=None) -> dict:
   """The memory plan of `config` on the local devices (see the module docstring); a JSON-ready dict."""
-  from bit import train
+  from bit import config as config_lib
 
-  train._check_config(config)
+  config_lib.check(config)
   arch = architecture(config.model)
   num_classes, crop = _dataset_shapes(config, num_classes)
   result = measure(

@@ -21,6 +21,10 @@ class ConfigError(BitError):
   """A config key or value is wrong, or a workdir holds a different run."""
 
 
+class NonFiniteLossError(BitError):
+  """The loss or the gradients stopped being finite numbers (bit.train: the last good checkpoint is named)."""
+
+
 class Interrupted(BitError):
   """A run stopped on a signal (SIGTERM, Ctrl-C); `exit_code` is the status to exit with (128 + signal)."""
 

@@ -18,14 +18,13 @@ import json
 import logging
 import math
 import pathlib
-import re
 from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import files, models, parallel, xla
+from bit import files, layout, models, parallel, xla
 from bit.errors import BitError, DataError
 
 log = logging.getLogger(__name__)
@@ -158,6 +157,40 @@ def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> d
   }
 
 
+def sum_over_processes(result: dict) -> dict:
+  """Combines the per-process results of a multi-process evaluation (each process saw its own examples)."""
+  from jax.experimental import multihost_utils
+
+  count = int(result['count'])
+  local = {
+    'confusion': np.asarray(result['confusion'], np.int32),
+    'hits5': np.int32(round(float(result['top5']) * count) if count else 0),
+    'loss_sum': np.float32(float(result['loss']) * count if count else 0.0),
+  }
+  gathered = multihost_utils.process_allgather(local)
+  confusion = np.asarray(gathered['confusion']).sum(axis=0).astype(np.int64)
+  hits5, loss_sum = int(np.sum(gathered['hits5'])), float(np.sum(gathered['loss_sum'], dtype=np.float64))
+  return metrics_from_counts(confusion, hits5, loss_sum)  # the same metrics as one process
+
+
+def evaluate_test_split(apply_fn, params, cfg: dict, num_classes: int, *, devices=None) -> dict:
+  """The whole test split of a resolved config through `evaluate_batches` (the same per-batch step
+  as bit-eval), each process its slice, the counts summed over processes."""
+  from bit import data
+
+  batches = data.eval_iterator(
+    cfg['dataset'],
+    split=cfg['test_split'],
+    global_batch_size=cfg['batch_size'] // cfg['accum_steps'],
+    crop=cfg['crop'],
+    data_dir=cfg['data_dir'],
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  result = evaluate_batches(apply_fn, params, batches, num_classes, devices=devices)
+  return sum_over_processes(result) if jax.process_count() > 1 else result
+
+
 def evaluate(
   model,
   params,
@@ -239,10 +272,6 @@ def evaluate(
   return result
 
 
-def _safe(split: str) -> str:
-  return re.sub(r'[^A-Za-z0-9_.-]+', '_', split).strip('_') or 'split'
-
-
 def confusion_csv(result: dict, class_names) -> str:
   """The CSV text: one row per true class with its name, example count, accuracy and predicted counts."""
   m = np.asarray(result['confusion'])
@@ -279,12 +308,7 @@ def write_report(
   workdir.mkdir(parents=True, exist_ok=True)
   split = split or result.get('split', 'test')
   names = list(class_names) if class_names is not None else result.get('class_names')
-  tag = _safe(split)
-  paths = {
-    'csv': workdir / f'confusion_{tag}.csv',
-    'png': workdir / f'confusion_{tag}.png',
-    'json': workdir / f'eval_{tag}.json',
-  }
+  paths = layout.report_files(workdir, split)
   files.write_text(paths['csv'], confusion_csv(result, names))
   title = f'Confusion matrix, split {split!r} ({result["count"]} examples, top-1 {100 * result["top1"]:.1f}%)'
   plots.plot_confusion(result['confusion'], names, paths['png'], title=title)

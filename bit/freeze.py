@@ -39,10 +39,10 @@ import jax
 import optax
 
 from bit import models, ops
-from bit.config import default
+from bit.config import TRANSFER_MODES, default
 from bit.errors import ConfigError
 
-MODES = ('full', 'head', 'partial')
+MODES = TRANSFER_MODES
 
 # Labels of the optimizer groups built by `param_labels`.
 TRAINABLE, BACKBONE, FROZEN = 'trainable', 'backbone', 'frozen'

@@ -3,7 +3,7 @@
 XLA's CPU runtime mallocs each computation's temporary buffers at every call and frees them after it: for a
 train step of R50x1 at 128 px, batch 16, some 650 MB. glibc serves blocks that large with a fresh `mmap` and
 gives them back with `munmap`, so at every step the kernel faults in and zeroes every page again: a large
-share of the step goes to system time (the figures, with the command that made them: README, Performance).
+share of the step goes to system time (the figures, with the command that made them: docs/performance.md).
 
 `configure()` makes two settings (the command-line tools call it through `bit.runtime`, library users through
 `bit.configure_cpu()`; `import bit` does not):
@@ -18,8 +18,9 @@ share of the step goes to system time (the figures, with the command that made t
   `jax.config.update('jax_cpu_enable_async_dispatch', True)` wins.
 
 The page faults per step (`train_page_faults_per_step` of `python -m bit.tools.speed`) all but vanish; what
-that buys is in the README (Performance). The cost: memory freed at the top of the heap is given back to the kernel only beyond 2 GB, so the process keeps
-up to that much of its peak heap, much as tcmalloc and jemalloc keep theirs.
+that buys is in docs/performance.md. The cost: memory freed at the top of the heap is given back to the
+kernel only beyond 2 GB, so the process keeps up to that much of its peak heap, much as tcmalloc and
+jemalloc keep theirs.
 
 Nothing is changed when `BIT_MALLOC=system`, off glibc (macOS, musl), or when the user set glibc's malloc
 themselves (`MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`, `glibc.malloc.*` in `GLIBC_TUNABLES`, `LD_PRELOAD`):

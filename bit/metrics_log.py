@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import time
 
-METRICS_FILE = 'metrics.jsonl'
+from bit.errors import NonFiniteLossError
+from bit.layout import METRICS_FILE
 
 
 def _jsonable(value):
@@ -68,3 +70,60 @@ def read_metrics(workdir) -> list[dict]:
     except json.JSONDecodeError:
       continue
   return lines
+
+
+class TrainLog:
+  """Train metrics between two writes: the device metrics of the steps since, fetched together on `flush`.
+
+  Fetching every step would stall the devices; `flush` fetches, stops on a non-finite loss and writes one
+  train line (mean loss, last lr and gradient norm, images per second since the last line).
+  """
+
+  def __init__(self, writer: MetricsWriter, bar, dp, *, batch_size: int, start: int, checkpoint_dir):
+    self.writer, self.bar, self.dp = writer, bar, dp
+    self.batch_size, self.checkpoint_dir = batch_size, checkpoint_dir
+    self.pending = []  # (step, device metrics)
+    self.last_loss = None
+    self.tick, self.tick_step = time.perf_counter(), start
+
+  def add(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics))
+
+  def pause_clock(self) -> None:
+    """Evaluation and checkpoint time are not training throughput."""
+    self.tick = time.perf_counter()
+
+  def flush(self, step: int, last_good: int | None) -> float | None:
+    """Returns the mean loss of the pending steps (or the last one, if none are pending)."""
+    if not self.pending:
+      return self.last_loss
+    import jax
+    import numpy as np
+
+    fetched = [(s, jax.device_get(self.dp.unreplicate(m))) for s, m in self.pending]
+    self.pending = []
+    for s, m in fetched:
+      if not (math.isfinite(float(m['loss'])) and math.isfinite(float(m['grad_norm']))):
+        where = (
+          f'step {last_good} in {self.checkpoint_dir} (rerunning the same command resumes from it)'
+          if last_good
+          else 'none: no checkpoint was saved yet'
+        )
+        raise NonFiniteLossError(
+          f'The training loss became {float(m["loss"])} (gradient norm {float(m["grad_norm"])}) at step {s}; '
+          f'the last good checkpoint is {where}. Lower config.base_lr= or set config.dtype=float32.'
+        )
+    now = time.perf_counter()
+    loss = float(np.mean([float(m['loss']) for _, m in fetched]))
+    ips = (step - self.tick_step) * self.batch_size / max(now - self.tick, 1e-9)
+    self.tick, self.tick_step = now, step
+    line = {
+      'loss': loss,
+      'lr': float(fetched[-1][1]['lr']),
+      'grad_norm': float(fetched[-1][1]['grad_norm']),
+      'images_per_sec': ips,
+    }
+    self.writer.write(step, line, prefix='train')
+    self.bar.set_postfix(loss=f'{loss:.4f}', lr=f'{line["lr"]:.2e}', img_s=f'{ips:.1f}', refresh=False)
+    self.last_loss = loss
+    return loss

@@ -149,7 +149,7 @@ def _recomputed(module: nn.Module):
   Not `nn.remat`: jax.checkpoint keeps the recomputation apart from the forward pass with an XLA
   optimization barrier, and XLA's CPU compiler removes those barriers before its common-subexpression
   elimination and scheduling, which then merged the recomputation back into the forward pass: every
-  activation stayed live and the temporaries grew (README, Long runs). Here the recomputation reads its
+  activation stayed live and the temporaries grew (docs/long-runs.md). Here the recomputation reads its
   input and params plus zero times one element of the incoming gradient: the same values (x + 0.0 == x; a
   non-finite gradient gives non-finite gradients, as it would anyway), but a data dependency no compiler
   pass removes, so it can neither be merged with the forward pass nor run before the backward pass reaches

@@ -2,7 +2,7 @@
 
 Every op here has a reference form (the textbook formula, which XLA differentiates) and a fast form that
 gives the same values and gradients up to float rounding (tests/test_ops.py checks both ways). The fast
-forms were written and measured on CPU, where each made the R50x1 train step faster (README, Performance);
+forms were written and measured on CPU, where each made the R50x1 train step faster (docs/performance.md);
 none has been measured on a GPU or TPU, so there `auto` picks the reference until a measurement says
 otherwise.
 
@@ -39,7 +39,7 @@ ENV = 'BIT_FAST_OPS'
 MODES = ('auto', 'on', 'off')
 OPS = ('group_norm', 'standardize', 'conv_1x1', 'conv_matmul', 'max_pool', 'root_barrier')
 # What `auto` takes, per backend: the ops measured faster there than their reference. CPU: all of them (see
-# the README's Performance section). GPU and TPU: none yet; add an op once a measurement there says so.
+# docs/performance.md). GPU and TPU: none yet; add an op once a measurement there says so.
 AUTO = {'cpu': frozenset(OPS), 'gpu': frozenset(), 'tpu': frozenset()}
 
 _setting: str | None = None  # set_fast_ops's value; None: the environment decides
@@ -121,7 +121,8 @@ def standardize_reference(w: jax.Array, axis=(0, 1, 2), eps: float = 1e-10) -> j
 
 
 # On CPU, reducing over the three leading axes of the 4-D kernel, and XLA's autodiff of it, were a large part
-# of an R50 train step; the (H*W*I, O) view and the closed-form backward make it a small one (README, Performance).
+# of an R50 train step; the (H*W*I, O) view and the closed-form backward make it a small one
+# (docs/performance.md).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _standardize_hwio(w: jax.Array, eps: float) -> jax.Array:
   return _standardize_hwio_fwd(w, eps)[0]
@@ -172,8 +173,8 @@ def conv_1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
   On CPU XLA runs the weight gradient of a 1x1 *convolution* at a small fraction of the matmul peak, while
   the dot's gradients are plain matmuls. An explicit transpose of x for the weight gradient (behind an
-  optimization barrier) was slower than letting XLA fuse it, so autodiff does the backward (README,
-  Performance).
+  optimization barrier) was slower than letting XLA fuse it, so autodiff does the backward
+  (docs/performance.md).
   """
   y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[-2:]))
   return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
@@ -181,8 +182,8 @@ def conv_1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 # XLA's CPU convolution over few output pixels, forward and backward, runs far below the matmul peak (its
 # layout assignment swaps the batch and feature dimensions of tiny images): the 3x3 convolutions at 1x1-8x8
-# outputs were most of an R26x1 train step at 32 px. As im2col matmuls they are several times faster (README,
-# Performance); at 16x16 and more XLA's own convolution is faster.
+# outputs were most of an R26x1 train step at 32 px. As im2col matmuls they are several times faster
+# (docs/performance.md); at 16x16 and more XLA's own convolution is faster.
 MATMUL_MAX_PIXELS = 64
 
 
@@ -294,7 +295,7 @@ def root_barrier(x: jax.Array) -> jax.Array:
   """The identity; with the fast op on, its gradient is materialized before it flows on.
 
   On CPU, without the barrier XLA fused the max-pool and GroupNorm backward into the transposed copy its
-  kernel-gradient convolution needs, which made that copy several times slower (README, Performance).
+  kernel-gradient convolution needs, which made that copy several times slower (docs/performance.md).
   """
   return gradient_barrier(x) if use_fast('root_barrier') else x
 

@@ -12,7 +12,7 @@ first thing, before JAX's backend starts; a program that uses bit as a library c
 - glibc's `mallopt` (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GB) and JAX's `jax_cpu_enable_async_dispatch` off
   (bit/malloc.py): XLA's per-step buffers are reused instead of faulted in anew. `BIT_MALLOC=system` skips it.
 
-What each setting buys is in the README (Performance), with the command that measured it. Off a CPU backend
+What each setting buys is in docs/performance.md, with the command that measured it. Off a CPU backend
 it costs nothing and changes nothing that matters (the malloc settings hold for host memory only).
 """
 

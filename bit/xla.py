@@ -2,8 +2,8 @@
 
 XLA's CPU backend sends convolutions to YNNPACK by default, where several of BiT's (the 7x7 root, the 3x3s at
 64 channels) run single-threaded, several times slower than in XLA's own (Eigen) convolution; YNNPACK's
-matmuls and reductions are fast, so they are kept. The figures, with the command that made them, are in the
-README (Performance).
+matmuls and reductions are fast, so they are kept. The figures, with the command that made them, are in
+docs/performance.md.
 
 A user's own `--xla_cpu_experimental_ynn_fusion_type` in `XLA_FLAGS` always wins: then nothing is changed.
 `jit` applies the setting to each function bit compiles (on CPU); `configure_environment` puts it in

@@ -7,7 +7,7 @@ Runs the demo's recipe (configs/demo.py) as a grid: the demo's R26x1 pretrained 
 official BiT-M-R50x1 (downloaded; marked `unavailable` when there is no network), each fine-tuned on digits
 5-9 (`demo:digits5-9`) with 1 and 5 examples per class, 3 seeds; results in WORKDIR/results.md and
 results.csv. There is no official figure for these cells; what it measured, and how long it took, is in the
-README (Benchmarks against the paper).
+docs/benchmarks.md (The offline grid).
 
 Smaller: --config.grids.digits.seeds=(0,) --config.grids.digits.examples_per_class=(5,)
 """

@@ -7,9 +7,10 @@ classes), saves it as an official-layout .npz, then fine-tunes it on digits 5-9 
 trains the same architecture from scratch on the same examples with the same recipe (100 steps of batch 10 at
 the hyper-rule's lr 0.003), for 3 seeds; prints both test accuracies side by side (WORKDIR/demo.md,
 demo.json). It should show the fine-tune beating scratch on every seed; the accuracies and times measured,
-per seed, are in the README (The offline demo). Why this recipe: at lr 0.01 scratch was no better while the
-fine-tune got worse (a large lr overwrites the pretrained features), and at 1 shot per class the gain was not
-robust across seeds (the classifier is then decided by which one scan per digit was drawn).
+per seed, are in docs/benchmarks.md (The offline demo). Why this recipe: at lr 0.01 scratch was no
+better while the fine-tune got worse (a large lr overwrites the pretrained features), and at 1 shot per
+class the gain was not robust across seeds (the classifier is then decided by which one scan per digit
+was drawn).
 
 The top-level keys (those of configs/common.py) are the few-shot stage's recipe, shared by the fine-tune and
 the scratch baseline; `demo.*` sets the data and the pretraining stage. E.g. 5 shots, other seeds (the

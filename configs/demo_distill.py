@@ -10,7 +10,7 @@ Per seed it then distills that seed's fine-tune (the teacher, R26x1) into an R26
 labeled 10 shots per class plus every other digits 5-9 training scan, without its label (the teacher gives
 the targets). The labels-only baseline is the demo's scratch stage: the same architecture, from scratch, on
 the same 10 shots per class. WORKDIR/distill.md and distill.json show teacher, distilled and labels-only
-test top-1 per seed; the README has the measured figures and the time.
+test top-1 per seed; docs/distillation.md has the measured figures and the time.
 
 The top-level keys are configs/demo.py's (the demo's stages); `distill_demo.recipe` is the distillation
 stage's config (configs/distill.py's keys; teacher, dataset, unlabeled, shots and seed are set per seed),

@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 from helpers import kill_after_checkpoint, run_cli  # noqa: E402
 from test_train import make_folder, make_npz  # noqa: E402
 
-from bit import checkpoints, config, data, distill, models, train  # noqa: E402
+from bit import checkpoints, config, data, distill, models, train, train_setup  # noqa: E402
 from bit.errors import ConfigError, DataError  # noqa: E402
 from bit.metrics_log import read_metrics  # noqa: E402
 from bit.tools import cli  # noqa: E402
@@ -142,11 +142,11 @@ def test_teacher_sees_the_students_view_and_never_changes(assets, tmp_path):
   c = distill.train_config(
     make_config(assets['teacher'], assets['folder'], assets['unlabeled']), (2, 4, 6, 8, 10)
   )
-  setup = train._setup(c, tmp_path / 'w', objective)  # the step `fit` runs (compiled once, cached)
+  setup = train_setup.setup(c, tmp_path / 'w', objective)  # the step `fit` runs (compiled once, cached)
   setup.manager.close()
   assert [m.architecture for m in loaded] == ['R26x1']  # the objective's hook saw the student
   dp = setup.dp
-  batch = next(train._train_iterator(setup))
+  batch = next(train_setup.train_iterator(setup))
   assert not np.allclose(batch['image'], np.roll(batch['image'], 1, axis=0))
   assert 0 < np.count_nonzero(batch['label'].sum(-1) < 0.999)  # MixUp with unlabeled rows is in it
   dteacher = dp.replicate(teacher.folded)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE))
 from helpers import start_two_processes, train_command  # noqa: E402
 from test_train import base_config, make_folder, make_npz  # noqa: E402
 
-from bit import checkpoints, models, train  # noqa: E402
+from bit import checkpoints, config, models, recovery, train, train_setup  # noqa: E402
 from bit.errors import ConfigError  # noqa: E402
 from bit.metrics_log import read_metrics  # noqa: E402
 
@@ -34,7 +34,7 @@ def _tree(step):
 def _manager(directory, steps):
   import orbax.checkpoint as ocp
 
-  m = train._checkpoint_manager(pathlib.Path(directory), keep=0)
+  m = recovery.checkpoint_manager(pathlib.Path(directory), keep=0)
   for s in steps:
     m.save(s, args=ocp.args.StandardSave(_tree(s)))
   m.wait_until_finished()
@@ -51,7 +51,7 @@ def test_a_checkpoint_that_does_not_restore_is_moved_aside_with_its_reason(tmp_p
   m = _manager(tmp_path, [2, 4, 6])
   ckpts = tmp_path / 'checkpoints'
   _damage(ckpts / '6')
-  tree, step = train._restore_latest(m, _tree(0))
+  tree, step = recovery.restore_latest(m, _tree(0))
   assert step == 4 and float(tree['w'][0]) == 4
   assert sorted(p.name for p in ckpts.iterdir()) == ['2', '4', 'unreadable-6', 'unreadable-6.txt']
   assert 'step 6' in (ckpts / 'unreadable-6.txt').read_text()
@@ -64,22 +64,22 @@ def test_when_no_checkpoint_restores_the_run_stops_and_nothing_is_moved(tmp_path
   m = _manager(tmp_path, [2, 4])
   before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*'))
   wrong = {'step': np.asarray(0, np.int64), 'w': np.zeros(5, np.float32)}  # e.g. a changed model
-  with pytest.raises(train.CheckpointRestoreError, match=r'step 4: .*step 2: .*config\.restart=True'):
-    train._restore_latest(m, wrong)
+  with pytest.raises(recovery.CheckpointRestoreError, match=r'step 4: .*step 2: .*config\.restart=True'):
+    recovery.restore_latest(m, wrong)
   assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == before
   # On purpose: restart moves them aside (kept) and the run starts at step 0.
-  moved = train._set_all_aside(m, primary=True)
+  moved = recovery.set_all_aside(m, primary=True)
   m.reload()
   assert moved.parent == tmp_path / 'checkpoints' and moved.name.startswith('restart-')
   assert sorted(p.name for p in moved.iterdir()) == ['2', '4']
-  assert train._restore_latest(m, wrong) == (None, 0)
+  assert recovery.restore_latest(m, wrong) == (None, 0)
   m.close()
 
 
 KILLED_SAVE = r"""
 import sys, time, pathlib, numpy as np, orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
-from bit import train
+from bit import recovery
 real = atomicity.AtomicRenameTemporaryPath.finalize
 async def finalize(self):
   if '4.orbax-checkpoint-tmp' in str(self.get()):
@@ -87,7 +87,7 @@ async def finalize(self):
     time.sleep(600)  # killed here: the data of step 4 is written, the rename that commits it is not
   await real(self)
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
-m = train._checkpoint_manager(pathlib.Path(sys.argv[1]), keep=0)
+m = recovery.checkpoint_manager(pathlib.Path(sys.argv[1]), keep=0)
 for s in (2, 4):
   m.save(s, args=ocp.args.StandardSave({'step': np.asarray(s, np.int64), 'w': np.full(3, float(s), np.float32)}))
 m.wait_until_finished()
@@ -106,8 +106,8 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(tmp_pat
   ckpts = tmp_path / 'checkpoints'
   tmp = [p.name for p in ckpts.iterdir() if '.orbax-checkpoint-tmp' in p.name]
   assert len(tmp) == 1 and tmp[0].startswith('4.'), sorted(p.name for p in ckpts.iterdir())
-  m = train._checkpoint_manager(tmp_path, keep=0)
-  tree, step = train._restore_latest(m, _tree(0))
+  m = recovery.checkpoint_manager(tmp_path, keep=0)
+  tree, step = recovery.restore_latest(m, _tree(0))
   assert step == 2 and float(tree['w'][0]) == 2
   m.close()
   assert (ckpts / tmp[0]).is_dir()  # orbax's unfinished folder: not a checkpoint, and not deleted
@@ -164,7 +164,7 @@ def test_remat_unit_really_drops_the_activations():
 def test_remat_is_checked_and_keeps_the_param_names():
   c = base_config('R26x1', '/nowhere', remat='layer')
   with pytest.raises(ConfigError, match=r"config.remat='layer' is not one of none, unit, stage"):
-    train._check_config(c)
+    config.check(c)
   model = models.create_model('R26x1', 3)
   shapes = models.param_shapes(model)
   for remat in ('unit', 'stage'):
@@ -240,7 +240,7 @@ def test_sigterm_during_the_evaluation_or_the_export_keeps_the_checkpoint_and_re
 
   config = base_config(assets['npz'], assets['folder'], num_devices=1, schedule=(1, 2, 3, 4, 5))
   workdir = tmp_path / 'w'
-  real_evaluator, real_save_npz = train._evaluator, ckpt.save_npz
+  real_evaluator, real_save_npz = train_setup.evaluator, ckpt.save_npz
 
   def evaluator_signalled(setup):  # the signal arrives while the test split is being evaluated
     evaluate = real_evaluator(setup)
@@ -256,14 +256,14 @@ def test_sigterm_during_the_evaluation_or_the_export_keeps_the_checkpoint_and_re
     real_save_npz(params, path)
 
   # 1: during the evaluation of the last step: that step's checkpoint is saved, nothing exported.
-  monkeypatch.setattr(train, '_evaluator', evaluator_signalled)
+  monkeypatch.setattr(train_setup, 'evaluator', evaluator_signalled)
   with pytest.raises(Interrupted, match='stopped by SIGTERM after step 5 of 5') as e:
     train.fit(config, workdir)
   assert e.value.exit_code == 143
   assert (workdir / 'checkpoints' / '5').is_dir() and not (workdir / 'model.npz').exists()
   # 2: the rerun evaluates again, then the signal comes during the export: model.npz is whole (written
   # atomically) and the pictures are not drawn.
-  monkeypatch.setattr(train, '_evaluator', real_evaluator)
+  monkeypatch.setattr(train_setup, 'evaluator', real_evaluator)
   monkeypatch.setattr(ckpt, 'save_npz', save_npz_signalled)
   with pytest.raises(Interrupted, match='stopped by SIGTERM') as e:
     train.fit(config, workdir)

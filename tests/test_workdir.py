@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from bit import config as common
-from bit import train
+from bit import files, train, workdir
 from bit.errors import BitError, ConfigError
 from bit.tools import cli
 
@@ -46,16 +46,16 @@ def test_a_run_that_fails_at_start_up_leaves_no_config(tmp_path, folder):
 
 
 def test_dataset_paths_are_compared_normalized(tmp_path):
-  train.files.write_json(tmp_path / 'config.json', {'dataset': '/data/flowers', 'seed': 0})
-  train._check_workdir_config(tmp_path, {'dataset': '/data/flowers/', 'seed': 0}, write=False)
-  train._check_workdir_config(tmp_path, {'dataset': '/data/./flowers', 'seed': 0}, write=False)
+  files.write_json(tmp_path / 'config.json', {'dataset': '/data/flowers', 'seed': 0})
+  workdir.check_same_run(tmp_path, {'dataset': '/data/flowers/', 'seed': 0}, write=False)
+  workdir.check_same_run(tmp_path, {'dataset': '/data/./flowers', 'seed': 0}, write=False)
   with pytest.raises(ConfigError, match='holds a different run'):
-    train._check_workdir_config(tmp_path, {'dataset': '/data/birds', 'seed': 0}, write=False)
+    workdir.check_same_run(tmp_path, {'dataset': '/data/birds', 'seed': 0}, write=False)
 
 
 def test_a_read_only_or_full_workdir_is_a_config_error(tmp_path):
   """EROFS (read-only) and ENOSPC (full disk) as they reach the code: one ConfigError naming the workdir."""
   for code, text in ((errno.EROFS, 'Read-only file system'), (errno.ENOSPC, 'No space left on device')):
     with pytest.raises(ConfigError, match=f"workdir='{tmp_path}' cannot be used: .*{text}; give a writable"):
-      with train._workdir_errors(tmp_path):
+      with workdir.errors(tmp_path):
         raise OSError(code, text, str(tmp_path / 'config.json'))

@@ -67,7 +67,7 @@ def export_digits(
   With `rotations`, the pretraining task is "which digit, which way up": every pretraining scan also
   appears turned by 90, 180 and 270 degrees, as the classes '<digit>_rot<angle>' (20 classes). A network
   that only has to tell five digits apart learns little that helps with five new ones; telling digits
-  and orientations apart needs richer stroke features, and those transfer (see the README's demo figures).
+  and orientations apart needs richer stroke features, and those transfer (see docs/benchmarks.md).
 
   The export is atomic (a temporary directory renamed into place) and done once: an existing export is
   reused.
@@ -132,7 +132,7 @@ def export_digits(
 
 def _fingerprint(config) -> dict:
   """The settings that decide a stage's result (operational keys such as log_every may change freely)."""
-  from bit.train import OPERATIONAL_KEYS
+  from bit.config import OPERATIONAL_KEYS
 
   c = json.loads(config.to_json()) if hasattr(config, 'to_json') else dict(config)
   return {k: v for k, v in sorted(c.items()) if k not in OPERATIONAL_KEYS}
