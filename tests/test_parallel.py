@@ -177,3 +177,23 @@ def test_donation_warning_is_silenced_only_inside_bits_calls_on_cpu(mode):
     jax.jit(step, donate_argnums=0)({'a': jnp.zeros(3), 'b': jnp.zeros((7, 5))}, jnp.ones(3))
   donation = [w for w in seen if 'donated buffers were not usable' in str(w.message)]
   assert len(donation) == 1  # JAX's own jit still warns; bit's wrapped step did not
+
+
+def test_prefetch_puts_batches_ahead_in_the_same_order():
+  put_calls = []
+
+  def put(b):
+    put_calls.append(b)
+    return ('on device', b)
+
+  fed = parallel.prefetch_to_device(iter(range(6)), put, size=2)
+  assert next(fed) == ('on device', 0)
+  assert put_calls == [0, 1, 2]  # the next two batches were put before the first step ran
+  assert list(fed) == [('on device', b) for b in range(1, 6)] and put_calls == list(range(6))
+
+
+def test_the_lagged_max_reads_each_step_lag_steps_later_and_all_when_waiting():
+  agreed = parallel.LaggedMax(lag=2)
+  assert [agreed.push(v) for v in (0, 0, 15, 0, 0, 0)] == [0, 0, 0, 0, 15, 0]
+  assert agreed.push(2) == 0 and agreed.drain() == 2 and agreed.drain() == 0  # nothing left pending
+  assert [agreed.push(v) for v in (0, 3, 0)] == [0, 0, 0] and agreed.drain() == 3
