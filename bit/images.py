@@ -188,26 +188,89 @@ def _oriented(tf, image, orientation):
   return tf.switch_case(orientation - 1, turns)
 
 
+def _jpeg_plan(tf, raw, min_side: int):
+  """`_plan` of a JPEG in TensorFlow ops, without Python: the APP segments walked for the EXIF orientation.
+
+  Native when the JPEG has 1 or 3 components and its orientation is plain to read: no APP1 segment, or one
+  Exif segment whose first IFD holds the orientation as one SHORT (either byte order). Anything else (CMYK, an
+  XMP segment, which Pillow also reads the orientation from, several APP1 segments, an odd EXIF) goes to
+  Pillow, which decides as `decode` does.
+  """
+  b = tf.cast(tf.io.decode_raw(raw, tf.uint8), tf.int32)
+  n = tf.size(b)
+
+  def at(i):
+    return tf.gather(b, tf.clip_by_value(i, 0, n - 1))
+
+  def walk(pos, exif, app1s):  # one marker segment: FF xx LEN LEN ...
+    marker = at(pos + 1)
+    is_exif = tf.logical_and(
+      marker == 0xE1, tf.reduce_all(at(pos + 4 + tf.range(6)) == [69, 120, 105, 102, 0, 0])
+    )
+    exif = tf.where(is_exif & (exif < 0), pos + 10, exif)
+    app1s += tf.cast(marker == 0xE1, tf.int32)
+    return pos + 2 + at(pos + 2) * 256 + at(pos + 3), exif, app1s
+
+  def more(pos, exif, app1s):  # every marker segment up to the scan (SOS), where Pillow stops reading
+    marker = at(pos + 1)
+    return (pos + 4 <= n) & (at(pos) == 0xFF) & (marker >= 0xC0) & (marker <= 0xFE) & (marker != 0xDA)
+
+  end, t, app1s = tf.while_loop(more, walk, (tf.constant(2), tf.constant(-1), tf.constant(0)))
+  at_scan = (at(end) == 0xFF) & (
+    at(end + 1) == 0xDA
+  )  # else fill bytes, a marker out of place: Pillow decides
+  little = tf.reduce_all(at(t + tf.range(2)) == [73, 73])  # 'II'; 'MM' is big-endian
+
+  def u16(i):
+    return tf.where(little, at(i) + at(i + 1) * 256, at(i) * 256 + at(i + 1))
+
+  def u32(i):
+    return tf.where(little, u16(i) + u16(i + 2) * 65536, u16(i) * 65536 + u16(i + 2))
+
+  ifd = t + u32(t + 4)
+  entries = ifd + 2 + 12 * tf.range(tf.clip_by_value(u16(ifd), 0, 1000))
+  hits = tf.boolean_mask(entries, u16(entries) == _EXIF_ORIENTATION)
+  entry = tf.concat([hits, [-1]], 0)[0]  # the orientation entry, or -1
+  orientation = tf.where(entry >= 0, u16(entry + 8), 1)
+  plain = (entry < 0) | ((u16(entry + 2) == 3) & (u32(entry + 4) == 1))  # a SHORT, count 1
+  tiff_ok = (ifd + 2 <= n) & (tf.reduce_all(at(t + tf.range(2)) == [77, 77]) | little) & (tf.size(hits) <= 1)
+  readable = tf.where(t < 0, app1s == 0, (app1s == 1) & tiff_ok & plain & (entry + 12 <= n))
+  h, w, channels = tf.unstack(tf.io.extract_jpeg_shape(raw, output_type=tf.int32))
+  native = readable & at_scan & ((channels == 1) | (channels == 3))
+  short = tf.minimum(h, w)
+  scale = tf.reduce_sum(tf.cast(short // tf.constant(_SCALES[1:]) >= max(int(min_side), 1), tf.int32))
+  scale = tf.where(int(min_side) > 0, scale, 0)
+  orientation = tf.where((orientation >= 1) & (orientation <= 8), orientation, 1)
+  return tf.where(native, tf.stack([_NATIVE_JPEG, orientation, scale]), tf.constant([_PILLOW, 1, 0]))
+
+
+def _plan_op(tf, raw, min_side: int):
+  """`_plan` as a TensorFlow op: in TensorFlow ops for a JPEG (`_jpeg_plan`), with Pillow for the rest."""
+
+  def python_plan():
+    plan = tf.numpy_function(lambda data: _plan(data, min_side), [raw], tf.int32, stateful=False)
+    return tf.ensure_shape(plan, [3])
+
+  is_jpeg = tf.strings.substr(raw, 0, 3) == b'\xff\xd8\xff'
+  return tf.cond(is_jpeg, lambda: _jpeg_plan(tf, raw, min_side), python_plan)
+
+
 def decode_op(tf, raw, min_side: int):
   """`decode` as a tf.data op on a scalar string tensor of encoded bytes: uint8 (h, w, 3), the same pixels.
 
-  The common formats are decoded by TensorFlow's own kernels (no Python, no GIL, no copies): 8-bit JPEGs with
-  libjpeg's accurate integer IDCT (Pillow's: `dct_method='INTEGER_ACCURATE'`, and `ratio=` for the reduced-scale
-  decode, Pillow's `draft`) and 8-bit PNGs; the EXIF orientation, read from the header with Pillow, is applied
-  with tf.image. The rest goes through `decode` in a `tf.numpy_function`. tests/test_images.py checks both paths
-  give identical pixels. A file that does not decode raises inside the op, so the pipeline's `ignore_errors`
-  skips it (and `bit.data` logs it by path).
+  The common formats are decoded by TensorFlow's own kernels (no copies, no GIL): 8-bit JPEGs with libjpeg's
+  accurate integer IDCT (Pillow's: `dct_method='INTEGER_ACCURATE'`, and `ratio=` for the reduced-scale decode,
+  Pillow's `draft`), the EXIF orientation read from the header in TensorFlow ops (`_jpeg_plan`) and applied
+  with tf.image; and 8-bit PNGs (their header read by Pillow). The rest goes through `decode` in a
+  `tf.numpy_function`. tests/test_images.py checks both paths give identical pixels. A file that does not
+  decode raises inside the op, so the pipeline's `ignore_errors` skips it (and `bit.data` logs it by path).
   """
-
-  def plan(data):
-    return _plan(data, min_side)
 
   def pillow():
     image = tf.numpy_function(lambda data: decode(_encoded(data), min_side), [raw], tf.uint8, stateful=False)
     return tf.ensure_shape(image, [None, None, 3])
 
-  how = tf.numpy_function(plan, [raw], tf.int32, stateful=False)
-  how = tf.ensure_shape(how, [3])
+  how = _plan_op(tf, raw, min_side)
 
   def jpeg():
     def at(scale):

@@ -3,6 +3,7 @@ same pixels and the same skip policy in training/eval, probe and predict."""
 
 import io
 import logging
+import struct
 
 import numpy as np
 import pytest
@@ -156,6 +157,16 @@ def corpus():
   out['gray'] = (_encoded(photo.convert('L'), 'JPEG'), native)
   out['gray_big'] = (_encoded(Image.fromarray(_photo(rng, 1500, 1000)).convert('L'), 'JPEG'), native)
   out['cmyk'] = (_encoded(photo.convert('CMYK'), 'JPEG'), pillow)
+  plain = _encoded(Image.fromarray(_photo(rng, 375, 500)), 'JPEG', quality=90)
+  for o in (5, 8):  # a big-endian EXIF (as some cameras write), after a comment segment
+    ifd = struct.pack('>2sHIH', b'MM', 42, 8, 1) + struct.pack('>HHIHH', 0x0112, 3, 1, o, 0) + b'\0' * 4
+    app1 = b'Exif\0\0' + ifd
+    segments = (
+      b'\xff\xfe' + struct.pack('>H', 7) + b'hello' + b'\xff\xe1' + struct.pack('>H', len(app1) + 2) + app1
+    )
+    out[f'big_endian_exif{o}'] = (plain[:2] + segments + plain[2:], native)
+  xmp = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+  out['xmp_orientation'] = (_encoded(photo, 'JPEG', xmp=xmp), pillow)  # Pillow reads it: Pillow decides
   exif = Image.Exif()
   exif[0x0112] = 6
   out['png'] = (_encoded(photo, 'PNG', exif=exif.tobytes()), images._NATIVE_PNG)
@@ -178,11 +189,15 @@ def test_the_pipelines_native_decode_gives_the_pixels_of_the_one_decoder(corpus,
   tf = data_sources.tf_hidden()
   names = list(corpus)
   ds = tf.data.Dataset.from_tensor_slices([corpus[n][0] for n in names])
-  ds = ds.map(lambda raw: images.decode_op(tf, raw, min_side or 0))
-  for name, got in zip(names, ds.as_numpy_iterator(), strict=True):
+  ds = ds.map(lambda raw: (images.decode_op(tf, raw, min_side or 0), images._plan_op(tf, raw, min_side or 0)))
+  decoded = list(ds.as_numpy_iterator())
+  plans = {name: plan for name, (_, plan) in zip(names, decoded, strict=True)}
+  for name, (got, _) in zip(names, decoded, strict=True):
     raw, how = corpus[name]
-    assert images._plan(raw, min_side)[0] == how, name  # the common kinds really take the native path
+    assert plans[name][0] == how, name  # the common kinds really take the native path
     expected = images.decode(raw, min_side)
     assert got.shape == expected.shape and np.array_equal(got, expected), name
+    if how != images._PILLOW:  # the header read in TensorFlow ops finds what Pillow finds
+      np.testing.assert_array_equal(plans[name], images._plan(raw, min_side), err_msg=name)
   if min_side == 300:  # a big JPEG is decoded at a reduced scale: 1200x1600 at 1/4
-    assert images._plan(corpus['exif6_big'][0], 300)[2] == images._SCALES.index(4)
+    assert plans['exif6_big'][2] == images._SCALES.index(4)
