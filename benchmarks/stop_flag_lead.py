@@ -17,7 +17,7 @@ class Net(nn.Module):
 dp = parallel.DataParallel('shard_map', jax.devices())
 model = Net()
 params = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))['params']
-state = create_state(model, params, lr_schedule([10**6] * 5, 0.01))
+state = create_state(model, params, lr_schedule([10, 20, 30, 40, 10**6], 0.01))
 step = dp.wrap(train_step, donate=True)
 rng = np.random.default_rng(jax.process_index())
 host = [{'image': rng.uniform(-1, 1, (64, 32, 32, 3)).astype(np.float32),

@@ -155,7 +155,7 @@ def _plan(data, min_side: int | None) -> np.ndarray:
   """int32 [how, orientation, scale index in _SCALES] for `decode_op`, from the header only (Pillow reads no pixels here).
 
   `how`: _NATIVE_JPEG for a baseline or progressive JPEG of 8-bit gray or YCbCr/RGB, _NATIVE_PNG for an 8-bit
-  gray/RGB(A) PNG, _PILLOW for the rest (CMYK, palette, 16-bit, WebP, BMP, GIF, MPO). `orientation` is the EXIF
+  gray/RGB(A) PNG, _PILLOW for the rest (CMYK, palette, 16-bit, WebP, BMP, GIF). `orientation` is the EXIF
   orientation `decode` applies, `scale` its reduced-scale JPEG decode. Raises ImageDecodeError as `decode`.
   """
   data = _encoded(data)
@@ -164,7 +164,7 @@ def _plan(data, min_side: int | None) -> np.ndarray:
     _check_format(im, name)
     orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     orientation = orientation if orientation in range(1, 9) else 1  # as exif_transpose: others do nothing
-    if im.format == 'JPEG' and im.mode in ('RGB', 'L'):
+    if im.format in ('JPEG', 'MPO') and im.mode in ('RGB', 'L'):  # MPO: its first picture, a JPEG
       scale = _SCALES.index(_jpeg_scale(_oriented_size(im), min_side))
       return np.array([_NATIVE_JPEG, orientation, scale], np.int32)
     if im.format == 'PNG' and im.mode in ('RGB', 'RGBA', 'L', 'LA') and _png_is_8bit(data):

@@ -165,6 +165,8 @@ def corpus():
       b'\xff\xfe' + struct.pack('>H', 7) + b'hello' + b'\xff\xe1' + struct.pack('>H', len(app1) + 2) + app1
     )
     out[f'big_endian_exif{o}'] = (plain[:2] + segments + plain[2:], native)
+  second = Image.fromarray(_photo(rng, 375, 500))
+  out['mpo'] = (_encoded(photo, 'MPO', save_all=True, append_images=[second]), native)  # its first picture
   xmp = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
   out['xmp_orientation'] = (_encoded(photo, 'JPEG', xmp=xmp), pillow)  # Pillow reads it: Pillow decides
   exif = Image.Exif()
