@@ -216,9 +216,8 @@ def _jpeg_plan(tf, raw, min_side: int):
     return (pos + 4 <= n) & (at(pos) == 0xFF) & (marker >= 0xC0) & (marker <= 0xFE) & (marker != 0xDA)
 
   end, t, app1s = tf.while_loop(more, walk, (tf.constant(2), tf.constant(-1), tf.constant(0)))
-  at_scan = (at(end) == 0xFF) & (
-    at(end + 1) == 0xDA
-  )  # else fill bytes, a marker out of place: Pillow decides
+  # Else fill bytes or a marker out of place: Pillow decides.
+  at_scan = (at(end) == 0xFF) & (at(end + 1) == 0xDA)
   little = tf.reduce_all(at(t + tf.range(2)) == [73, 73])  # 'II'; 'MM' is big-endian
 
   def u16(i):
@@ -233,7 +232,12 @@ def _jpeg_plan(tf, raw, min_side: int):
   entry = tf.concat([hits, [-1]], 0)[0]  # the orientation entry, or -1
   orientation = tf.where(entry >= 0, u16(entry + 8), 1)
   plain = (entry < 0) | ((u16(entry + 2) == 3) & (u32(entry + 4) == 1))  # a SHORT, count 1
-  tiff_ok = (ifd + 2 <= n) & (tf.reduce_all(at(t + tf.range(2)) == [77, 77]) | little) & (tf.size(hits) <= 1)
+  tiff_ok = (
+    (ifd > t)
+    & (ifd + 2 <= n)
+    & (tf.reduce_all(at(t + tf.range(2)) == [77, 77]) | little)
+    & (tf.size(hits) <= 1)
+  )
   readable = tf.where(t < 0, app1s == 0, (app1s == 1) & tiff_ok & plain & (entry + 12 <= n))
   h, w, channels = tf.unstack(tf.io.extract_jpeg_shape(raw, output_type=tf.int32))
   native = readable & at_scan & ((channels == 1) | (channels == 3))
