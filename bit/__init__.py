@@ -54,9 +54,54 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+# The library's modules, as attributes after a bare `import bit` (PEP 562: each is imported on first use, so
+# `import bit` still loads neither JAX nor TensorFlow), e.g. `bit.ops.set_fast_ops('off')`. `dir(bit)` lists
+# them beside the API; `bit.export` and `bit.hyperrule` are in the API already (`bit.export` is the function).
+_SUBMODULES = (
+  'checkpoints',
+  'config',
+  'data',
+  'data_sources',
+  'distill',
+  'errors',
+  'evaluation',
+  'freeze',
+  'images',
+  'models',
+  'ops',
+  'parallel',
+  'plots',
+  'prediction',
+  'probe',
+  'runtime',
+  'train',
+  'types',
+  'workdir',
+)
+
 # Real signatures for mypy/pyright; at run time the names load lazily (no TensorFlow at `import bit`).
 if typing.TYPE_CHECKING:
+  # The submodules (`as` re-exports them to type checkers).
+  from bit import checkpoints as checkpoints
+  from bit import config as config
+  from bit import data as data
+  from bit import data_sources as data_sources
+  from bit import distill as distill
+  from bit import errors as errors
+  from bit import evaluation as evaluation
+  from bit import freeze as freeze
   from bit import hyperrule  # noqa: F401
+  from bit import images as images
+  from bit import models as models
+  from bit import ops as ops
+  from bit import parallel as parallel
+  from bit import plots as plots
+  from bit import prediction as prediction
+  from bit import probe as probe
+  from bit import runtime as runtime
+  from bit import train as train
+  from bit import types as types
+  from bit import workdir as workdir
   from bit.checkpoints import (  # noqa: F401
     REGISTRY,
     cache_dir,
@@ -77,17 +122,23 @@ if typing.TYPE_CHECKING:
   from bit.train import train_and_evaluate  # noqa: F401
 
 
-def __getattr__(name):
-  module = _EXPORTS.get(name)
-  if module is None:
-    raise AttributeError(f"module 'bit' has no attribute {name!r}")
-  if module == 'bit':  # a submodule exported under its own name
-    value = importlib.import_module(f'bit.{name}')
-  else:
-    value = getattr(importlib.import_module(module), name)
-  globals()[name] = value
-  return value
+# Hidden from type checkers: a module-level __getattr__ would make every misspelt `bit.name` type as Any.
+if not typing.TYPE_CHECKING:
+
+  def __getattr__(name: str) -> typing.Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+      if name in _SUBMODULES:  # importing binds it as an attribute of the package
+        return importlib.import_module(f'bit.{name}')
+      raise AttributeError(f"module 'bit' has no attribute {name!r}")
+    if module == 'bit':  # a submodule exported under its own name
+      value = importlib.import_module(f'bit.{name}')
+    else:
+      value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
-def __dir__():
-  return sorted(__all__ + ['__version__'])  # the public API only, not the modules used to set it up
+def __dir__() -> list[str]:
+  # The public API and the library's modules, not the modules used to set it up (importlib, typing).
+  return sorted([*__all__, *_SUBMODULES, '__version__'])

@@ -7,12 +7,17 @@ The sentences name Python arguments; the command-line tools show them as their f
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Mapping
+from typing import Any
 
 from bit.errors import BitError, DataError
 
+if typing.TYPE_CHECKING:
+  from bit import models
 
-def describe(value) -> str:
+
+def describe(value: Any) -> str:
   """A short description of a value for an error message: its type and a glimpse of it."""
   if isinstance(value, Mapping):
     keys = list(value)
@@ -24,7 +29,7 @@ def describe(value) -> str:
   return f'the {type(value).__name__} {text[:60] + "..." if len(text) > 60 else text}'
 
 
-def check_model(model, fn: str):
+def check_model(model: Any, fn: str) -> models.ResNetV2:
   """`model` must be a bit.ResNetV2 (as `bit.load` returns it)."""
   from bit import models
 
@@ -38,7 +43,7 @@ def check_model(model, fn: str):
   raise BitError(f'{fn}: model= must be a bit.ResNetV2 (from bit.load), got {describe(model)}{hint}.')
 
 
-def check_params(model, params, fn: str):
+def check_params(model: models.ResNetV2, params: Any, fn: str) -> dict[str, Any]:
   """`params` must be the param tree of `model` (unwrapped from {'params': ...}); returns it."""
   if isinstance(params, Mapping) and set(params) == {'params'}:
     params = params['params']
@@ -60,7 +65,7 @@ def check_params(model, params, fn: str):
   return params
 
 
-def check_dataset(dataset, fn: str):
+def check_dataset(dataset: Any, fn: str) -> Any:
   """`dataset` must be a TFDS name or an image folder (str or path)."""
   if isinstance(dataset, (str, os.PathLike)) and str(os.fspath(dataset)).strip():
     return dataset
@@ -72,7 +77,7 @@ def check_dataset(dataset, fn: str):
   )
 
 
-def check_size(size, name: str, fn: str) -> int | None:
+def check_size(size: Any, name: str, fn: str) -> int | None:
   """An image side (None = the default) as an int >= 32."""
   if size is None:
     return None

@@ -23,15 +23,19 @@ import operator
 import os
 import pathlib
 import re
+import warnings
 from collections.abc import Mapping
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from typing_extensions import deprecated
 
-from bit import arguments, files, models
+from bit import arguments, files, layout, models
 from bit.downloader import cache_dir, cache_path, download
 from bit.errors import BitError, CheckpointError, DownloadError
+from bit.types import DType, Params, PathLike
 
 __all__ = [
   'REGISTRY',
@@ -240,7 +244,7 @@ def _unflatten(items) -> dict:
 # --- reading and writing .npz files -----------------------------------------------------------------------
 
 
-def load_npz(path) -> dict[str, np.ndarray]:
+def load_npz(path: PathLike) -> dict[str, np.ndarray]:
   """All arrays of an .npz file, read eagerly; CheckpointError naming the file if it is missing or broken."""
   path = pathlib.Path(path).expanduser()
   if not path.exists():
@@ -313,7 +317,9 @@ def _infer(weights, source) -> tuple[int, int, int]:
   return depth, width, classes
 
 
-def npz_to_params(weights: Mapping[str, np.ndarray], *, source='checkpoint'):
+def npz_to_params(
+  weights: Mapping[str, np.ndarray], *, source: str = 'checkpoint'
+) -> tuple[int, int, int, dict[str, Any]]:
   """Official-layout arrays -> (depth, width, num_classes, params), strictly.
 
   The architecture and the number of classes are read from the keys and shapes; every key and shape is then
@@ -368,7 +374,7 @@ def _flax_shape(path, official_shape):
   return tuple(official_shape[2:]) if tuple(path) == ('head', 'kernel') else tuple(official_shape)
 
 
-def params_to_npz(params) -> dict[str, np.ndarray]:
+def params_to_npz(params: Params) -> dict[str, np.ndarray]:
   """Flax params (or {'params': params}) -> official-layout float32 arrays: the exact inverse of npz_to_params."""
   if isinstance(params, Mapping) and set(params) == {'params'}:
     params = params['params']
@@ -389,7 +395,7 @@ def params_to_npz(params) -> dict[str, np.ndarray]:
   return out
 
 
-def save_npz(params, path) -> pathlib.Path:
+def save_npz(params: Params, path: PathLike) -> pathlib.Path:
   """Writes params in the official .npz layout, atomically (temp file, then rename); returns the path."""
   return files.save_npz(pathlib.Path(path).expanduser(), **params_to_npz(params))
 
@@ -426,7 +432,14 @@ def _fetch(cfg: PretrainedCfg) -> pathlib.Path:
   return download(cfg.url, cache_path(cfg.url), sha256=cfg.sha256, size=cfg.size)
 
 
-def load(name_or_path, num_classes=None, *, keep_head=False, dtype=jnp.float32, seed=0):
+def load(
+  name_or_path: PathLike,
+  num_classes: int | None = None,
+  *,
+  keep_head: bool = False,
+  dtype: DType = jnp.float32,
+  seed: int = 0,
+) -> tuple[models.ResNetV2, dict[str, Any]]:
   """Returns (model, params) for a registry name, a local official-layout .npz, or a bare architecture.
 
   - A registry name (see `list_models()`) is downloaded once into the cache (`$BIT_CACHE`).
@@ -485,7 +498,7 @@ def _run_crop(npz: pathlib.Path) -> int | None:
   """The `crop` of the bit-train run whose model.npz this is (its config.json beside it), if there is one."""
   import json
 
-  config = pathlib.Path(npz).expanduser().parent / 'config.json'
+  config = pathlib.Path(npz).expanduser().parent / layout.CONFIG_FILE
   try:
     crop = json.loads(config.read_text()).get('crop')
   except (OSError, ValueError, AttributeError):
@@ -506,15 +519,44 @@ def _finish(arch, classes, params, num_classes, keep_head, dtype, source, size=N
       f'load({str(source)!r}): pass num_classes for a new (zero-initialized) head, or '
       f"keep_head=True to keep the checkpoint's {classes}-class head."
     )
-  return models.create_model(arch, num_classes, dtype), reset_head(params, num_classes)
+  return models.create_model(arch, num_classes, dtype), _zero_head(params, num_classes)
 
 
-def reset_head(params, num_classes: int):
-  """`params` with a new zero-initialized head of `num_classes` outputs (as `bit.load` gives for fine-tuning).
+@overload
+def reset_head(
+  model: models.ResNetV2, params: Params, num_classes: int
+) -> tuple[models.ResNetV2, dict[str, Any]]: ...
+@overload
+@deprecated(
+  'bit.reset_head(params, num_classes): use model, params = bit.reset_head(model, params, num_classes)'
+)
+def reset_head(model: Params, params: int) -> dict[str, Any]: ...
+def reset_head(
+  model: models.ResNetV2 | Params, params: Params | int, num_classes: int | None = None
+) -> tuple[models.ResNetV2, dict[str, Any]] | dict[str, Any]:
+  """A new zero-initialized head of `num_classes` outputs, in memory, as `bit.load` gives for fine-tuning.
 
-  In memory, no file needed; `params` itself is not changed (the backbone arrays are shared, not copied).
-  The matching model is `model.clone(num_classes=num_classes, input_size=None)`.
+    model, params = bit.reset_head(model, params, num_classes)
+
+  Returns `model.clone(num_classes=num_classes, input_size=None)` (a new head is a new task: the size it
+  trained at no longer applies, as with `bit.load(name, num_classes=n)`) and the params with a zero head;
+  `params` itself is not changed (the backbone arrays are shared, not copied). The old form
+  `reset_head(params, num_classes)`, which returns the params only, still works, with a DeprecationWarning.
   """
+  if not isinstance(model, models.ResNetV2) and num_classes is None:  # the old form (params, num_classes)
+    warnings.warn(
+      'bit.reset_head(params, num_classes) is deprecated: use model, params = bit.reset_head(model, params, '
+      'num_classes), which gives the model its new head too.',
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return _zero_head(model, params)
+  model = arguments.check_model(model, 'bit.reset_head')
+  new = _zero_head(params, num_classes)
+  return model.clone(num_classes=new['head']['bias'].shape[0], input_size=None), new
+
+
+def _zero_head(params, num_classes) -> dict[str, Any]:
   try:
     num_classes = operator.index(num_classes)
   except TypeError:
@@ -537,7 +579,7 @@ def reset_head(params, num_classes: int):
   return out
 
 
-def label_names(name_or_path) -> list[str] | None:
+def label_names(name_or_path: PathLike) -> list[str] | None:
   """Class names for a registry checkpoint with a labels file (downloaded and cached), else None.
 
   For a local .npz file, the names come from a `labels.txt` next to it (as a training workdir writes them),
@@ -547,7 +589,7 @@ def label_names(name_or_path) -> list[str] | None:
   if kind == 'arch':
     return None
   if kind == 'file':
-    labels = pathlib.Path(what).expanduser().parent / 'labels.txt'
+    labels = pathlib.Path(what).expanduser().parent / layout.LABELS_FILE
     return _read_labels(labels, None) if labels.is_file() else None
   if what.labels_url is None:
     return None

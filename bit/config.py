@@ -21,7 +21,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import pathlib
+import types
+import typing
+from typing import Any
+
+if typing.TYPE_CHECKING:
+  import ml_collections
 
 from bit import hyperrule
 from bit.errors import ConfigError
@@ -34,7 +41,7 @@ class Unset:
   type: type
 
 
-DEFAULTS = {
+DEFAULTS: dict[str, Any] = {
   # What to fine-tune and on what.
   'model': 'BiT-M-R50x1',  # registry name (bit.list_models()), an official .npz, or 'R50x1' (scratch)
   'dataset': Unset(str),  # TFDS name ('cifar10', 'name:1.2.0') or ROOT/<split>/<class>/
@@ -73,13 +80,13 @@ TRANSFER_KEYS = ('transfer', 'unfreeze_stages', 'unfreeze_units', 'backbone_lr_s
 TRANSFER_MODES = ('full', 'head', 'partial')  # config.transfer (bit.freeze)
 
 
-def default(key: str):
+def default(key: str) -> Any:
   """The default of `key` (None for a key with no default)."""
   value = DEFAULTS[key]
   return None if isinstance(value, Unset) else value
 
 
-def get_config(model: str | None = None):
+def get_config(model: str | None = None) -> ml_collections.ConfigDict:
   """The default config as a locked ConfigDict; `model`, if given, sets `model` (`configs/common.py:NAME`)."""
   import ml_collections
   from ml_collections import config_dict
@@ -93,7 +100,7 @@ def get_config(model: str | None = None):
   return c
 
 
-def load_module(path):
+def load_module(path: str | os.PathLike[str]) -> types.ModuleType:
   """The config file at `path` as a module (its `get_config(arg=None)` builds the config).
 
   Config files are found by path, never imported as a package: a config that builds on another loads its
@@ -130,7 +137,7 @@ LATER_KEYS = (*TRANSFER_KEYS, 'early_stopping_patience', 'remat', 'restart')
 # --- checks and resolution (bit.train runs them before any data or model is touched) ---------------------
 
 
-def resolve(config, info) -> dict:
+def resolve(config: Any, info: Any) -> dict[str, Any]:
   """The config as a plain dict with the unset hyper-rule keys filled in from the data (`DatasetInfo`).
 
   resize/crop from `hyperrule.train_resolution(info.image_size)`, mixup_alpha and schedule from the number
@@ -154,7 +161,7 @@ def resolve(config, info) -> dict:
   return c
 
 
-def check_schedule(schedule) -> list[int]:
+def check_schedule(schedule: Any) -> list[int]:
   """The schedule's supports as ints; ConfigError unless they are [warmup, decay1, decay2, decay3, total]."""
   try:
     return hyperrule.check_supports(schedule)
@@ -165,7 +172,7 @@ def check_schedule(schedule) -> list[int]:
     ) from None
 
 
-def check(config) -> None:
+def check(config: Any) -> None:
   """Cheap checks before any data or model is touched (ConfigError naming the key and what to do)."""
   from bit import models
 
@@ -198,14 +205,14 @@ def check(config) -> None:
   check_transfer(config)
 
 
-def transfer_settings(c) -> dict:
+def transfer_settings(c: Any) -> dict[str, Any]:
   """The transfer-learning keys of a config (ConfigDict or resolved dict), defaults filled in."""
   t = {k: c.get(k, default(k)) for k in TRANSFER_KEYS}
   t['backbone_lr_scale'] = float(t['backbone_lr_scale'])
   return t
 
 
-def check_transfer(config) -> None:
+def check_transfer(config: Any) -> None:
   """The transfer-learning and early-stopping keys (part of `check`)."""
   t = transfer_settings(config)
   if t['transfer'] not in TRANSFER_MODES:
@@ -240,7 +247,7 @@ def check_transfer(config) -> None:
     )
 
 
-def as_config(config):
+def as_config(config: Any) -> Any:
   """`config` as a ConfigDict: one as given, or a plain dict put onto the defaults (bit/config.py).
 
   A dict's unknown keys are refused, naming them (bit/config.py lists every key); so is a value of the wrong

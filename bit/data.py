@@ -36,13 +36,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+from typing import Any
 
 import numpy as np
 
 from bit import data_sources
 from bit.errors import ConfigError, DataError
+from bit.images import to_unit_range
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 # Independent random streams derived from the one seed of a run.
 _SHUFFLE, _CROP, _FLIP, _MIX_A, _MIX_B, _FEW_SHOT, _FILES, _BUFFER = range(1, 9)
@@ -68,7 +71,9 @@ class DatasetInfo:
   holdout: bool = False
 
 
-def few_shot_indices(labels, examples_per_class: int, seed: int = 0, num_classes: int | None = None):
+def few_shot_indices(
+  labels: Any, examples_per_class: int, seed: int = 0, num_classes: int | None = None
+) -> Any:
   """Returns sorted indices of `examples_per_class` examples of every class, drawn without replacement.
 
   Drawn from the whole split (not from its first images), seeded by `seed`. DataError when a class has
@@ -106,14 +111,14 @@ def _train_records(dataset, split, data_dir, examples_per_class, seed, max_memor
 
 
 def get_info(
-  dataset,
+  dataset: Any,
   *,
-  train_split='train',
-  test_split='test',
-  data_dir=None,
-  examples_per_class=None,
-  seed=0,
-  max_memory_gb=None,
+  train_split: str = 'train',
+  test_split: str = 'test',
+  data_dir: str | os.PathLike[str] | None = None,
+  examples_per_class: Any = None,
+  seed: int = 0,
+  max_memory_gb: float | None = None,
 ) -> DatasetInfo:
   """Returns the DatasetInfo of `dataset` (a TFDS name or an image folder path).
 
@@ -279,7 +284,7 @@ def _train_augment(tf, image, p, resize, crop, crop_key, flip_key):
   image = tf.image.stateless_random_flip_left_right(
     image, seed=tf.stack([tf.constant(flip_key, tf.int64), p])
   )
-  return image / 127.5 - 1.0
+  return to_unit_range(image)
 
 
 def _own_slice(tf, g, b, process_index):
@@ -319,25 +324,25 @@ def _streamed_train_records(tf, records, *, g, b, process_index, seed, start_ste
 
 
 def train_iterator(
-  dataset,
+  dataset: Any,
   *,
-  split,
-  global_batch_size,
-  resize,
-  crop,
-  num_classes,
-  mixup_alpha=0.0,
-  seed=0,
-  start_step=0,
-  examples_per_class=None,
-  data_dir=None,
-  process_index=0,
-  process_count=1,
-  per_example_mixup=False,
-  max_memory_gb=None,
-  decoded_cache_gb=None,
-  records=None,
-):
+  split: str,
+  global_batch_size: int,
+  resize: int,
+  crop: int,
+  num_classes: int,
+  mixup_alpha: float = 0.0,
+  seed: int = 0,
+  start_step: int = 0,
+  examples_per_class: Any = None,
+  data_dir: str | os.PathLike[str] | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  per_example_mixup: bool = False,
+  max_memory_gb: float | None = None,
+  decoded_cache_gb: float | None = None,
+  records: Any = None,
+) -> Any:
   """Returns an infinite iterator of this process's training batches, starting at step `start_step`.
 
   Each batch is `{'image': float32 (B_local, crop, crop, 3) in [-1, 1], 'label': float32 (B_local,
@@ -433,19 +438,19 @@ def train_iterator(
 
 
 def eval_iterator(
-  dataset,
+  dataset: Any,
   *,
-  split,
-  global_batch_size,
-  crop,
-  resize=None,
-  data_dir=None,
-  process_index=0,
-  process_count=1,
-  center_crop=False,
-  max_memory_gb=None,
-  decoded_cache_gb=None,
-):
+  split: str,
+  global_batch_size: int,
+  crop: int,
+  resize: int | None = None,
+  data_dir: str | os.PathLike[str] | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  center_crop: bool = False,
+  max_memory_gb: float | None = None,
+  decoded_cache_gb: float | None = None,
+) -> Any:
   """Returns a finite iterator over every example of `split` exactly once (over all processes).
 
   Batches are `{'image': float32 (B_local, crop, crop, 3) in [-1, 1], 'label': int32 (B_local,),
@@ -471,7 +476,7 @@ def eval_iterator(
     if center_crop:
       top = (resize - crop) // 2
       image = image[top : top + crop, top : top + crop]
-    return image / 127.5 - 1.0
+    return to_unit_range(image)
 
   def row(q, mask, label, load):
     # Padding rows are never decoded: zero images (the middle of the value range) with mask False.

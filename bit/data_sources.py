@@ -23,6 +23,7 @@ import logging
 import os
 import pathlib
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from bit.errors import ConfigError, DataError
 
 _TF_READY = False  # tf_hidden() has hidden the GPUs from TensorFlow
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 0
@@ -58,13 +59,13 @@ def _budget_bytes(value, env: str, default: float) -> float:
   return gb * 1e9
 
 
-def max_memory_bytes(max_memory_gb=None) -> float:
+def max_memory_bytes(max_memory_gb: float | None = None) -> float:
   """The encoded-size budget above which a TFDS split is streamed: the argument, else `$BIT_MAX_MEMORY_GB`,
   else `MAX_MEMORY_GB`. 0 streams every TFDS split."""
   return _budget_bytes(max_memory_gb, 'BIT_MAX_MEMORY_GB', MAX_MEMORY_GB)
 
 
-def decoded_cache_bytes(decoded_cache_gb=None) -> float:
+def decoded_cache_bytes(decoded_cache_gb: float | None = None) -> float:
   """The decoded-pixels budget under which a split is decoded once and kept as uint8: the argument, else
   `$BIT_DECODED_CACHE_GB`, else `DECODED_CACHE_GB`. 0 turns the decoded cache off."""
   return _budget_bytes(decoded_cache_gb, 'BIT_DECODED_CACHE_GB', DECODED_CACHE_GB)
@@ -87,10 +88,10 @@ class Records:
   num_examples: int = 0  # the split size when streaming (from the metadata)
   builder: object = dataclasses.field(default=None, repr=False)  # the TFDS builder when streaming
 
-  def __len__(self):
+  def __len__(self) -> int:
     return self.num_examples if self.streaming else len(self.labels)
 
-  def subset(self, indices) -> Records:
+  def subset(self, indices: Any) -> Records:
     if self.streaming:
       raise DataError(f'{self.name!r} split {self.split!r} is streamed; use gather_streamed() for a subset')
     indices = np.asarray(indices, np.int64)
@@ -102,7 +103,7 @@ _CACHE: dict = {}
 _LOCK = threading.RLock()
 
 
-def clear_cache():
+def clear_cache() -> None:
   """Forgets the splits read so far (they are kept in memory for the life of the process)."""
   with _LOCK:
     _CACHE.clear()
@@ -121,7 +122,13 @@ def is_folder(dataset: str) -> bool:
   return False
 
 
-def load_split(dataset, split: str, data_dir=None, *, max_memory_gb=None) -> Records:
+def load_split(
+  dataset: Any,
+  split: str,
+  data_dir: str | os.PathLike[str] | None = None,
+  *,
+  max_memory_gb: float | None = None,
+) -> Records:
   """Returns the split `split` of `dataset` (TFDS name or folder path), applying the holdout if needed.
 
   A TFDS split whose encoded size is above `max_memory_bytes(max_memory_gb)` comes back `streaming`
@@ -164,7 +171,7 @@ def _base_split(split: str) -> str:
   return split.split('[')[0].split('+')[0].strip()
 
 
-def holdout_indices(labels, fraction=HOLDOUT_FRACTION, seed=HOLDOUT_SEED):
+def holdout_indices(labels: Any, fraction: Any = HOLDOUT_FRACTION, seed: Any = HOLDOUT_SEED) -> Any:
   """Returns (train_indices, test_indices): a stratified seeded holdout of `fraction` of each class."""
   labels = np.asarray(labels)
   rng = np.random.default_rng(seed)
@@ -211,7 +218,7 @@ def _folder_split_names(root) -> list[str]:
   return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
 
 
-def folder_class_names(root) -> list[str]:
+def folder_class_names(root: str | os.PathLike[str]) -> list[str]:
   """Sorted union of the class folder names over every split of `root` (the TFDS ImageFolder order)."""
   root = pathlib.Path(root).expanduser()
   names = set()
@@ -376,7 +383,7 @@ def _prepare_error_message(name: str, builder, e: BaseException) -> str:
   return f'could not download and prepare TFDS dataset {name!r} {where}: {_first_line(e)}'
 
 
-def tfds_split_names(builder) -> list[str]:
+def tfds_split_names(builder: Any) -> list[str]:
   """The splits a TFDS builder declares (empty when its metadata is unknown, as under mock data)."""
   return list(builder.info.splits.keys())
 
@@ -390,7 +397,9 @@ def _split_metadata(builder, split: str) -> tuple[int | None, int | None]:
   return int(info.num_bytes or 0) or None, int(info.num_examples)
 
 
-def as_encoded_dataset(builder, name, split: str, *, shuffle_files=False, read_config=None):
+def as_encoded_dataset(
+  builder: Any, name: str, split: str, *, shuffle_files: bool = False, read_config: Any = None
+) -> Any:
   """TFDS's tf.data reader of `split` with every image kept encoded: elements `(image_bytes, label)`."""
   import tensorflow_datasets as tfds
 
@@ -515,7 +524,7 @@ def streamed_labels(records: Records) -> np.ndarray:
   return memoized(('labels', id(records)), read)
 
 
-def gather_streamed(records: Records, indices) -> Records:
+def gather_streamed(records: Records, indices: Any) -> Records:
   """An in-memory Records of the examples at `indices` (positions in file order) of a streamed split: one
   pass that reads every record and keeps only the chosen ones encoded (for few-shot subsets)."""
   tf = tf_hidden()
@@ -546,7 +555,7 @@ def gather_streamed(records: Records, indices) -> Records:
   )
 
 
-def tf_hidden():
+def tf_hidden() -> Any:
   """Returns the tensorflow module, with TensorFlow kept off the GPUs (JAX owns them)."""
   global _TF_READY
   import tensorflow as tf
@@ -580,7 +589,7 @@ def _typical_size_of_bytes(payload) -> tuple[int, int]:
   return int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))
 
 
-def memoized(key, make):
+def memoized(key: Any, make: Any) -> Any:
   """`make()` once per `key` for the life of the process (until clear_cache); `make` returns (keep, value),
   `keep` an object held so that an id() inside `key` stays unique."""
   with _LOCK:

@@ -40,15 +40,16 @@ import logging
 import math
 import os
 import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bit import files, models
+from bit import files, layout, models
 from bit.errors import ConfigError, DataError
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 TEACHER_FILE = 'teacher.json'
 TEACHER_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -70,7 +71,7 @@ KEYS = (
 # --- the loss -------------------------------------------------------------------------------------------------
 
 
-def kl_divergence(student_logits, teacher_logits, temperature: float = 1.0):
+def kl_divergence(student_logits: Any, teacher_logits: Any, temperature: float = 1.0) -> jax.Array:
   """Mean over the batch of KL(softmax(teacher / T) || softmax(student / T)) * T**2, in float32."""
   t = float(temperature)
   teacher = teacher_logits.astype(jnp.float32) / t
@@ -80,7 +81,7 @@ def kl_divergence(student_logits, teacher_logits, temperature: float = 1.0):
   return t * t * jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
 
 
-def labeled_cross_entropy(logits, labels):
+def labeled_cross_entropy(logits: Any, labels: Any) -> jax.Array:
   """Cross-entropy against (MixUp-mixed) one-hot labels, averaged over the label mass of the batch: unlabeled
   rows (all-zero labels) count for nothing; a batch without any label gives 0."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -100,10 +101,10 @@ class DistillLoss:
   temperature: float = 1.0
   label_weight: float = 0.0
 
-  def teacher_logits(self, teacher_params, images):
+  def teacher_logits(self, teacher_params: Any, images: Any) -> jax.Array:
     return jax.lax.stop_gradient(models.Inference(self.teacher)(teacher_params, images))
 
-  def __call__(self, logits, labels, images, teacher_params):
+  def __call__(self, logits: Any, labels: Any, images: Any, teacher_params: Any) -> jax.Array:
     kl = kl_divergence(logits, self.teacher_logits(teacher_params, images), self.temperature)
     w = float(self.label_weight)
     if not w:
@@ -111,7 +112,7 @@ class DistillLoss:
     return (1.0 - w) * kl + w * labeled_cross_entropy(logits, labels)
 
   @property
-  def key(self):
+  def key(self) -> Any:
     return ('distill', repr(self.teacher), float(self.temperature), float(self.label_weight))
 
 
@@ -124,31 +125,31 @@ class Teacher:
 
   source: str  # the file it was read from, or the registry name
   model: models.ResNetV2
-  params: dict
-  folded: dict
+  params: dict[str, Any]
+  folded: dict[str, Any]
 
 
-def teacher_path(spec) -> str:
+def teacher_path(spec: Any) -> str:
   """A workdir (a folder with model.npz) -> its model.npz; anything else as it is (.npz path, registry name)."""
   spec = str(spec)
   path = pathlib.Path(spec).expanduser()
   if path.is_dir():
-    if not (path / 'model.npz').is_file():
+    if not (path / layout.MODEL_FILE).is_file():
       raise ConfigError(
         f'config.teacher={spec!r} is a folder without model.npz: give a finished bit-train workdir, an '
         'official-layout .npz or a registry name (bit.list_models()).'
       )
-    return str(path / 'model.npz')
+    return str(path / layout.MODEL_FILE)
   return spec
 
 
-def load_teacher(spec, num_classes: int, class_names=None, dtype: str = 'float32') -> Teacher:
+def load_teacher(spec: Any, num_classes: int, class_names: Any = None, dtype: str = 'float32') -> Teacher:
   """The teacher of `spec`, its own head kept; ConfigError unless it has the dataset's `num_classes`."""
   from bit import checkpoints
 
   if not spec:
     raise ConfigError(
-      'config.teacher is not set: pass --config.teacher=WORKDIR (a finished bit-train run), a path to an '
+      'config.teacher is not set: pass config.teacher=WORKDIR (a finished bit-train run), a path to an '
       'official-layout .npz, or a registry name such as BiT-M-R152x2-ILSVRC2012 whose classes are the '
       "dataset's."
     )
@@ -185,7 +186,7 @@ def _short(names) -> str:
   return repr(names[:4] + ['...'] if len(names) > 4 else names)
 
 
-def warn_if_bigger(student, teacher: models.ResNetV2) -> bool:
+def warn_if_bigger(student: Any, teacher: models.ResNetV2) -> bool:
   """Warns (and returns True) when the student is deeper or wider than the teacher: allowed, rarely meant."""
   if not isinstance(student, models.ResNetV2):
     return False
@@ -213,7 +214,7 @@ def _probe(path):
     return str(e).removeprefix(f'{path}: ')
 
 
-def unlabeled_folder(root):
+def unlabeled_folder(root: str | os.PathLike[str]) -> Any:
   """A `data_sources.Records` of every image file below `root` (any layout), all labeled UNLABELED.
 
   Files are found by extension (`bit.images.EXTENSIONS`) and sorted by path; each header is read once, and a
@@ -261,7 +262,7 @@ def unlabeled_folder(root):
   )
 
 
-def unlabeled_records(spec, split: str = 'train', data_dir=None):
+def unlabeled_records(spec: Any, split: str = 'train', data_dir: str | os.PathLike[str] | None = None) -> Any:
   """The unlabeled examples of `config.unlabeled`: a folder of images, or a TFDS split read without labels."""
   from bit import data_sources
 
@@ -272,7 +273,7 @@ def unlabeled_records(spec, split: str = 'train', data_dir=None):
   if records.streaming:
     raise ConfigError(
       f'config.unlabeled={spec!r} split {split!r} is larger than the memory budget and would be streamed; '
-      'distillation reads unlabeled examples by index: give a slice (e.g. --config.unlabeled_split='
+      'distillation reads unlabeled examples by index: give a slice (e.g. config.unlabeled_split='
       '"train[:10%]") or raise BIT_MAX_MEMORY_GB.'
     )
   return dataclasses.replace(records, labels=np.full(len(records), UNLABELED, np.int64), class_names=())
@@ -285,7 +286,7 @@ def _as_bytes(records):
   return dataclasses.replace(records, payload=payload, is_path=False)
 
 
-def combine(labeled, unlabeled):
+def combine(labeled: Any, unlabeled: Any) -> Any:
   """One Records of the labeled examples (may be None) followed by the unlabeled ones (may be None)."""
   parts = [r for r in (labeled, unlabeled) if r is not None]
   if len(parts) == 1:
@@ -319,13 +320,13 @@ def epochs_schedule(epochs: float, num_examples: int, batch_size: int) -> tuple[
   return (max(1, d1 // 5), d1, d2, d3, total)
 
 
-def check_config(config) -> None:
+def check_config(config: Any) -> None:
   """The distillation keys, before any data or model is touched."""
   missing = [k for k in KEYS if k not in config]
   if missing:
     raise ConfigError(
       f'this config has no {", ".join("config." + k for k in missing)}: run bit-distill with '
-      '--config configs/distill.py (or a config built on it).'
+      'configs/distill.py (or a config built on it).'
     )
   if not config.teacher:
     load_teacher(None, 0)  # the error that names the key
@@ -341,14 +342,14 @@ def check_config(config) -> None:
     )
   if not config.include_labeled and not config.unlabeled:
     raise ConfigError(
-      'config.include_labeled=False needs examples to distill on: set --config.unlabeled=FOLDER (or a TFDS '
+      'config.include_labeled=False needs examples to distill on: set config.unlabeled=FOLDER (or a TFDS '
       'name), or drop include_labeled=False.'
     )
   if config.schedule is None and not (config.epochs and float(config.epochs) > 0):
     raise ConfigError(f'set config.schedule or a positive config.epochs, got epochs={config.epochs!r}.')
 
 
-def train_config(config, schedule):
+def train_config(config: Any, schedule: Any) -> Any:
   """The training config (bit/config.py's keys) that `train.fit` runs: `model` is the student."""
   import ml_collections
 
@@ -358,7 +359,7 @@ def train_config(config, schedule):
   return ml_collections.ConfigDict(d)
 
 
-def distill(config, workdir) -> dict:
+def distill(config: Any, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """Distills `config.teacher` into `config.student` on `config.dataset` (+ `config.unlabeled`) in `workdir`.
 
   Returns the student's final metrics (those of `train.train_and_evaluate`) plus `teacher_top1`, the teacher's
@@ -414,7 +415,9 @@ def distill(config, workdir) -> dict:
   return {**result.metrics, 'teacher_top1': teacher_eval['top1']}
 
 
-def evaluate_teacher(teacher: Teacher, cfg: dict, workdir, info) -> dict:
+def evaluate_teacher(
+  teacher: Teacher, cfg: dict[str, Any], workdir: str | os.PathLike[str], info: Any
+) -> dict[str, Any]:
   """The teacher on the run's test split, as the student is evaluated; kept in WORKDIR/teacher.json (a rerun
   with the same teacher file reads it back)."""
   from bit import evaluation

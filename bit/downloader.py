@@ -149,7 +149,14 @@ def _attempt(url, part: pathlib.Path, size, progress) -> int:
   return expected
 
 
-def download(url: str, path=None, *, sha256: str | None = None, size: int | None = None, progress=True):
+def download(
+  url: str,
+  path: str | os.PathLike[str] | None = None,
+  *,
+  sha256: str | None = None,
+  size: int | None = None,
+  progress: bool = True,
+) -> pathlib.Path:
   """Downloads `url` to `path` (default: `cache_dir()/<file name>`) unless it is there already.
 
   Returns the path. The file is written to `<path>.part` and renamed only once it is complete: its size

@@ -16,6 +16,7 @@ import os
 import pathlib
 import time
 import zipfile
+from typing import Any
 
 import jax
 import numpy as np
@@ -78,15 +79,15 @@ def _dataset_shapes(config, num_classes):
       pass
   if crop is None and image_size is not None:
     crop = hyperrule.train_resolution(image_size)[1]
-  missing = [m for m, v in (('--num_classes=N', num_classes), ('--config.crop=PIXELS', crop)) if v is None]
+  missing = [m for m, v in (('num_classes=N', num_classes), ('config.crop=PIXELS', crop)) if v is None]
   if missing:
     raise ConfigError(
-      f'--dry_run reads no data and cannot tell the {" and the ".join(m.split("=")[0] for m in missing)} '
-      f'of config.dataset={dataset!r} here: give {" and ".join(missing)}, e.g. --num_classes=1000 '
-      '--config.crop=480.'
+      f'a dry run reads no data and cannot tell the {" and the ".join(m.split("=")[0] for m in missing)} '
+      f'of config.dataset={dataset!r} here: give {" and ".join(missing)}, e.g. num_classes=1000 '
+      'config.crop=480.'
     )
   if int(num_classes) < 1 or int(crop) < models.MIN_IMAGE_SIZE:
-    raise ConfigError(f'--num_classes must be >= 1 and config.crop >= {models.MIN_IMAGE_SIZE}.')
+    raise ConfigError(f'num_classes= must be >= 1 and config.crop >= {models.MIN_IMAGE_SIZE}.')
   return int(num_classes), int(crop)
 
 
@@ -101,7 +102,9 @@ def _compiler_options(dp) -> dict:
   return {'xla_backend_optimization_level': 0} if dp.devices[0].platform == 'cpu' else {}
 
 
-def measure(config, arch, num_classes, crop, *, remat='none', accum_steps=1) -> dict:
+def measure(
+  config: Any, arch: str, num_classes: int, crop: int, *, remat: str = 'none', accum_steps: int = 1
+) -> dict[str, Any]:
   """Per-device bytes of one compiled train step: params, opt_state, batch, temp (shapes only)."""
   from bit import config as config_lib
   from bit.train_state import create_state, lr_schedule, train_step
@@ -158,7 +161,7 @@ def measure(config, arch, num_classes, crop, *, remat='none', accum_steps=1) -> 
   return out
 
 
-def device_memory(device_memory_gb=None) -> tuple[int | None, str]:
+def device_memory(device_memory_gb: float | None = None) -> tuple[int | None, str]:
   """(bytes, where the figure comes from): --device_memory_gb, else what the device reports, else (CPU) the
   host's memory shared by its devices."""
   if device_memory_gb:
@@ -200,7 +203,9 @@ def _suggest(config, arch, num_classes, crop, limit, first) -> dict | None:
   return None
 
 
-def plan(config, *, num_classes=None, device_memory_gb=None) -> dict:
+def plan(
+  config: Any, *, num_classes: int | None = None, device_memory_gb: float | None = None
+) -> dict[str, Any]:
   """The memory plan of `config` on the local devices (see the module docstring); a JSON-ready dict."""
   from bit import config as config_lib
 
@@ -232,7 +237,7 @@ def plan(config, *, num_classes=None, device_memory_gb=None) -> dict:
   }
 
 
-def format_plan(p: dict) -> str:
+def format_plan(p: dict[str, Any]) -> str:
   """The plan as lines for people (the JSON object is printed after them)."""
 
   def gib(b):

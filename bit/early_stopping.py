@@ -8,27 +8,18 @@ best top-1 it stops, and the run exports the best eval's params. The state is sa
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
 
-# The numbers of an `evaluation.evaluate_batches` result that a checkpoint keeps for the best eval.
-_RESULT_KEYS = (
-  'top1',
-  'top5',
-  'loss',
-  'count',
-  'mean_per_class_accuracy',
-  'per_class_accuracy',
-  'class_counts',
-  'confusion',
-)
+from bit import evaluation
 
 
 def _numbers(result) -> dict:
-  """The `_RESULT_KEYS` of an eval result: arrays as numpy, scalars as Python numbers (for JSON)."""
+  """The `evaluation.RESULT_KEYS` of an eval result: arrays as numpy, scalars as Python numbers (for JSON)."""
   out = {}
-  for k in _RESULT_KEYS:
+  for k in evaluation.RESULT_KEYS:
     v = np.asarray(result[k])
     out[k] = v.item() if v.ndim == 0 else v.copy()
   return out
@@ -42,29 +33,20 @@ class BestEval:
   It is checkpointed with the train state, so a resumed run stops where an uninterrupted one would.
   """
 
-  params: dict
-  result: dict
+  params: dict[str, Any]
+  result: dict[str, Any]
   top1: float = -1.0
   step: int = -1
   bad_evals: int = 0
   stopped: bool = False
 
   @classmethod
-  def initial(cls, params, num_classes: int) -> BestEval:
+  def initial(cls, params: Any, num_classes: int) -> BestEval:
     """Before any eval: placeholders of the right shapes (what a checkpoint is restored into)."""
-    result = {
-      'top1': np.float64(0),
-      'top5': np.float64(0),
-      'loss': np.float64(0),
-      'count': np.int64(0),
-      'mean_per_class_accuracy': np.float64(0),
-      'per_class_accuracy': np.zeros(num_classes, np.float64),
-      'class_counts': np.zeros(num_classes, np.int64),
-      'confusion': np.zeros((num_classes, num_classes), np.int64),
-    }
+    result = evaluation.empty_result(num_classes)
     return cls(params=jax.tree.map(np.array, params), result=result)
 
-  def update(self, step: int, result: dict, params_fn, patience: int) -> bool:
+  def update(self, step: int, result: dict[str, Any], params_fn: Any, patience: int) -> bool:
     """Records an eval at `step`; returns True when training should stop. `params_fn()` gives host params."""
     if result['top1'] > self.top1:  # strictly better: a tie keeps the earlier (shorter-trained) model
       self.top1, self.step, self.bad_evals = float(result['top1']), int(step), 0
@@ -75,7 +57,7 @@ class BestEval:
     self.stopped = self.bad_evals >= patience
     return self.stopped
 
-  def to_tree(self) -> dict:
+  def to_tree(self) -> dict[str, Any]:
     return {
       'params': self.params,
       'result': {k: np.asarray(v) for k, v in self.result.items()},
@@ -87,7 +69,7 @@ class BestEval:
     }
 
   @classmethod
-  def from_tree(cls, tree) -> BestEval:
+  def from_tree(cls, tree: Any) -> BestEval:
     return cls(
       params=jax.tree.map(np.asarray, tree['params']),
       result=_numbers(tree['result']),

@@ -28,6 +28,6 @@ class NonFiniteLossError(BitError):
 class Interrupted(BitError):
   """A run stopped on a signal (SIGTERM, Ctrl-C); `exit_code` is the status to exit with (128 + signal)."""
 
-  def __init__(self, message: str, exit_code: int):
+  def __init__(self, message: str, exit_code: int) -> None:
     super().__init__(message)
     self.exit_code = exit_code

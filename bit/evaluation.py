@@ -17,7 +17,9 @@ import io
 import json
 import logging
 import math
+import os
 import pathlib
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Iterable
 
 import jax
@@ -26,8 +28,9 @@ import numpy as np
 
 from bit import files, layout, models, parallel, xla
 from bit.errors import BitError, DataError
+from bit.types import EvalResult, Params, PathLike
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -80,13 +83,13 @@ def _placer(devices, batch_size: int):
 
 def evaluate_batches(
   apply_fn: Callable[[Any, jax.Array], jax.Array],
-  params,
-  batches: Iterable[dict],
+  params: Any,
+  batches: Iterable[dict[str, Any]],
   num_classes: int,
   *,
-  devices=None,
+  devices: Any = None,
   progress: Any = None,
-) -> dict:
+) -> dict[str, Any]:
   """Evaluates `apply_fn(params, images) -> logits` over `batches` and returns the metrics of `evaluate`.
 
   `apply_fn` is a plain function or a `models.Inference`, whose `prepare` (the weights standardized) then
@@ -136,7 +139,36 @@ def evaluate_batches(
   return metrics_from_counts(confusion, hits5, loss_sum)
 
 
-def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> dict:
+# The keys of an evaluation result (`metrics_from_counts`): its scalars, then its per-class arrays. Early
+# stopping checkpoints these; `summary` keeps the scalars (and the split and crop a report adds).
+SCALAR_KEYS = ('top1', 'top5', 'loss', 'count', 'mean_per_class_accuracy')
+ARRAY_KEYS = ('per_class_accuracy', 'class_counts', 'confusion')
+RESULT_KEYS = SCALAR_KEYS + ARRAY_KEYS
+
+
+def empty_result(num_classes: int) -> dict:
+  """Zeros in the shapes and dtypes of a result: what a checkpointed result is restored into."""
+  return {
+    **{k: np.float64(0) for k in SCALAR_KEYS},
+    'count': np.int64(0),
+    'per_class_accuracy': np.zeros(num_classes, np.float64),
+    'class_counts': np.zeros(num_classes, np.int64),
+    'confusion': np.zeros((num_classes, num_classes), np.int64),
+  }
+
+
+def eval_line(result: dict) -> dict:
+  """The metrics.jsonl eval line of a result (`loss` as `eval_loss`, `count` as `num_examples`)."""
+  return {
+    'top1': float(result['top1']),
+    'top5': float(result['top5']),
+    'eval_loss': float(result['loss']),
+    'mean_per_class_accuracy': float(result['mean_per_class_accuracy']),
+    'num_examples': int(result['count']),
+  }
+
+
+def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> dict[str, Any]:
   """top1, top5, loss, count, per-class and mean per-class accuracy from a confusion matrix and counts."""
   count = int(confusion.sum())
   class_counts = confusion.sum(axis=1)
@@ -157,7 +189,7 @@ def metrics_from_counts(confusion: np.ndarray, hits5: int, loss_sum: float) -> d
   }
 
 
-def sum_over_processes(result: dict) -> dict:
+def sum_over_processes(result: dict[str, Any]) -> dict[str, Any]:
   """Combines the per-process results of a multi-process evaluation (each process saw its own examples)."""
   from jax.experimental import multihost_utils
 
@@ -173,7 +205,9 @@ def sum_over_processes(result: dict) -> dict:
   return metrics_from_counts(confusion, hits5, loss_sum)  # the same metrics as one process
 
 
-def evaluate_test_split(apply_fn, params, cfg: dict, num_classes: int, *, devices=None) -> dict:
+def evaluate_test_split(
+  apply_fn: Any, params: Any, cfg: dict[str, Any], num_classes: int, *, devices: Any = None
+) -> dict[str, Any]:
   """The whole test split of a resolved config through `evaluate_batches` (the same per-batch step
   as bit-eval), each process its slice, the counts summed over processes."""
   from bit import data
@@ -192,9 +226,9 @@ def evaluate_test_split(apply_fn, params, cfg: dict, num_classes: int, *, device
 
 
 def evaluate(
-  model,
-  params,
-  dataset,
+  model: models.ResNetV2,
+  params: Params,
+  dataset: PathLike,
   *,
   split: str = 'test',
   batch_size: int = DEFAULT_BATCH_SIZE,
@@ -202,10 +236,10 @@ def evaluate(
   resize: int | None = None,
   center_crop: bool = False,
   num_classes: int | None = None,
-  data_dir=None,
-  devices=None,
+  data_dir: PathLike | None = None,
+  devices: Sequence[Any] | None = None,
   progress: bool = False,
-) -> dict:
+) -> EvalResult:
   """Evaluates `model` with `params` on every example of `split` of `dataset` (TFDS name or image folder).
 
   Images are resized to `crop` x `crop` (BiT's evaluation; with `center_crop=True`, to `resize` then the
@@ -272,7 +306,7 @@ def evaluate(
   return result
 
 
-def confusion_csv(result: dict, class_names) -> str:
+def confusion_csv(result: Mapping[str, Any], class_names: Any) -> str:
   """The CSV text: one row per true class with its name, example count, accuracy and predicted counts."""
   m = np.asarray(result['confusion'])
   names = list(class_names) if class_names is not None else [str(i) for i in range(len(m))]
@@ -289,14 +323,17 @@ def confusion_csv(result: dict, class_names) -> str:
   return out.getvalue()
 
 
-def summary(result: dict) -> dict:
+def summary(result: Mapping[str, Any]) -> dict[str, Any]:
   """The JSON-friendly scalars of a result (no arrays)."""
-  keep = ('top1', 'top5', 'loss', 'count', 'skipped', 'mean_per_class_accuracy', 'split', 'crop')
+  keep = (*SCALAR_KEYS, 'skipped', 'split', 'crop')
   return {k: result[k] for k in keep if k in result}
 
 
 def write_report(
-  result: dict, workdir, class_names=None, split: str | None = None
+  result: Mapping[str, Any],
+  workdir: str | os.PathLike[str],
+  class_names: Any = None,
+  split: str | None = None,
 ) -> dict[str, pathlib.Path]:
   """Writes `confusion_<split>.csv`, `confusion_<split>.png` and `eval_<split>.json` into `workdir`, atomically.
 
@@ -322,69 +359,7 @@ def write_report(
   return paths
 
 
-def read_workdir(workdir) -> tuple[dict, Any, Any, list[str] | None]:
-  """(config, model, params, class_names) of a finished training workdir.
-
-  Reads `config.json`, `model.npz` (with its fine-tuned head) and `labels.txt`; BitError naming the missing
-  file otherwise.
-  """
-  from bit import checkpoints
-
-  workdir = pathlib.Path(workdir).expanduser()
-  if not workdir.is_dir():
-    raise BitError(f'workdir={str(workdir)!r} does not exist: give the workdir of a bit-train run.')
-  config_path, npz = workdir / 'config.json', workdir / 'model.npz'
-  if not config_path.is_file():
-    raise BitError(f'{config_path} is missing: {workdir} is not a bit-train workdir.')
-  try:
-    config = json.loads(config_path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise BitError(f'{config_path} is not readable JSON ({e}).') from e
-  if not npz.is_file():
-    raise BitError(
-      f'{npz} is missing: the run in {workdir} has not finished; rerun bit-train on it to finish.'
-    )
-  model, params = checkpoints.load(npz, keep_head=True)
-  names = checkpoints.label_names(npz)
-  if names is not None and len(names) != model.num_classes:
-    raise BitError(
-      f'{workdir / "labels.txt"} has {len(names)} names but {npz} has {model.num_classes} classes: the two '
-      'files come from different runs.'
-    )
-  return config, model, params, names
-
-
-def evaluate_workdir(
-  workdir, *, split: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False
-) -> tuple[dict, dict[str, pathlib.Path]]:
-  """Evaluates a training workdir's model.npz on `split` (default: its test split) of its dataset, at its crop.
-
-  Writes the report (`write_report`) into the workdir; returns (result, paths).
-  """
-  config, model, params, names = read_workdir(workdir)
-  for key in ('dataset', 'crop'):
-    if config.get(key) is None:
-      raise BitError(
-        f'{pathlib.Path(workdir) / "config.json"} has no {key!r}: it was not written by bit-train.'
-      )
-  split = split or config.get('test_split') or 'test'
-  result = evaluate(
-    model,
-    params,
-    config['dataset'],
-    split=split,
-    batch_size=batch_size,
-    crop=int(config['crop']),
-    data_dir=config.get('data_dir'),
-    progress=progress,
-  )
-  if names is not None:
-    result['class_names'] = names
-  paths = write_report(result, workdir, result['class_names'], split)
-  return result, paths
-
-
-def format_result(result: dict, *, max_classes: int = 100) -> str:
+def format_result(result: Mapping[str, Any], *, max_classes: int = 100) -> str:
   """A readable summary: top-1, top-5 and the per-class accuracy table (the worst classes when there are many)."""
   lines = [
     f'split {result.get("split", "?")!r}: {result["count"]} examples',

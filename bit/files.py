@@ -9,12 +9,13 @@ import json
 import os
 import pathlib
 import tempfile
+from typing import Any
 
 import numpy as np
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode: str = 'w', **open_kwargs):
+def atomic_write(path: str | os.PathLike[str], mode: str = 'w', **open_kwargs: Any) -> Any:
   """Opens a temporary file next to `path`; on success it replaces `path`, on error it is removed.
 
   Yields the open file object. `mode` is 'w' (text, utf-8 unless given) or 'wb'.
@@ -35,20 +36,20 @@ def atomic_write(path, mode: str = 'w', **open_kwargs):
     raise
 
 
-def write_text(path, text: str) -> pathlib.Path:
+def write_text(path: str | os.PathLike[str], text: str) -> pathlib.Path:
   """Writes `text` to `path` atomically."""
   with atomic_write(path) as f:
     f.write(text)
   return pathlib.Path(path)
 
 
-def write_json(path, obj, **dump_kwargs) -> pathlib.Path:
+def write_json(path: str | os.PathLike[str], obj: Any, **dump_kwargs: Any) -> pathlib.Path:
   """Writes `obj` as JSON (indented, with a final newline) to `path` atomically."""
   dump_kwargs.setdefault('indent', 2)
   return write_text(path, json.dumps(obj, **dump_kwargs) + '\n')
 
 
-def save_npz(path, **arrays) -> pathlib.Path:
+def save_npz(path: str | os.PathLike[str], **arrays: Any) -> pathlib.Path:
   """Writes numpy arrays as an uncompressed .npz to `path` atomically."""
   with atomic_write(path, 'wb') as f:
     np.savez(f, **arrays)

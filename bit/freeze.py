@@ -41,6 +41,7 @@ import optax
 from bit import models, ops
 from bit.config import TRANSFER_MODES, default
 from bit.errors import ConfigError
+from bit.types import Mode
 
 MODES = TRANSFER_MODES
 
@@ -96,8 +97,8 @@ def _is_pre_head_norm(name: str) -> bool:
 
 
 def param_labels(
-  params,
-  mode: str = 'full',
+  params: Any,
+  mode: Mode = 'full',
   *,
   unfreeze_stages: int | None = None,
   unfreeze_units: int | None = None,
@@ -146,7 +147,7 @@ def param_labels(
 
 
 def trainable_mask(
-  params, mode: str = 'full', *, unfreeze_stages: int | None = None, unfreeze_units: int | None = None
+  params: Any, mode: Mode = 'full', *, unfreeze_stages: int | None = None, unfreeze_units: int | None = None
 ) -> Any:
   """A pytree like `params` of bools: True where the parameter is trained in this transfer mode."""
   labels = param_labels(params, mode, unfreeze_stages=unfreeze_stages, unfreeze_units=unfreeze_units)
@@ -155,8 +156,8 @@ def trainable_mask(
 
 def masked_optimizer(
   tx: optax.GradientTransformation,
-  params,
-  mode: str = 'full',
+  params: Any,
+  mode: Mode = 'full',
   *,
   unfreeze_stages: int | None = None,
   unfreeze_units: int | None = None,
@@ -184,7 +185,9 @@ def masked_optimizer(
   return optax.multi_transform(transforms, labels)
 
 
-def optimizer_from_config(tx: optax.GradientTransformation, params, config) -> optax.GradientTransformation:
+def optimizer_from_config(
+  tx: optax.GradientTransformation, params: Any, config: Any
+) -> optax.GradientTransformation:
   """`masked_optimizer` driven by config keys (each optional): `transfer` ('full'), `unfreeze_stages`,
   `unfreeze_units`, `backbone_lr_scale` (1.0)."""
 
@@ -205,7 +208,7 @@ def optimizer_from_config(tx: optax.GradientTransformation, params, config) -> o
   )
 
 
-def count_trainable(params, mask) -> tuple[int, int]:
+def count_trainable(params: Any, mask: Any) -> tuple[int, int]:
   """(trainable, total) parameter counts for a mask from `trainable_mask`, for the training log."""
   leaves = jax.tree_util.tree_leaves(params)
   flags = jax.tree_util.tree_leaves(mask)
@@ -233,7 +236,7 @@ class Split:
   standardized: tuple[bool, ...]
 
   @classmethod
-  def create(cls, params, mask, *, standardized: bool = False) -> 'Split':
+  def create(cls, params: Any, mask: Any, *, standardized: bool = False) -> 'Split':
     """From a bool tree `mask` shaped like `params` (`trainable_mask`); `standardized` for a ResNetV2 applied
     with `folded=True`."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -256,24 +259,26 @@ class Split:
       )
     return leaves, treedef
 
-  def partition(self, params):
+  def partition(self, params: Any) -> Any:
     """(leaves, treedef, trainable leaves): what the step differentiates is the third."""
     leaves, treedef = self._leaves(params)
     return leaves, treedef, [x for x, t in zip(leaves, self.trainable, strict=True) if t]
 
-  def merge(self, treedef, leaves: Sequence, trainable: Sequence):
+  def merge(self, treedef: Any, leaves: Sequence[Any], trainable: Sequence[Any]) -> Any:
     """The tree of `leaves` with the trainable ones replaced by `trainable` (in order)."""
     it = iter(trainable)
     return treedef.unflatten([next(it) if t else x for x, t in zip(leaves, self.trainable, strict=True)])
 
-  def prepare_frozen(self, params) -> tuple:
+  def prepare_frozen(self, params: Any) -> tuple[Any, ...]:
     """The frozen conv kernels, weight-standardized (float32, in leaf order): once per run. Also traceable
     (`jax.eval_shape` of a state built from shapes)."""
     leaves, _ = self._leaves(params)
     kernels = [x for x, t, s in zip(leaves, self.trainable, self.standardized, strict=True) if s and not t]
     return tuple(_standardize_all(kernels)) if kernels else ()
 
-  def forward_params(self, treedef, leaves: Sequence, trainable: Sequence, prepared: Sequence):
+  def forward_params(
+    self, treedef: Any, leaves: Sequence[Any], trainable: Sequence[Any], prepared: Sequence[Any]
+  ) -> Any:
     """The params the model is applied to in the step: `trainable` (the differentiated leaves) with their
     kernels standardized here, the frozen leaves from `leaves`, their kernels from `prepared`."""
     want = sum(s and not t for t, s in zip(self.trainable, self.standardized, strict=True))

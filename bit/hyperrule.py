@@ -15,6 +15,8 @@ Two project additions, both explicit:
 
 from __future__ import annotations
 
+from typing import Any
+
 from bit.errors import ConfigError
 
 # The official recipe was tuned for this global batch size.
@@ -23,14 +25,14 @@ BASE_BATCH_SIZE = 512
 DEFAULT_CROP = 224
 
 
-def resolution(original_resolution) -> tuple[int, int]:
+def resolution(original_resolution: Any) -> tuple[int, int]:
   """Returns the paper's (resize, crop) for an image size (h, w): (160, 128) below 96x96 pixels, else (512, 480)."""
   h, w = original_resolution[:2]
   area = int(h) * int(w)
   return (160, 128) if area < 96 * 96 else (512, 480)
 
 
-def train_resolution(original_resolution, crop: int | None = None) -> tuple[int, int]:
+def train_resolution(original_resolution: Any, crop: int | None = None) -> tuple[int, int]:
   """Returns the project's training (resize, crop) for an image size (h, w).
 
   Small images (area below 96x96) keep the paper's 160/128 unless `crop` is given. Larger images are resized
@@ -85,7 +87,9 @@ def base_learning_rate(base_lr: float = 0.003, *, batch_size: int | None = None)
   return base_lr * _check_batch_size(batch_size) / BASE_BATCH_SIZE
 
 
-def learning_rate(step: int, dataset_size: int, base_lr: float = 0.003, *, batch_size: int | None = None):
+def learning_rate(
+  step: int, dataset_size: int, base_lr: float = 0.003, *, batch_size: int | None = None
+) -> Any:
   """Returns the learning rate at `step`, or None once training is over (step >= total), as official `get_lr`.
 
   Linear warmup from 0 over the first boundary, then `base_lr` divided by 10 once for each decay boundary that
@@ -108,8 +112,8 @@ def lr_schedule(
   base_lr: float = 0.003,
   *,
   batch_size: int | None = None,
-  supports=None,
-):
+  supports: Any = None,
+) -> Any:
   """Returns an optax-compatible schedule `step -> lr` (jnp, traceable under jit) equal to `learning_rate`.
 
   The boundaries come from `schedule(dataset_size, batch_size=...)`, or are given explicitly as
@@ -146,7 +150,7 @@ def lr_schedule(
   return fn
 
 
-def check_supports(supports) -> list[int]:
+def check_supports(supports: Any) -> list[int]:
   """Returns explicit step boundaries as ints; ConfigError unless warmup <= decay1 < decay2 < decay3 < total."""
   try:
     s = [int(x) for x in supports]

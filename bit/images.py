@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def _oriented_size(im) -> tuple[int, int]:
   return h, w
 
 
-def probe(source, name=None) -> tuple[int, int]:
+def probe(source: Any, name: str | None = None) -> tuple[int, int]:
   """(h, w) of an image as `decode` returns it (orientation applied), from its header only."""
   name = _name(source, name)
   with _read_errors(name, 'not a readable image'), _open(source) as im:
@@ -94,7 +95,7 @@ def _read_errors(name, failure: str):
     raise ImageDecodeError(f'{name}: {failure} ({type(e).__name__}: {e}).') from None
 
 
-def to_rgb(im) -> np.ndarray:
+def to_rgb(im: Any) -> np.ndarray:
   """A PIL image of any mode as uint8 (h, w, 3) RGB (16-bit: the top 8 bits; alpha dropped)."""
   if im.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
     # 16-bit (and 32-bit integer/float) grayscale: Pillow's convert('RGB') clips these to white.
@@ -108,7 +109,7 @@ def to_rgb(im) -> np.ndarray:
   return np.asarray(im.convert('RGB'), np.uint8)
 
 
-def decode(source, min_side: int | None = None, *, name=None) -> np.ndarray:
+def decode(source: Any, min_side: int | None = None, *, name: str | None = None) -> np.ndarray:
   """An image file (a path or its bytes) as uint8 (h, w, 3) RGB, EXIF orientation applied.
 
   `min_side`: the short side the image is resized to next; a JPEG at least twice that large is decoded at a
@@ -259,7 +260,7 @@ def _plan_op(tf, raw, min_side: int):
   return tf.cond(is_jpeg, lambda: _jpeg_plan(tf, raw, min_side), python_plan)
 
 
-def decode_op(tf, raw, min_side: int):
+def decode_op(tf: Any, raw: Any, min_side: int) -> Any:
   """`decode` as a tf.data op on a scalar string tensor of encoded bytes: uint8 (h, w, 3), the same pixels.
 
   The common formats are decoded by TensorFlow's own kernels (no copies, no GIL): 8-bit JPEGs with libjpeg's
@@ -289,3 +290,11 @@ def decode_op(tf, raw, min_side: int):
   image = _oriented(tf, image, how[1])
   image.set_shape([None, None, 3])
   return image
+
+
+def to_unit_range(pixels):
+  """Pixel values 0..255 as BiT's input range [-1, 1] (x / 127.5 - 1): numpy, JAX and TensorFlow values alike.
+
+  Every reader (training and evaluation pipelines, prediction, the exported models) scales with this.
+  """
+  return pixels / 127.5 - 1.0

@@ -15,6 +15,7 @@ what reads a whole workdir.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 
@@ -31,7 +32,7 @@ def split_tag(split: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.-]+', '_', split).strip('_') or 'split'
 
 
-def report_files(workdir, split: str) -> dict[str, pathlib.Path]:
+def report_files(workdir: str | os.PathLike[str], split: str) -> dict[str, pathlib.Path]:
   """{'csv', 'png', 'json'}: the confusion matrix (CSV and picture) and the eval summary of `split`."""
   workdir, tag = pathlib.Path(workdir), split_tag(split)
   return {

@@ -31,6 +31,7 @@ import ctypes
 import os
 import sys
 import warnings
+from typing import Any
 
 ENV = 'BIT_MALLOC'
 # mallopt's parameter numbers (glibc's malloc.h).
@@ -41,7 +42,7 @@ _USER_SETTINGS = ('MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_TOP_PAD_
 
 # What `configure` did: whether the mallopt settings are in force, and whether it turned JAX's CPU async
 # dispatch off.
-state = {'malloc': False, 'dispatch': False}
+state: dict[str, bool] = {'malloc': False, 'dispatch': False}
 
 
 def reason_to_skip() -> str | None:
@@ -75,7 +76,7 @@ def _glibc() -> bool:
     return False
 
 
-def configure() -> dict:
+def configure() -> dict[str, Any]:
   """Applies the settings above unless told not to; returns `state`. Safe to call again."""
   reason = reason_to_skip()
   if reason is not None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import time
+from typing import Any
 
 from bit.errors import NonFiniteLossError
 from bit.layout import METRICS_FILE
@@ -28,16 +30,18 @@ def _jsonable(value):
 class MetricsWriter:
   """Appends metric lines to metrics.jsonl and TensorBoard; a no-op on processes other than the first."""
 
-  def __init__(self, workdir, *, enabled: bool = True, tensorboard: bool = True):
+  def __init__(
+    self, workdir: str | os.PathLike[str], *, enabled: bool = True, tensorboard: bool = True
+  ) -> None:
     self.enabled = enabled
-    self.path = pathlib.Path(workdir) / METRICS_FILE
+    self.path: pathlib.Path = pathlib.Path(workdir) / METRICS_FILE
     self._tb = None
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(str(workdir))
 
-  def write(self, step: int, metrics: dict, *, prefix: str = '') -> None:
+  def write(self, step: int, metrics: dict[str, Any], *, prefix: str = '') -> None:
     """One line `{"step": step, **metrics}`; numeric values also go to TensorBoard as `prefix/name`."""
     if not self.enabled:
       return
@@ -58,7 +62,7 @@ class MetricsWriter:
       self._tb = None
 
 
-def read_metrics(workdir) -> list[dict]:
+def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
   """All lines of WORKDIR/metrics.jsonl, in order (a line cut short by a kill is skipped)."""
   path = pathlib.Path(workdir) / METRICS_FILE
   if not path.exists():
@@ -79,14 +83,23 @@ class TrainLog:
   train line (mean loss, last lr and gradient norm, images per second since the last line).
   """
 
-  def __init__(self, writer: MetricsWriter, bar, dp, *, batch_size: int, start: int, checkpoint_dir):
+  def __init__(
+    self,
+    writer: MetricsWriter,
+    bar: Any,
+    dp: Any,
+    *,
+    batch_size: int,
+    start: int,
+    checkpoint_dir: str | os.PathLike[str],
+  ) -> None:
     self.writer, self.bar, self.dp = writer, bar, dp
     self.batch_size, self.checkpoint_dir = batch_size, checkpoint_dir
     self.pending = []  # (step, device metrics)
     self.last_loss = None
     self.tick, self.tick_step = time.perf_counter(), start
 
-  def add(self, step: int, metrics) -> None:
+  def add(self, step: int, metrics: Any) -> None:
     self.pending.append((step, metrics))
 
   def pause_clock(self) -> None:

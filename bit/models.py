@@ -21,14 +21,16 @@ The modules call the ops of `bit.ops` by name (`ops.standardize`, `ops.conv`, `o
 import dataclasses
 import functools
 import re
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bit import ops
 from bit.errors import BitError
+from bit.types import DType, Params
 
 BLOCKS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
 
@@ -64,8 +66,8 @@ def architecture_name(depth: int, width: int) -> str:
 
 
 # The ops, by name (bit/ops.py holds each fast form beside its reference, and the switch between them).
-fixed_padding = ops.fixed_padding
-standardize = ops.standardize
+fixed_padding: Callable[..., jax.Array] = ops.fixed_padding
+standardize: Callable[..., jax.Array] = ops.standardize
 
 
 class StdConv(nn.Module):
@@ -81,7 +83,7 @@ class StdConv(nn.Module):
   folded: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Any) -> jax.Array:
     kh, kw = self.kernel_size
     kernel = self.param(
       'kernel', nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features), jnp.float32
@@ -103,7 +105,7 @@ class GroupNorm(nn.Module):
   relu: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Any) -> Any:
     c = x.shape[-1]
     if c % self.num_groups:
       raise BitError(f'GroupNorm: {c} channels do not divide into {self.num_groups} groups.')
@@ -121,7 +123,7 @@ class ResidualUnit(nn.Module):
   folded: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Any) -> Any:
     conv = functools.partial(StdConv, dtype=self.dtype, folded=self.folded)
     norm = functools.partial(GroupNorm, dtype=self.dtype, relu=True)
     out = 4 * self.features
@@ -188,7 +190,7 @@ class ResidualBlock(nn.Module):
   remat: str = 'none'  # 'unit': each unit's activations are recomputed in the backward pass
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Any) -> Any:
     for u in range(1, self.units + 1):
       strides = self.strides if u == 1 else (1, 1)
       unit = ResidualUnit(self.features, strides, dtype=self.dtype, folded=self.folded, name=f'unit{u:02d}')
@@ -227,7 +229,7 @@ class ResNetV2(nn.Module):
     return architecture_name(self.depth, self.width)
 
   @nn.compact
-  def __call__(self, x, *, pre_logits: bool = False):
+  def __call__(self, x: jax.Array | np.ndarray, *, pre_logits: bool = False) -> jax.Array:
     if self.depth not in BLOCKS:
       raise BitError(f'Unknown depth {self.depth}: use one of {sorted(BLOCKS)}.')
     if x.ndim != 4 or x.shape[-1] != 3 or min(x.shape[1:3]) < MIN_IMAGE_SIZE:
@@ -272,7 +274,7 @@ class RootBlock(nn.Module):
   folded: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Any) -> jax.Array:
     x = StdConv(self.features, (7, 7), (2, 2), dtype=self.dtype, folded=self.folded, name='conv_root')(
       ops.fixed_padding(x, 3)
     )
@@ -280,7 +282,7 @@ class RootBlock(nn.Module):
 
 
 def create_model(
-  arch: str, num_classes: int, dtype: Any = jnp.float32, input_size: int | None = None
+  arch: str, num_classes: int, dtype: DType = jnp.float32, input_size: int | None = None
 ) -> ResNetV2:
   """A ResNetV2 for an architecture name such as 'R50x1'."""
   depth, width = parse_architecture(arch)
@@ -291,7 +293,7 @@ def create_model(
   return ResNetV2(depth=depth, width=width, num_classes=num_classes, dtype=dtype, input_size=input_size)
 
 
-def fold_for_inference(params):
+def fold_for_inference(params: Params) -> dict[str, Any]:
   """Params with every conv kernel weight-standardized once, for `ResNetV2(..., folded=True)`.
 
   The result has the same tree and shapes; `model.clone(folded=True).apply({'params': folded}, x)` equals
@@ -305,7 +307,7 @@ def fold_for_inference(params):
   return jax.jit(lambda p: jax.tree_util.tree_map_with_path(fold, p))(params)
 
 
-def is_standardized_kernel(path, leaf) -> bool:
+def is_standardized_kernel(path: tuple[Any, ...], leaf: Any) -> bool:
   """Whether the leaf at `path` (a jax key path) is a conv kernel that `StdConv` weight-standardizes."""
   names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
   return (
@@ -327,25 +329,27 @@ class Inference:
 
   model: ResNetV2
 
-  def prepare(self, params):
+  def prepare(self, params: Params) -> dict[str, Any]:
+    """The params with every conv kernel standardized once (`fold_for_inference`)."""
     return fold_for_inference(params)
 
-  def __call__(self, prepared, images, pre_logits: bool = False):
+  def __call__(self, prepared: Params, images: jax.Array | np.ndarray, pre_logits: bool = False) -> jax.Array:
     return self.model.clone(folded=True).apply({'params': prepared}, images, pre_logits=pre_logits)
 
 
-def init_params(model: ResNetV2, seed: int = 0, image_size: int = 64):
+def init_params(model: ResNetV2, seed: int = 0, image_size: int = 64) -> dict[str, Any]:
   """Randomly initialized float32 params (a plain nested dict); the head is zeros."""
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(model.init)(jax.random.PRNGKey(seed), images)
   return jax.tree_util.tree_map(lambda a: a, dict(variables['params']))
 
 
-def param_shapes(model: ResNetV2):
+def param_shapes(model: ResNetV2) -> Any:
   """The param tree as jax.ShapeDtypeStructs, without allocating anything."""
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)['params']
 
 
-def count_params(tree) -> int:
+def count_params(tree: Any) -> int:
+  """The number of scalars in a param tree."""
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))

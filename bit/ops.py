@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,7 +41,7 @@ MODES = ('auto', 'on', 'off')
 OPS = ('group_norm', 'standardize', 'conv_1x1', 'conv_matmul', 'max_pool', 'root_barrier')
 # What `auto` takes, per backend: the ops measured faster there than their reference. CPU: all of them (see
 # docs/performance.md). GPU and TPU: none yet; add an op once a measurement there says so.
-AUTO = {'cpu': frozenset(OPS), 'gpu': frozenset(), 'tpu': frozenset()}
+AUTO: dict[str, frozenset[str]] = {'cpu': frozenset(OPS), 'gpu': frozenset(), 'tpu': frozenset()}
 
 _setting: str | None = None  # set_fast_ops's value; None: the environment decides
 
@@ -78,7 +79,7 @@ def set_fast_ops(mode: str | None, *, retrace: bool = True) -> str | None:
 
 
 @contextlib.contextmanager
-def fast_ops(mode: str | None, *, retrace: bool = True):
+def fast_ops(mode: str | None, *, retrace: bool = True) -> Any:
   """`with fast_ops('off'): ...` runs (and traces) the block under `mode`, then restores the setting."""
   old = set_fast_ops(mode, retrace=retrace)
   try:
@@ -106,7 +107,7 @@ def fixed_padding(x: jax.Array, pad: int) -> jax.Array:
 # --- weight standardization --------------------------------------------------------------------------------
 
 
-def standardize(w: jax.Array, axis=(0, 1, 2), eps: float = 1e-10) -> jax.Array:
+def standardize(w: jax.Array, axis: Any = (0, 1, 2), eps: float = 1e-10) -> jax.Array:
   """Weight standardization: zero mean, unit (biased) variance over `axis`, in float32."""
   w = w.astype(jnp.float32)
   if w.ndim == 4 and tuple(axis) == (0, 1, 2) and use_fast('standardize'):
@@ -114,7 +115,7 @@ def standardize(w: jax.Array, axis=(0, 1, 2), eps: float = 1e-10) -> jax.Array:
   return standardize_reference(w, axis, eps)
 
 
-def standardize_reference(w: jax.Array, axis=(0, 1, 2), eps: float = 1e-10) -> jax.Array:
+def standardize_reference(w: jax.Array, axis: Any = (0, 1, 2), eps: float = 1e-10) -> jax.Array:
   w = w.astype(jnp.float32)
   w = w - jnp.mean(w, axis=axis, keepdims=True)
   return w / jnp.sqrt(jnp.mean(jnp.square(w), axis=axis, keepdims=True) + eps)
@@ -301,7 +302,7 @@ def root_barrier(x: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def gradient_barrier(x):
+def gradient_barrier(x: Any) -> Any:
   """The identity, whose gradient passes an XLA optimization barrier."""
   return x
 
@@ -312,14 +313,16 @@ gradient_barrier.defvjp(lambda x: (x, None), lambda _, g: (jax.lax.optimization_
 # --- GroupNorm ----------------------------------------------------------------------------------------------
 
 
-def group_norm(x, scale, bias, groups: int = 32, eps: float = 1e-5, relu: bool = False):
+def group_norm(x: Any, scale: Any, bias: Any, groups: int = 32, eps: float = 1e-5, relu: bool = False) -> Any:
   """GroupNorm of NHWC `x` (two-pass variance, statistics in float32; returns float32), then ReLU if `relu`."""
   if use_fast('group_norm'):
     return _group_norm_fast(x, scale, bias, groups, eps, relu)
   return group_norm_reference(x, scale, bias, groups, eps, relu)
 
 
-def group_norm_reference(x, scale, bias, groups: int = 32, eps: float = 1e-5, relu: bool = False):
+def group_norm_reference(
+  x: Any, scale: Any, bias: Any, groups: int = 32, eps: float = 1e-5, relu: bool = False
+) -> Any:
   """The textbook form: reduce over H, W and the group's channels at once."""
   x = x.astype(jnp.float32)
   c = x.shape[-1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,7 +33,7 @@ DATA_AXIS = 'data'
 MODES = ('shard_map', 'pmap')
 
 
-def data_mesh(devices) -> Mesh:
+def data_mesh(devices: Any) -> Mesh:
   """The 1-D mesh over `devices` along `DATA_AXIS` that every data-parallel computation of bit uses."""
   return Mesh(np.array(list(devices)), (DATA_AXIS,))
 
@@ -60,7 +61,9 @@ def _without_donation_warning(fn):
   return wrapped
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None) -> bool:
+def initialize_distributed(
+  coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
   """Joins a multi-process run with `jax.distributed.initialize`; returns True if one was joined.
 
   Arguments win over the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`).
@@ -76,12 +79,12 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     return False
   if coordinator_address is None or num_processes is None or process_id is None:
     raise ConfigError(
-      'A multi-process run needs all three of --coordinator_address (host:port of process 0), '
-      f'--num_processes and --process_id; got coordinator_address={coordinator_address!r}, '
+      'A multi-process run needs all three of coordinator_address= (host:port of process 0), '
+      f'num_processes= and process_id=; got coordinator_address={coordinator_address!r}, '
       f'num_processes={num_processes!r}, process_id={process_id!r}.'
     )
   if not 0 <= int(process_id) < int(num_processes):
-    raise ConfigError(f'--process_id must be in [0, {num_processes}), got {process_id}.')
+    raise ConfigError(f'process_id= must be in [0, {num_processes}), got {process_id}.')
   if jax.distributed.is_initialized():
     return True
   # gloo is jax's CPU default today; set it explicitly so CPU-only clusters keep working if that changes.
@@ -92,7 +95,7 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
   return True
 
 
-def select_devices(num_devices: int = 0) -> list:
+def select_devices(num_devices: int = 0) -> list[Any]:
   """All devices (0), or the first `num_devices` of a single-process run (for tests and debugging)."""
   devices = jax.devices()
   if not num_devices:
@@ -113,15 +116,15 @@ def select_devices(num_devices: int = 0) -> list:
 class DataParallel:
   """Runs per-device functions over a 1-D data mesh with `shard_map` (default) or `pmap`."""
 
-  def __init__(self, mode: str = 'shard_map', devices=None):
+  def __init__(self, mode: str = 'shard_map', devices: Any = None) -> None:
     if mode not in MODES:
       raise ConfigError(
-        f'config.parallelism={mode!r} is not one of {MODES}; use --config.parallelism=shard_map.'
+        f'config.parallelism={mode!r} is not one of {MODES}; use config.parallelism=shard_map.'
       )
     self.mode = mode
-    self.devices = list(devices) if devices is not None else jax.devices()
-    self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
-    self.mesh = data_mesh(self.devices)
+    self.devices: list[Any] = list(devices) if devices is not None else jax.devices()
+    self.local_devices: list[Any] = [d for d in self.devices if d.process_index == jax.process_index()]
+    self.mesh: Any = data_mesh(self.devices)
     # pmap only ever sees this process's devices; its arrays are stacked along a leading device axis.
     self._local_mesh = data_mesh(self.local_devices)
 
@@ -141,10 +144,10 @@ class DataParallel:
       multiple = n * max(1, round(max(global_batch_size, 1) / n))
       raise ConfigError(
         f'config.{key}={global_batch_size} does not divide over {what}; use a multiple of {n}, '
-        f'e.g. --config.{key}={multiple}.'
+        f'e.g. config.{key}={multiple}.'
       )
 
-  def replicate(self, tree):
+  def replicate(self, tree: Any) -> Any:
     """A host tree (the same on every process) -> one copy on every device, ready for `wrap`'s functions."""
     if self.mode == 'pmap':
       n = self.num_local_devices
@@ -155,7 +158,7 @@ class DataParallel:
     sharding = NamedSharding(self.mesh, P())
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
-  def shard(self, local_batch):
+  def shard(self, local_batch: Any) -> Any:
     """This process's slice of a global batch (numpy, leading batch axis) -> the device batch."""
     if self.mode == 'pmap':
       n = self.num_local_devices
@@ -168,7 +171,7 @@ class DataParallel:
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
 
-  def unreplicate(self, tree):
+  def unreplicate(self, tree: Any) -> Any:
     """A replicated device tree -> one host (numpy) copy, read from this process's first device."""
 
     def get(x):
@@ -177,7 +180,7 @@ class DataParallel:
 
     return jax.tree.map(get, tree)
 
-  def wrap(self, fn, *, donate: bool = False, extra_inputs: int = 0):
+  def wrap(self, fn: Any, *, donate: bool = False, extra_inputs: int = 0) -> Any:
     """Runs `fn(replicated, batch, *extra) -> replicated outputs` on every device.
 
     `fn` is written for one device and must reduce its outputs over `DATA_AXIS` itself (pmean/psum), so

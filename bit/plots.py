@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +65,7 @@ def _first(record: dict, keys):
   return None
 
 
-def read_metrics(metrics_jsonl_path) -> dict[str, list[tuple[int, float]]]:
+def read_metrics(metrics_jsonl_path: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:
   """Reads a metrics.jsonl into sorted (step, value) series for 'loss', 'lr' and 'top1'.
 
   A resumed run appends lines for steps it had already logged before the interruption; the line written last
@@ -99,7 +101,7 @@ def read_metrics(metrics_jsonl_path) -> dict[str, list[tuple[int, float]]]:
   return {name: sorted(points.items()) for name, points in series.items()}
 
 
-def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
+def plot_curves(metrics_jsonl_path: str | os.PathLike[str], out_png: str | os.PathLike[str]) -> pathlib.Path:
   """Plots training loss, learning rate and eval top-1 against the step into one PNG; returns its path."""
   series = read_metrics(metrics_jsonl_path)
   if not any(series.values()):
@@ -142,7 +144,9 @@ def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
   return _save(fig, out_png)
 
 
-def plot_confusion(matrix, class_names, out_png, *, title: str | None = None) -> pathlib.Path:
+def plot_confusion(
+  matrix: Any, class_names: Any, out_png: str | os.PathLike[str], *, title: str | None = None
+) -> pathlib.Path:
   """Plots a confusion matrix (rows: true class, columns: predicted) into a PNG; returns its path.
 
   Cells are coloured by the fraction of each true class (row-normalized), so small classes stay visible;

@@ -21,21 +21,23 @@ import logging
 import os
 import pathlib
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, overload
 
 import jax
 import numpy as np
 
 from bit import arguments, models, xla
 from bit.errors import BitError, DataError
+from bit.images import EXTENSIONS, to_unit_range
+from bit.types import FloatArray, Images, IntArray, Params, PathLike
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 224
 DEFAULT_BATCH_SIZE = 32
 PROGRESS_MIN = 128  # inputs of more images than this get a progress bar (progress=None)
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')  # bit.images.EXTENSIONS
+IMAGE_SUFFIXES = EXTENSIONS  # the one list, bit.images'
 
 
 @functools.lru_cache(maxsize=8)
@@ -50,7 +52,7 @@ def _to_model_range(images, what: str = 'images=') -> np.ndarray:
   """uint8 0..255 -> float32 [-1, 1]; floats are checked to already be in [-1, 1]."""
   x = np.asarray(images)
   if x.dtype == np.uint8:
-    return x.astype(np.float32) / 127.5 - 1.0
+    return to_unit_range(x.astype(np.float32))
   if not np.issubdtype(x.dtype, np.floating):
     raise DataError(f'{what} must be uint8 (0..255) or floats in [-1, 1], got dtype {x.dtype}.')
   x = x.astype(np.float32)
@@ -191,7 +193,7 @@ def _one(item, size: int | None, index: int, total: int) -> np.ndarray:
         f'RGB ({type(e).__name__}: {e}).'
       ) from None
     x = rgb.astype(np.float32)
-    return (resize_bilinear(x, size or DEFAULT_SIZE) / 127.5 - 1.0).astype(np.float32)
+    return to_unit_range(resize_bilinear(x, size or DEFAULT_SIZE)).astype(np.float32)
   x = np.asarray(item)
   if x.ndim != 3 or x.shape[-1] != 3:
     raise DataError(
@@ -201,7 +203,7 @@ def _one(item, size: int | None, index: int, total: int) -> np.ndarray:
   return resize_bilinear(x, size) if size is not None else x
 
 
-def preprocess(images, size: int | None = None) -> np.ndarray:
+def preprocess(images: Images, size: int | None = None) -> FloatArray:
   """The exact eval transform: `images` as the float32 NHWC batch in [-1, 1] the model sees.
 
   `images`: whatever `bit.predict` takes (image file or folder paths, PIL images, arrays, or a list of them;
@@ -238,16 +240,38 @@ def _top(probs: np.ndarray, top: int):
   return np.take_along_axis(probs, idx, axis=-1), idx
 
 
+@overload
 def predict(
-  model,
-  params,
-  images,
+  model: models.ResNetV2,
+  params: Params,
+  images: Images,
+  *,
+  top: None = None,
+  size: int | None = None,
+  batch_size: int = DEFAULT_BATCH_SIZE,
+  progress: bool | None = None,
+) -> FloatArray: ...
+@overload
+def predict(
+  model: models.ResNetV2,
+  params: Params,
+  images: Images,
+  *,
+  top: int,
+  size: int | None = None,
+  batch_size: int = DEFAULT_BATCH_SIZE,
+  progress: bool | None = None,
+) -> tuple[FloatArray, IntArray]: ...
+def predict(
+  model: models.ResNetV2,
+  params: Params,
+  images: Images,
   *,
   top: int | None = None,
   size: int | None = None,
   batch_size: int = DEFAULT_BATCH_SIZE,
   progress: bool | None = None,
-):
+) -> FloatArray | tuple[FloatArray, IntArray]:
   """Class probabilities for `images`.
 
   `images`: an image file or a folder (its image files, sorted by name), a PIL image (any mode), an NHWC or
@@ -282,7 +306,7 @@ def predict(
   return probs[0] if inputs.single else probs
 
 
-def load_image(path, size: int) -> np.ndarray:
+def load_image(path: PathLike, size: int) -> FloatArray:
   """An image file as float32 (size, size, 3) in [-1, 1], preprocessed as in evaluation (the same decoder,
   `bit.images`: EXIF orientation applied, every mode to 8-bit RGB, the same DCT downscale for `size`).
 
@@ -291,7 +315,7 @@ def load_image(path, size: int) -> np.ndarray:
   from bit import images
 
   rgb = images.decode(pathlib.Path(path), int(size))
-  return resize_bilinear(rgb.astype(np.float32), size) / 127.5 - 1.0
+  return to_unit_range(resize_bilinear(rgb.astype(np.float32), size))
 
 
 def _axis_weights(n_in: int, n_out: int):
@@ -314,13 +338,13 @@ def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
   return rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
 
 
-def image_files(folder) -> list[pathlib.Path]:
+def image_files(folder: PathLike) -> list[pathlib.Path]:
   """The image files directly in `folder`, sorted by name (subfolders are not searched)."""
   folder = _expand(folder)
   return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def expand_paths(paths) -> list[pathlib.Path]:
+def expand_paths(paths: Iterable[PathLike]) -> list[pathlib.Path]:
   """Paths as given, with each folder replaced by the image files directly in it (sorted)."""
   out = []
   for p in paths:
@@ -336,15 +360,15 @@ def expand_paths(paths) -> list[pathlib.Path]:
 
 
 def predict_files(
-  model,
-  params,
-  paths,
-  class_names=None,
+  model: models.ResNetV2,
+  params: Params,
+  paths: PathLike | Iterable[PathLike],
+  class_names: Sequence[str] | None = None,
   *,
   top: int = 3,
   size: int | None = None,
   batch_size: int = DEFAULT_BATCH_SIZE,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
   """Predicts the `top` classes of each image file, by name (what bit-predict prints).
 
   `paths` may include folders (their image files are used). `size` is the side the images are resized to
@@ -390,7 +414,7 @@ def predict_files(
   return results
 
 
-def format_results(results: list[dict]) -> str:
+def format_results(results: list[dict[str, Any]]) -> str:
   """Human-readable lines: `path: name (87.3%), name (5.1%), ...` or `path: error: ...`."""
   lines = []
   for r in results:
@@ -402,7 +426,9 @@ def format_results(results: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def load_for_prediction(*, workdir=None, model=None) -> tuple[Any, Any, list[str] | None, int]:
+def load_for_prediction(
+  *, workdir: PathLike | None = None, model: PathLike | None = None
+) -> tuple[models.ResNetV2, dict[str, Any], list[str] | None, int]:
   """(model, params, class_names, size) for `bit-predict`: a training workdir or a checkpoint with its head.
 
   `workdir`: its model.npz, labels.txt and the crop of its config.json. `model`: a registry name (its head
@@ -415,10 +441,10 @@ def load_for_prediction(*, workdir=None, model=None) -> tuple[Any, Any, list[str
       'Give either workdir= (a bit-train run) or model= (e.g. BiT-M-R50x1-ILSVRC2012), not both.'
     )
   if workdir is not None:
-    from bit import evaluation
+    from bit import workdir as workdir_lib
 
-    config, net, params, names = evaluation.read_workdir(workdir)
-    return net, params, names, int(config.get('crop') or net.input_size or DEFAULT_SIZE)
+    run = workdir_lib.load(workdir)
+    return run.model, run.params, run.class_names, int(run.model.input_size)
   net, params = checkpoints.load(model, keep_head=True)
   names = checkpoints.label_names(model)
   return net, params, names, int(net.input_size or DEFAULT_SIZE)  # a registry checkpoint knows its size

@@ -26,9 +26,12 @@ import hashlib
 import json
 import logging
 import math
+import os
 import pathlib
 import re
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +40,7 @@ import numpy as np
 from bit import files, models, xla
 from bit.errors import ConfigError, DataError
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 METHODS = ('ridge', 'logreg')
 # big_vision's few-shot defaults: the L2 strength and the constant of the bias feature.
@@ -74,15 +77,15 @@ def _tag(text: str) -> str:
 
 
 def extract_features(
-  model,
-  params,
-  dataset,
+  model: Any,
+  params: Any,
+  dataset: Any,
   split: str,
   *,
-  workdir=None,
+  workdir: str | os.PathLike[str] | None = None,
   batch_size: int = DEFAULT_BATCH_SIZE,
   crop: int | None = None,
-  data_dir=None,
+  data_dir: str | os.PathLike[str] | None = None,
   progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Pre-logits features (N, num_features) float32 and labels (N,) int64 of every example of `split`.
@@ -174,15 +177,15 @@ class LinearProbe:
   std: np.ndarray  # (D,)
   method: str
 
-  def logits(self, x) -> np.ndarray:
+  def logits(self, x: Any) -> np.ndarray:
     x = (np.asarray(x, np.float32) - self.mean) / self.std
     return x @ self.weights + self.bias
 
-  def predict(self, x) -> np.ndarray:
+  def predict(self, x: Any) -> np.ndarray:
     """Class indices (N,)."""
     return np.argmax(self.logits(x), axis=-1)
 
-  def accuracy(self, x, y) -> float:
+  def accuracy(self, x: Any, y: Any) -> float:
     y = np.asarray(y)
     if len(y) == 0:
       return float('nan')
@@ -273,14 +276,14 @@ def _logreg(x, y, num_classes, *, steps, learning_rate, weight_decay, batch_size
 
 
 def fit_linear_probe(
-  train_x,
-  train_y,
+  train_x: Any,
+  train_y: Any,
   num_classes: int,
   *,
   method: str = 'ridge',
   l2_reg: float = DEFAULT_L2_REG,
-  test_x=None,
-  test_y=None,
+  test_x: Any = None,
+  test_y: Any = None,
   steps: int = 1000,
   learning_rate: float = 0.01,
   weight_decay: float = 1e-4,
@@ -327,14 +330,14 @@ def fit_linear_probe(
 
 
 def few_shot_accuracies(
-  train_x,
-  train_y,
-  test_x,
-  test_y,
+  train_x: Any,
+  train_y: Any,
+  test_x: Any,
+  test_y: Any,
   num_classes: int,
   *,
-  shots=DEFAULT_SHOTS,
-  seeds=DEFAULT_SEEDS,
+  shots: Any = DEFAULT_SHOTS,
+  seeds: Any = DEFAULT_SEEDS,
   l2_reg: float = DEFAULT_L2_REG,
 ) -> dict[int, list[float]]:
   """{k: [test accuracy of a ridge probe on k examples per class, one per seed]}.
@@ -364,7 +367,7 @@ def few_shot_accuracies(
   return out
 
 
-def few_shot_summary(accuracies_by_k_and_seed) -> list[dict]:
+def few_shot_summary(accuracies_by_k_and_seed: Any) -> list[dict[str, Any]]:
   """[{'k', 'min', 'median', 'max', 'n'}] (accuracies in [0, 1]) from {k: [accs] or {seed: acc}}."""
   rows = []
   for k in sorted(accuracies_by_k_and_seed, key=lambda v: (isinstance(v, str), v)):
@@ -379,7 +382,7 @@ def few_shot_summary(accuracies_by_k_and_seed) -> list[dict]:
   return rows
 
 
-def few_shot_report(accuracies_by_k_and_seed, *, ascii_arrows: bool = False) -> list[str]:
+def few_shot_report(accuracies_by_k_and_seed: Any, *, ascii_arrows: bool = False) -> list[str]:
   """Rows like `  5-shot: 80.2 ← 85.8 → 88.6  (3 seeds)`: min ← median → max in percent, as the official
   README reports few-shot results. `ascii_arrows=True` writes `<-` and `->`."""
   left, right = ('<-', '->') if ascii_arrows else ('←', '→')
@@ -406,16 +409,16 @@ def _get(config, key, default=None):
 
 
 def run_probe(
-  config,
-  workdir,
+  config: Any,
+  workdir: str | os.PathLike[str],
   *,
   method: str = 'ridge',
   l2_reg: float = DEFAULT_L2_REG,
-  shots=None,
+  shots: Sequence[int] | None = None,
   seeds: int = DEFAULT_SEEDS,
   batch_size: int = DEFAULT_BATCH_SIZE,
   progress: bool = False,
-) -> dict:
+) -> dict[str, Any]:
   """Linear probe of `config.model` on `config.dataset`; writes `workdir/probe.json` and returns the results.
 
   Reads the training config keys `model`, `dataset`, `train_split`, `test_split`, `data_dir`, `crop`,

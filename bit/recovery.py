@@ -20,6 +20,7 @@ import pathlib
 import signal
 import threading
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -28,14 +29,14 @@ from bit import files, layout
 from bit.errors import BitError, Interrupted
 from bit.train_state import state_to_tree
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 
 class CheckpointRestoreError(BitError):
   """Checkpoints exist but none of them restores; nothing was deleted or moved."""
 
 
-def checkpoint_manager(workdir: pathlib.Path, keep: int, *, asynchronous: bool = True):
+def checkpoint_manager(workdir: pathlib.Path, keep: int, *, asynchronous: bool = True) -> Any:
   """The orbax CheckpointManager of `workdir/checkpoints/`, keeping the newest `keep` (0: all)."""
   import orbax.checkpoint as ocp
 
@@ -78,7 +79,7 @@ def set_aside(directory: pathlib.Path, step: int, reason: str, primary: bool) ->
   return dest
 
 
-def set_all_aside(manager, primary: bool) -> pathlib.Path | None:
+def set_all_aside(manager: Any, primary: bool) -> pathlib.Path | None:
   """`config.restart`: moves every checkpoint to `restart-<UTC time>/<step>/` (kept, never read again)."""
   steps = list(manager.all_steps())
   if not steps or not primary:
@@ -99,7 +100,7 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def check_like(tree, template) -> None:
+def check_like(tree: Any, template: Any) -> None:
   """ValueError unless `tree` has the structure and shapes of `template` (orbax restores numpy leaves as
   saved, whatever the template says)."""
   if jax.tree.structure(tree) != jax.tree.structure(template):
@@ -109,7 +110,7 @@ def check_like(tree, template) -> None:
       raise ValueError(f'{jax.tree_util.keystr(path)} has shape {np.shape(a)}, this run needs {np.shape(b)}')
 
 
-def restore_latest(manager, template, *, primary: bool = True):
+def restore_latest(manager: Any, template: Any, *, primary: bool = True) -> Any:
   """(tree, step) of the newest checkpoint that restores, or (None, 0) when there is none.
 
   A checkpoint that fails to restore is never deleted: once an older one restores, the newer failed ones are
@@ -152,7 +153,7 @@ def restore_latest(manager, template, *, primary: bool = True):
   return None, 0
 
 
-def resume(manager, template, *, restart: bool = False, primary: bool = True):
+def resume(manager: Any, template: Any, *, restart: bool = False, primary: bool = True) -> Any:
   """(tree, step) to start from: the newest checkpoint that restores (`restore_latest`), or (None, 0).
 
   `restart` (config.restart) first moves every checkpoint aside (`set_all_aside`): the run starts over.
@@ -166,7 +167,7 @@ def resume(manager, template, *, restart: bool = False, primary: bool = True):
   return restore_latest(manager, template, primary=primary)
 
 
-def save_checkpoint(manager, state, best, step: int) -> None:
+def save_checkpoint(manager: Any, state: Any, best: Any, step: int) -> None:
   """An asynchronous orbax save of {step, params, opt_state} of the host `state` (+ the early-stopping state
   `best`, when there is one) at `step`."""
   import orbax.checkpoint as ocp
@@ -191,18 +192,18 @@ class StopSignals:
 
   NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT'}
 
-  def __init__(self):
+  def __init__(self) -> None:
     self.signum = 0
     self._previous = {}
     self._agreement = None  # parallel.LaggedMax, in a multi-process run
 
-  def __enter__(self):
+  def __enter__(self) -> Any:
     if threading.current_thread() is threading.main_thread():
       for s in self.NAMES:
         self._previous[s] = signal.signal(s, self._handle)
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, *exc: Any) -> None:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
     self._previous = {}

@@ -27,7 +27,7 @@ from bit import malloc, xla
 TOOL_ENVIRONMENT = {'TF_CPP_MIN_LOG_LEVEL': '2', 'TF_ENABLE_ONEDNN_OPTS': '0'}
 
 
-def configure_cpu() -> dict:
+def configure_cpu() -> dict[str, bool]:
   """Applies the CPU settings above; returns {'xla_flag': bool, 'malloc': bool, 'dispatch': bool}.
 
   Call it before the first JAX computation: once JAX's backend runs, the XLA flag and the dispatch setting
@@ -38,7 +38,7 @@ def configure_cpu() -> dict:
   return {'xla_flag': xla.FLAG in os.environ.get('XLA_FLAGS', ''), **state}
 
 
-def configure_tool() -> dict:
+def configure_tool() -> dict[str, bool]:
   """What every command-line tool runs before JAX starts: TensorFlow kept quiet, then `configure_cpu()`."""
   for name, value in TOOL_ENVIRONMENT.items():
     os.environ.setdefault(name, value)

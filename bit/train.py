@@ -25,6 +25,8 @@ import dataclasses
 import functools
 import logging
 import os
+import typing
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from bit import layout, parallel, recovery, train_setup
@@ -32,12 +34,16 @@ from bit import workdir as workdir_lib
 from bit.config import OPERATIONAL_KEYS, as_config
 from bit.config import resolve as resolve_config
 from bit.errors import ConfigError, Interrupted, NonFiniteLossError
-from bit.evaluation import evaluate_test_split
+from bit.evaluation import eval_line, evaluate_test_split
 from bit.metrics_log import MetricsWriter, TrainLog
 from bit.recovery import CheckpointRestoreError
 from bit.train_setup import Objective
+from bit.types import TrainResult
 
-log = logging.getLogger(__name__)
+if typing.TYPE_CHECKING:
+  import ml_collections
+
+log: logging.Logger = logging.getLogger(__name__)
 
 # Re-exported: named by the README, docs/ARCHITECTURE.md and callers of `bit.train`.
 __all__ = [
@@ -58,12 +64,14 @@ __all__ = [
 class FitResult:
   """What `fit` leaves behind: the final metrics and the final params (host numpy tree)."""
 
-  metrics: dict
-  params: dict
-  config: dict
+  metrics: TrainResult
+  params: dict[str, Any]
+  config: dict[str, Any]
 
 
-def train_and_evaluate(config, workdir) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict | Mapping[str, Any], workdir: str | os.PathLike[str]
+) -> TrainResult:
   """Fine-tunes `config.model` on `config.dataset` in `workdir`; returns the final metrics.
 
   `config`: a ConfigDict (`bit.config.get_config()`; bit/config.py lists every key) or a plain dict of those keys,
@@ -79,7 +87,7 @@ def train_and_evaluate(config, workdir) -> dict:
   return fit(config, workdir).metrics
 
 
-def fit(config, workdir, objective: Objective | None = None) -> FitResult:
+def fit(config: Any, workdir: str | os.PathLike[str], objective: Objective | None = None) -> FitResult:
   """`train_and_evaluate`, also returning the exported params (host numpy) and the resolved config.
 
   `objective` trains for another loss (and on other examples) in this same loop: see `Objective`.
@@ -100,7 +108,7 @@ def fit(config, workdir, objective: Objective | None = None) -> FitResult:
     params, result, extra = _outcome(run)
     if setup.primary:
       _export(run, params, result)
-  metrics = {'step': run.step, **_eval_line(result), **extra}
+  metrics = {'step': run.step, **eval_line(result), **extra}
   if run.train_log.last_loss is not None:
     metrics['loss'] = run.train_log.last_loss
   log.info(
@@ -196,7 +204,7 @@ def _evaluate(run: _Run, step: int) -> dict | None:
 
 def _eval(run: _Run, step: int) -> dict:
   result = run.evaluate(run.dstate)
-  run.writer.write(step, _eval_line(result), prefix='eval')
+  run.writer.write(step, eval_line(result), prefix='eval')
   if run.setup.primary:
     run.bar.write(f'step {step}: top1 {result["top1"]:.4f} top5 {result["top5"]:.4f}')
   run.train_log.pause_clock()
@@ -318,17 +326,6 @@ def _stop_if_signalled(run: _Run) -> None:
 def _itstime(step: int, every: int, total: int) -> bool:
   """Whether an every-`every`-steps action (0 = only at the end) runs at `step`; always at the last step."""
   return step == total or bool(every and step % every == 0)
-
-
-def _eval_line(result: dict) -> dict:
-  """The metrics.jsonl eval line of an `evaluation.evaluate_batches` result."""
-  return {
-    'top1': float(result['top1']),
-    'top5': float(result['top5']),
-    'eval_loss': float(result['loss']),
-    'mean_per_class_accuracy': float(result['mean_per_class_accuracy']),
-    'num_examples': int(result['count']),
-  }
 
 
 # --- the loop's state --------------------------------------------------------------------------------------

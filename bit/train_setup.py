@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 import re
 from typing import Any, Callable, Hashable
@@ -34,7 +35,7 @@ from bit.train_state import (
   tree_to_state,
 )
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -95,7 +96,7 @@ class Setup:
     )
 
 
-def setup(config, workdir, objective: Objective | None = None) -> Setup:
+def setup(config: Any, workdir: str | os.PathLike[str], objective: Objective | None = None) -> Setup:
   """Checks and resolves the config (`bit.config`), loads the model, restores the newest checkpoint that
   restores (`bit.recovery.resume`): what the loop starts from."""
   from bit import data
@@ -146,7 +147,7 @@ def setup(config, workdir, objective: Objective | None = None) -> Setup:
   )
 
 
-def load_model(cfg: dict, info, objective: Objective | None):
+def load_model(cfg: dict[str, Any], info: Any, objective: Objective | None) -> Any:
   """(model, params, transfer settings, the metrics.jsonl start line of trainable-parameter counts)."""
   from bit import checkpoints
 
@@ -176,7 +177,7 @@ def load_model(cfg: dict, info, objective: Objective | None):
   return model, params, transfer, counts
 
 
-def restore(cfg: dict, workdir: pathlib.Path, state: TrainState, best: BestEval | None):
+def restore(cfg: dict[str, Any], workdir: pathlib.Path, state: TrainState, best: BestEval | None) -> Any:
   """(manager, state, best, start): the orbax manager of the workdir and the state of its newest checkpoint
   that restores (`recovery.resume`), or the fresh ones at step 0."""
   template = state_to_tree(state)
@@ -196,7 +197,7 @@ def restore(cfg: dict, workdir: pathlib.Path, state: TrainState, best: BestEval 
   return manager, tree_to_state(state, restored), best, start
 
 
-def with_remat(model, cfg: dict):
+def with_remat(model: Any, cfg: dict[str, Any]) -> Any:
   """The model with `config.remat` (same params): activations recomputed per unit or stage."""
   remat = cfg.get('remat', 'none')
   return model if remat == 'none' else model.clone(remat=remat)
@@ -208,12 +209,21 @@ _STEPS_CACHE: dict = {}
 _STEPS_CACHE_SIZE = 4
 
 
-def step_with_extra(state, batch, extra):
+def step_with_extra(state: Any, batch: Any, extra: Any) -> Any:
   """`train_step` with the objective's extra input (a teacher), replicated, never donated."""
   return train_step(state, batch, parallel.DATA_AXIS, extra)
 
 
-def compiled_step(dp, model, params, supports, base_lr, accum_steps, transfer: dict, objective=None):
+def compiled_step(
+  dp: Any,
+  model: Any,
+  params: Any,
+  supports: Any,
+  base_lr: float,
+  accum_steps: Any,
+  transfer: dict[str, Any],
+  objective: Any = None,
+) -> Any:
   """(host state at step 0, the train step over all devices): the static parts cached per setup."""
   key = (
     repr(model),
@@ -242,7 +252,7 @@ def compiled_step(dp, model, params, supports, base_lr, accum_steps, transfer: d
   return start_state(template, params), p_train
 
 
-def train_iterator(setup: Setup):
+def train_iterator(setup: Setup) -> Any:
   """The run's train batches from its `start` step (`data.train_iterator`, or the objective's records)."""
   from bit import data
 
@@ -265,7 +275,7 @@ def train_iterator(setup: Setup):
   )
 
 
-def evaluator(setup: Setup):
+def evaluator(setup: Setup) -> Any:
   """`evaluate(dstate) -> result`: the student's params on the whole test split."""
   cfg, dp = setup.cfg, setup.dp
   apply_fn = models.Inference(setup.model)  # hashable, one per model: the eval step compiles once

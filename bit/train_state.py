@@ -39,15 +39,15 @@ class TrainState(train_state.TrainState):
   function, so whatever it computes from `images` and `extra` alone is forward-only.
   """
 
-  lr_fn: Callable = struct.field(pytree_node=False)
+  lr_fn: Callable[..., Any] = struct.field(pytree_node=False)
   accum_steps: int = struct.field(pytree_node=False, default=1)
   split: freeze.Split | None = struct.field(pytree_node=False, default=None)
-  forward_fn: Callable | None = struct.field(pytree_node=False, default=None)
-  frozen: tuple = ()
-  loss_fn: Callable | None = struct.field(pytree_node=False, default=None)
+  forward_fn: Callable[..., Any] | None = struct.field(pytree_node=False, default=None)
+  frozen: tuple[Any, ...] = ()
+  loss_fn: Callable[..., Any] | None = struct.field(pytree_node=False, default=None)
 
 
-def lr_schedule(supports, base_lr: float):
+def lr_schedule(supports: Any, base_lr: float) -> Any:
   """The BiT learning rate for explicit step boundaries [warmup, decay1, decay2, decay3, total], in-graph.
 
   `bit.hyperrule.lr_schedule(base_lr=base_lr, supports=supports)`: the one implementation of the schedule.
@@ -56,14 +56,14 @@ def lr_schedule(supports, base_lr: float):
 
 
 def make_optimizer(
-  lr_fn,
+  lr_fn: Any,
   *,
-  params=None,
+  params: Any = None,
   transfer: str = default('transfer'),
   unfreeze_stages: int = default('unfreeze_stages'),
   unfreeze_units: int = default('unfreeze_units'),
   backbone_lr_scale: float = default('backbone_lr_scale'),
-  trainable_mask=None,
+  trainable_mask: Any = None,
 ) -> optax.GradientTransformation:
   """The one optimizer of the project: SGD, momentum 0.9, no weight decay, learning rate `lr_fn(step)`.
 
@@ -95,7 +95,14 @@ def make_optimizer(
 
 
 def create_state(
-  model, params, lr_fn, *, accum_steps: int = 1, trainable_mask=None, loss_fn=None, **transfer
+  model: Any,
+  params: Any,
+  lr_fn: Any,
+  *,
+  accum_steps: int = 1,
+  trainable_mask: Any = None,
+  loss_fn: Any = None,
+  **transfer: Any,
 ) -> TrainState:
   """A fresh TrainState at step 0 for `model` (a linen module) and its params.
 
@@ -130,7 +137,7 @@ def create_state(
   return start_state(template, params)
 
 
-def start_state(template: TrainState, params) -> TrainState:
+def start_state(template: TrainState, params: Any) -> TrainState:
   """The step-0 state of `template`'s setup (model, optimizer, schedule, split) for `params`: a fresh
   optimizer state and the frozen kernels standardized. `template` may hold no arrays (params=None)."""
   return template.replace(
@@ -142,7 +149,7 @@ def _prepare(state: TrainState, params) -> tuple:
   return state.split.prepare_frozen(params) if state.split is not None else ()
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits: Any, labels: Any) -> jax.Array:
   """Mean softmax cross-entropy against (possibly MixUp-mixed) one-hot labels, in float32."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.mean(jnp.sum(labels.astype(jnp.float32) * logp, axis=-1))
@@ -163,7 +170,7 @@ def _split(state: TrainState):
   return freeze.Split((True,) * n, (False,) * n), state.apply_fn
 
 
-def trainable_loss(state: TrainState, images, labels, extra=None):
+def trainable_loss(state: TrainState, images: Any, labels: Any, extra: Any = None) -> Any:
   """(loss_fn, trainable leaves): the loss of the batch as a function of the trainable leaves alone, what
   the step differentiates. The frozen leaves enter as constants, so JAX runs the network below the lowest
   trainable layer forward only and keeps none of its activations for the backward pass. `extra` goes to
@@ -181,7 +188,7 @@ def trainable_loss(state: TrainState, images, labels, extra=None):
   return loss_fn, trainable
 
 
-def loss_and_grads(state: TrainState, images, labels, extra=None):
+def loss_and_grads(state: TrainState, images: Any, labels: Any, extra: Any = None) -> tuple[Any, Any]:
   """(loss, grads) of one batch as the train step computes them; `grads` is shaped like the params, exactly
   zero for frozen ones (which the step never differentiates)."""
   loss_fn, trainable = trainable_loss(state, images, labels, extra)
@@ -191,7 +198,7 @@ def loss_and_grads(state: TrainState, images, labels, extra=None):
   return loss, split.merge(treedef, [jnp.zeros_like(x) for x in leaves], grads)
 
 
-def train_step(state: TrainState, batch, axis_name: str | None = DATA_AXIS, extra=None):
+def train_step(state: TrainState, batch: Any, axis_name: str | None = DATA_AXIS, extra: Any = None) -> Any:
   """One SGD update from this device's `batch` {'image': (B, H, W, 3), 'label': (B, C)}.
 
   Gradients (and the loss) are averaged over `axis_name`, so every device applies the same update; with
@@ -248,7 +255,7 @@ def state_to_tree(state: TrainState) -> dict[str, Any]:
   return jax.tree.map(lambda x: np.array(x), tree)
 
 
-def tree_to_state(state: TrainState, tree) -> TrainState:
+def tree_to_state(state: TrainState, tree: Any) -> TrainState:
   """The inverse of `state_to_tree`, using `state` for the structure and the static fields."""
   params = jax.tree.map(np.asarray, tree['params'])
   return state.replace(

@@ -13,6 +13,7 @@ A user's own `--xla_cpu_experimental_ynn_fusion_type` in `XLA_FLAGS` always wins
 import functools
 import importlib.metadata
 import os
+from typing import Any
 
 FLAG = 'xla_cpu_experimental_ynn_fusion_type'
 # The library fusions YNNPACK keeps: matmuls (alone and fused) and reductions, not convolutions.
@@ -53,7 +54,7 @@ def configure_environment() -> None:
     os.environ['XLA_FLAGS'] = f'{flags} {_OURS}'.strip()
 
 
-def compiler_options() -> dict | None:
+def compiler_options() -> dict[str, Any] | None:
   """The per-compilation form of the same setting, or None off CPU or when the user set the flag."""
   import jax  # here: bit.runtime imports this module before JAX's settings are made (bit/malloc.py)
 
@@ -75,7 +76,7 @@ def _options_accepted() -> bool:
   return True
 
 
-def jit(fn=None, **kwargs):
+def jit(fn: Any = None, **kwargs: Any) -> Any:
   """`jax.jit` with `compiler_options()`; usable as `@jit` or `jit(fn, donate_argnums=...)`."""
   if fn is None:
     return functools.partial(jit, **kwargs)

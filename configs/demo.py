@@ -51,6 +51,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   d.pretrain_lr = 0.01
   d.pretrain_seed = 0
   with c.unlocked():
+    c.run = 'demo'  # what bit-train runs: the demo's stages (bit.tools.demo.run_demo), not one training run
     c.demo = d
   c.lock()
   return c

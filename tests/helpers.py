@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny random params, running a console script in-process or bit-train in a subprocess,
+"""Shared test helpers: tiny image folders, random checkpoints and the tiny training config, tiny random params, running a console script in-process or bit-train in a subprocess,
 two-process runs, a local file server."""
 
 import http.server
@@ -16,11 +16,79 @@ import time
 import jax
 import numpy as np
 import pytest
-from make_checkpoint import random_checkpoint
+from PIL import Image
 
+from bit import config as common
 from bit import models
+from bit.testing import random_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+NUM_CLASSES = 10
+SCHEDULE = (2, 4, 6, 8, 10)
+# Ten well separated colours: a random R26x1 backbone tells them apart, so ten steps of SGD lower the loss.
+PALETTE = np.array(
+  [
+    [220, 30, 30],
+    [30, 220, 30],
+    [30, 30, 220],
+    [220, 220, 30],
+    [220, 30, 220],
+    [30, 220, 220],
+    [240, 240, 240],
+    [20, 20, 20],
+    [128, 64, 0],
+    [0, 100, 128],
+  ]
+)
+
+
+def make_folder(root, classes=NUM_CLASSES, train_per_class=4, test_per_class=2, size=32, seed=0):
+  """An image folder ROOT/{train,test}/class_i/*.png whose class is the (noisy) colour of the image."""
+  rng = np.random.default_rng(seed)
+  root = pathlib.Path(root)
+  for split, n in (('train', train_per_class), ('test', test_per_class)):
+    for c in range(classes):
+      d = root / split / f'class_{c}'
+      d.mkdir(parents=True, exist_ok=True)
+      for i in range(n):
+        img = np.clip(PALETTE[c] + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f'{i}.png')
+  return root
+
+
+def make_npz(path, classes=5, seed=0):
+  """A random R26x1 checkpoint in the official layout (its head is replaced when fine-tuning)."""
+  np.savez(path, **random_checkpoint(26, 1, classes, seed))
+  return pathlib.Path(path)
+
+
+def base_config(model, dataset, **overrides):
+  """The shared tiny config: the same values as `cli_command` passes on the command line."""
+  c = common.get_config()
+  c.model, c.dataset = str(model), str(dataset)
+  c.batch_size, c.resize, c.crop, c.schedule, c.mixup_alpha = 8, 40, 32, SCHEDULE, 0.1
+  c.seed, c.eval_every, c.checkpoint_every, c.log_every = 0, 0, 2, 1
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def flat(tree, prefix=''):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flat(v, f'{prefix}{k}/'))
+    else:
+      out[prefix + k] = np.asarray(v)
+  return out
+
+
+def assert_params_close(a, b, atol=2e-5, rtol=1e-3):
+  fa, fb = flat(a), flat(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_allclose(fa[k], fb[k], atol=atol, rtol=rtol, err_msg=k)
 
 
 def _not_glibc() -> str | None:

@@ -3,6 +3,7 @@ models that know their input size, a head changed in memory, errors that name th
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -17,9 +18,25 @@ from bit import checkpoints, models, train
 from bit.tools import cli
 
 
-def test_dir_shows_the_public_api_only():
-  assert set(dir(bit)) == set(bit.__all__) | {'__version__'}
+def test_dir_shows_the_public_api_and_the_modules():
+  assert set(dir(bit)) == set(bit.__all__) | set(bit._SUBMODULES) | {'__version__'}
+  assert {'ops', 'freeze', 'parallel', 'data', 'models', 'config', 'errors', 'types'} <= set(dir(bit))
   assert not {'os', 'importlib', 'typing', 'malloc', 'xla'} & set(dir(bit))
+
+
+def test_modules_are_attributes_after_a_bare_import_without_jax():
+  code = (
+    'import sys, bit; light = not {"jax", "tensorflow"} & set(sys.modules); '
+    'bit.ops.set_fast_ops("off"); '
+    'print(light, [m for m in dir(bit) if getattr(bit, m, None) is None], callable(bit.export), '
+    'bit.freeze.__name__, bit.parallel.__name__, bit.data.__name__, bit.types.Params)'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, check=True
+  ).stdout.split()
+  assert out[:6] == ['True', '[]', 'True', 'bit.freeze', 'bit.parallel', 'bit.data'], out
+  with pytest.raises(AttributeError, match="no attribute 'opz'"):
+    bit.opz  # noqa: B018
 
 
 def test_py_typed_and_a_light_import():
@@ -61,6 +78,7 @@ def test_a_loaded_model_knows_its_input_size(run_dir, tmp_path, monkeypatch):
   assert bit.load(tmp_path / 'model.npz', keep_head=True)[0].input_size is None  # no run beside it
   cfg = checkpoints.PretrainedCfg('BiT-T-R26x1-size', 'm.npz', 'R26x1', 3, None, 48)
   monkeypatch.setitem(checkpoints.REGISTRY, cfg.name, cfg)
+  # Private: the registry's download, stubbed (the tests have no network); `bit.load` is what is tested.
   monkeypatch.setattr(checkpoints, '_fetch', lambda _: run_dir / 'model.npz')
   assert bit.load(cfg.name, keep_head=True)[0].input_size == 48  # the registry's resolution
   with pytest.raises(bit.BitError, match='input_size must be an integer >= 32'):
@@ -79,20 +97,40 @@ def test_evaluate_a_fine_tuned_model_at_its_size(run_dir, photo_folder):
 
 def test_reset_head_in_memory(run_dir):
   model, params = bit.load(run_dir / 'model.npz', keep_head=True)
-  new = bit.reset_head(params, 5)
+  new_model, new = bit.reset_head(model, params, 5)
+  assert (new_model.num_classes, new_model.input_size, new_model.architecture) == (5, None, 'R26x1')
+  assert model.num_classes == 3 and model.input_size == 32  # the model passed in is unchanged
   assert new['head']['kernel'].shape == (2048, 5) and new['head']['bias'].shape == (5,)
   assert not np.any(new['head']['kernel']) and not np.any(new['head']['bias'])  # zeros, as a fine-tune starts
   assert new['block1'] is params['block1']  # the backbone is shared, not copied
   assert params['head']['kernel'].shape == (2048, 3) and np.any(params['head']['kernel'])  # input untouched
-  _, loaded = bit.load(run_dir / 'model.npz', num_classes=5)  # the same as a new head from the file
+  loaded_model, loaded = bit.load(
+    run_dir / 'model.npz', num_classes=5
+  )  # the same as a new head from the file
+  assert new_model == loaded_model
   for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(loaded), strict=True):
     np.testing.assert_array_equal(a, b)
-  probs = bit.predict(model.clone(num_classes=5), new, np.zeros((1, 32, 32, 3), np.uint8))
+  probs = bit.predict(new_model, new, np.zeros((1, 32, 32, 3), np.uint8))
   np.testing.assert_allclose(probs, 0.2, rtol=1e-6)
   with pytest.raises(bit.BitError, match='num_classes must be an integer'):
-    bit.reset_head(params, 2.5)
+    bit.reset_head(model, params, 2.5)
   with pytest.raises(bit.BitError, match="params= must be .* got the str 'model.npz'"):
-    bit.reset_head('model.npz', 5)
+    bit.reset_head(model, 'model.npz', 5)
+  with pytest.raises(bit.BitError, match=r'model= must be a bit.ResNetV2.*the order is model, params'):
+    bit.reset_head(params, model, 5)
+
+
+def test_reset_head_old_form_warns_and_still_works(run_dir):
+  model, params = bit.load(run_dir / 'model.npz', keep_head=True)
+  with pytest.warns(
+    DeprecationWarning, match=r'model, params = bit.reset_head\(model, params, num_classes\)'
+  ):
+    new = bit.reset_head(params, 5)
+  assert (
+    isinstance(new, dict) and new['head']['kernel'].shape == (2048, 5) and not np.any(new['head']['bias'])
+  )
+  with pytest.warns(DeprecationWarning), pytest.raises(bit.BitError, match='num_classes must be an integer'):
+    bit.reset_head(params, 2.5)
 
 
 # --- the library speaks Python: errors name the argument --------------------------------------------------------
@@ -148,4 +186,52 @@ def test_type_checkers_see_every_public_name():
   tree = ast.parse(pathlib.Path(bit.__file__).read_text())
   guarded = next(n for n in tree.body if isinstance(n, ast.If) and 'TYPE_CHECKING' in ast.unparse(n.test))
   imported = {a.asname or a.name for n in ast.walk(guarded) if isinstance(n, ast.ImportFrom) for a in n.names}
-  assert imported == set(bit.__all__)
+  assert imported == set(bit.__all__) | set(bit._SUBMODULES)
+
+
+def test_no_library_error_names_a_flag(run_dir, photo_folder, tmp_path):
+  # Each public function with a bad argument: the message names the Python argument or config key; the
+  # command-line tools show those as their flags (cli.as_flags).
+  from bit import config as config_lib
+  from bit import distill, dry_run, parallel
+
+  model, params = bit.load(run_dir / 'model.npz', keep_head=True)
+  images = np.zeros((2, 32, 32, 3), np.uint8)
+  (tmp_path / 'mine').mkdir()
+  plan_config = config_lib.get_config()
+  plan_config.update(model='R26x1', dataset=str(tmp_path / 'mine'))
+  one_device = parallel.DataParallel('shard_map', jax.devices()[:1])
+  calls = {
+    'load': lambda: bit.load(42),
+    'load (scratch)': lambda: bit.load('R26x1'),
+    'create_model': lambda: bit.create_model('R26x1', 3, input_size=16),
+    'reset_head': lambda: bit.reset_head(model, params, 0),
+    'predict': lambda: bit.predict(model, params, images, batch_size=0),
+    'preprocess': lambda: bit.preprocess(images, size=8),
+    'evaluate': lambda: bit.evaluate(model, params, str(photo_folder), crop='big'),
+    'export (exists)': lambda: bit.export(model, params, 'stablehlo', tmp_path / 'mine'),
+    'export (format)': lambda: bit.export(model, params, 'tflite', tmp_path / 'x'),  # type: ignore[arg-type]
+    'train_and_evaluate': lambda: bit.train_and_evaluate({'model': 'R26x1'}, tmp_path / 'w'),
+    'check_batch': lambda: one_device.check_batch(6, accum_steps=4),
+    'DataParallel': lambda: parallel.DataParallel('vmap'),
+    'initialize_distributed': lambda: parallel.initialize_distributed('localhost:1234', None, None),
+    'dry_run.plan': lambda: dry_run.plan(plan_config),
+    'distill.load_teacher': lambda: distill.load_teacher(None, 0),
+  }
+  messages = {}
+  for name, call in calls.items():
+    with pytest.raises(bit.BitError) as e:
+      call()
+    messages[name] = str(e.value)
+  assert {name: m for name, m in messages.items() if re.search(r'(?<![\w-])--\w', m)} == {}
+  assert 'give another path=, or overwrite=True' in messages['export (exists)']
+  assert 'e.g. config.batch_size=8' in messages['check_batch']
+  assert 'num_classes=N and config.crop=PIXELS' in messages['dry_run.plan']
+  assert 'coordinator_address= ' in messages['initialize_distributed']
+  # ... and each command shows them as its own flags.
+  assert 'give another --output=, or --overwrite=True' in cli.as_flags(
+    'bit-export', messages['export (exists)']
+  )
+  assert 'e.g. --config.batch_size=8' in cli.as_flags('bit-train', messages['check_batch'])
+  assert '--num_classes=N and --config.crop=PIXELS' in cli.as_flags('bit-train', messages['dry_run.plan'])
+  assert '--coordinator_address= ' in cli.as_flags('bit-bench', messages['initialize_distributed'])

@@ -176,6 +176,6 @@ def test_bench_demo_tiny(tmp_path, offline):
 
 def test_long_reasons_are_cut_in_the_middle():
   text = 'Cannot download URL: ' + 'x' * 1000 + ' put it at /cache/file.npz (set $BIT_CACHE)'
-  short = accuracy_grid._shorten(text, 200)
+  short = accuracy_grid.shorten(text, 200)
   assert len(short) <= 200 and short.startswith('Cannot download') and short.endswith('(set $BIT_CACHE)')
-  assert accuracy_grid._shorten('short', 200) == 'short'
+  assert accuracy_grid.shorten('short', 200) == 'short'

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import FileServer, checkpoint_bytes
-from make_checkpoint import random_checkpoint
 
 import bit
 from bit import checkpoints as ck
 from bit import models
 from bit.errors import BitError, CheckpointError
+from bit.testing import random_checkpoint
 
 ARCHS = ['R50x1', 'R50x3', 'R101x1', 'R101x3', 'R152x2', 'R152x4']
 

@@ -1,30 +1,23 @@
 """bit-train on bad input: one line saying what to do, a non-zero exit code, no traceback.
 
-(The successful command, killed and resumed, is in test_train.py.) The failing commands run
-concurrently: each one mostly waits for imports.
+(The successful command, killed and resumed, is in test_train.py.) The failing commands run in this process
+(`helpers.run_cli`): what is checked is the entry point's handling of bad input, not a process of its own.
 """
 
 import json
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
+from helpers import make_folder, make_npz, run_cli
 
-HERE = pathlib.Path(__file__).parent
-sys.path.insert(0, str(HERE))
-from test_train import make_folder, make_npz  # noqa: E402
+from bit.tools import cli
 
-CONFIG = str(HERE.parent / 'configs' / 'common.py')
-
-
-def bit_train(*args):
-  return [sys.executable, '-c', 'from bit.tools.cli import train_main; train_main()', *map(str, args)]
+CONFIG = str(pathlib.Path(__file__).parent.parent / 'configs' / 'common.py')
 
 
 @pytest.fixture(scope='module')
-def failures(tmp_path_factory):
+def cases(tmp_path_factory):
   root = tmp_path_factory.mktemp('cli')
   folder = make_folder(root / 'folder', classes=2, train_per_class=2, test_per_class=1)
   npz = make_npz(root / 'm.npz')
@@ -41,7 +34,7 @@ def failures(tmp_path_factory):
     '--config.resize=40',
     '--config.crop=32',
   ]
-  cases = {
+  return {
     'unknown_key': ['--config', CONFIG, '--workdir', root / 'a', '--config.bach_size=8'],
     'bad_value': ['--config', CONFIG, '--workdir', root / 'a', '--config.batch_size=lots'],
     'missing_config_file': ['--config', root / 'nope.py', '--workdir', root / 'a'],
@@ -53,11 +46,6 @@ def failures(tmp_path_factory):
     'other_run': [*ok, '--workdir', other],
     'bad_schedule': [*ok, '--workdir', root / 'e', '--config.schedule=[5,4,3,2,1]'],
   }
-  procs = {
-    k: subprocess.Popen(bit_train(*v), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for k, v in cases.items()
-  }
-  return {k: (p.wait(timeout=300), *p.communicate()) for k, p in procs.items()}
 
 
 @pytest.mark.parametrize(
@@ -75,8 +63,8 @@ def failures(tmp_path_factory):
     ('bad_schedule', r'config\.schedule'),
   ],
 )
-def test_bad_input_is_one_line_without_traceback(failures, case, expected):
-  code, out, err = failures[case]
+def test_bad_input_is_one_line_without_traceback(cases, case, expected, capsys, monkeypatch):
+  code, out, err = run_cli(cli.train_main, ['bit-train', *cases[case]], capsys, monkeypatch)
   assert code != 0, (out, err)
   assert 'Traceback' not in err, err
   lines = [line for line in err.splitlines() if line.startswith('bit-train: error:')]

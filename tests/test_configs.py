@@ -52,7 +52,8 @@ print('ok')
 def test_the_wheel_installs_no_top_level_configs(tmp_path):
   src = tmp_path / 'src'
   src.mkdir()
-  for name in ('pyproject.toml', 'README.md'):
+  for name in ('pyproject.toml', 'README.md', 'bit/py.typed'):
+    (src / name).parent.mkdir(parents=True, exist_ok=True)
     (src / name).write_bytes((ROOT / name).read_bytes())
   for sub in ('bit', 'configs'):
     for path in (ROOT / sub).rglob('*.py'):
@@ -65,7 +66,7 @@ def test_the_wheel_installs_no_top_level_configs(tmp_path):
   (wheel,) = (src / 'out').glob('*.whl')
   names = zipfile.ZipFile(wheel).namelist()
   assert {n.split('/')[0] for n in names if not n.split('/')[0].endswith('.dist-info')} == {'bit'}
-  assert 'bit/tools/cli.py' in names and 'bit/config.py' in names
+  assert 'bit/tools/cli.py' in names and 'bit/config.py' in names and 'bit/py.typed' in names
 
 
 def test_configs_the_demo_and_the_grid_work_without_a_configs_package(tmp_path):

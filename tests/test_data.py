@@ -564,7 +564,7 @@ def test_streaming_with_the_real_tfds_reader_and_size_metadata(tmp_path):
         yield i, {'image': rng.integers(0, 255, (16, 16, 3), np.uint8), 'label': i % 3}
 
   BitTinyShapes(data_dir=str(tmp_path)).download_and_prepare()
-  num_bytes = data_sources._tfds_builder('bit_tiny_shapes', str(tmp_path)).info.splits['train'].num_bytes
+  num_bytes = tfds.builder('bit_tiny_shapes', data_dir=str(tmp_path)).info.splits['train'].num_bytes
   kw = dict(
     split='train', global_batch_size=6, resize=16, crop=16, num_classes=3, data_dir=str(tmp_path), seed=1
   )

@@ -95,11 +95,11 @@ def test_export_digits_with_rotations(tmp_path):
 
 
 def test_scaled_schedule_keeps_the_hyperrule_shape():
-  assert demo._scaled_schedule(500) == (100, 200, 300, 400, 500)
-  assert demo._scaled_schedule(50) == (10, 20, 30, 40, 50)
-  assert demo._scaled_schedule(5) == (1, 2, 3, 4, 5)
+  assert demo.scaled_schedule(500) == (100, 200, 300, 400, 500)
+  assert demo.scaled_schedule(50) == (10, 20, 30, 40, 50)
+  assert demo.scaled_schedule(5) == (1, 2, 3, 4, 5)
   with pytest.raises(ConfigError, match='steps=3'):
-    demo._scaled_schedule(3)
+    demo.scaled_schedule(3)
 
 
 def test_finished_result_refuses_other_settings(tmp_path):
@@ -108,7 +108,7 @@ def test_finished_result_refuses_other_settings(tmp_path):
   c = common.get_config()
   c.dataset, c.model = '/data/x', 'R26x1'
   (tmp_path / demo.RESULT_FILE).write_text(
-    json.dumps({'metrics': {'top1': 0.5}, 'config': demo._fingerprint(c)})
+    json.dumps({'metrics': {'top1': 0.5}, 'config': demo.fingerprint(c)})
   )
   assert demo.finished_result(tmp_path, c)['metrics']['top1'] == 0.5
   c.log_every = 1  # operational: the result still counts

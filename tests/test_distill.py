@@ -22,10 +22,9 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from helpers import kill_after_checkpoint, run_cli  # noqa: E402
-from test_train import make_folder, make_npz  # noqa: E402
+from helpers import kill_after_checkpoint, make_folder, make_npz, run_cli  # noqa: E402
 
-from bit import checkpoints, config, data, distill, models, train, train_setup  # noqa: E402
+from bit import checkpoints, config, data_sources, distill, models, train, train_setup  # noqa: E402
 from bit.errors import ConfigError, DataError  # noqa: E402
 from bit.metrics_log import read_metrics  # noqa: E402
 from bit.tools import cli  # noqa: E402
@@ -133,7 +132,7 @@ def test_teacher_sees_the_students_view_and_never_changes(assets, tmp_path):
   # The student starts as the teacher itself: the KL is zero only when both run on the very same (cropped,
   # flipped, MixUp-mixed) images of the step; any other view of the teacher's gives a positive loss.
   records = distill.combine(
-    data._train_records(str(assets['folder']), 'train', None, None, 0),
+    data_sources.load_split(str(assets['folder']), 'train', None),
     distill.unlabeled_folder(assets['unlabeled']),
   )
   teacher, objective = _objective(assets['teacher'], records)
@@ -205,7 +204,6 @@ def _command(workdir, assets):
   ]
 
 
-@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_student(straight, assets, tmp_path):
   workdir = tmp_path / 'w'
   cmd = _command(workdir, assets)

@@ -75,6 +75,27 @@ def test_evaluate_batches_with_a_known_classifier():
   np.testing.assert_allclose(r['per_class_accuracy'], np.diag(expected) / expected.sum(1))
 
 
+def test_the_result_keys_are_a_results_and_the_empty_result_has_its_shapes():
+  """evaluation.RESULT_KEYS (what early stopping checkpoints) names every key of a result, and the empty result
+  (what a checkpointed one is restored into) has the shapes and dtypes of a real one."""
+  confusion = np.array([[2, 1, 0], [0, 3, 0], [1, 0, 0]])
+  r = evaluation.metrics_from_counts(confusion, hits5=6, loss_sum=3.0)
+  assert set(r) == set(evaluation.RESULT_KEYS)
+  empty = evaluation.empty_result(3)
+  assert set(empty) == set(r)
+  for k in evaluation.RESULT_KEYS:
+    assert np.asarray(empty[k]).shape == np.asarray(r[k]).shape, k
+    assert np.asarray(empty[k]).dtype == np.asarray(r[k]).dtype, k
+  assert set(evaluation.summary({**r, 'split': 'test'})) == {*evaluation.SCALAR_KEYS, 'split'}
+  assert evaluation.eval_line(r) == {
+    'top1': pytest.approx(5 / 7),
+    'top5': pytest.approx(6 / 7),
+    'eval_loss': pytest.approx(3 / 7),
+    'mean_per_class_accuracy': pytest.approx((2 / 3 + 1 + 0) / 3),
+    'num_examples': 7,
+  }
+
+
 def test_evaluate_batches_rejects_labels_outside_the_head():
   batch = {'image': np.zeros((2, 8, 8, 3), np.float32), 'label': np.array([0, 5])}
   with pytest.raises(DataError, match='outside'):

@@ -19,7 +19,8 @@ def tiny():
 
 
 def _flat(tree):
-  return {freeze._path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  """'block1/unit01/conv1/kernel' -> leaf."""
+  return {'/'.join(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_full_and_head_masks(tiny):

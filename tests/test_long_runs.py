@@ -17,8 +17,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from helpers import start_two_processes, train_command  # noqa: E402
-from test_train import base_config, make_folder, make_npz  # noqa: E402
+from helpers import base_config, make_folder, make_npz, start_two_processes, train_command  # noqa: E402
 
 from bit import checkpoints, config, models, recovery, train, train_setup  # noqa: E402
 from bit.errors import ConfigError  # noqa: E402
@@ -76,6 +75,7 @@ def test_when_no_checkpoint_restores_the_run_stops_and_nothing_is_moved(tmp_path
   m.close()
 
 
+# Private (orbax's): its atomic rename is the one place to stop a save between writing the data and committing it.
 KILLED_SAVE = r"""
 import sys, time, pathlib, numpy as np, orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
@@ -193,7 +193,6 @@ def assets(tmp_path_factory):
   return {'folder': make_folder(root / 'folder'), 'npz': make_npz(root / 'r26x1.npz')}
 
 
-@pytest.mark.slow
 def test_sigterm_saves_the_step_in_flight_and_the_rerun_equals_a_straight_run(assets, tmp_path):
   workdir, k = tmp_path / 'w', 3
   cmd = _command(workdir, assets['npz'], assets['folder'], '--config.num_devices=1')
@@ -296,7 +295,6 @@ except Interrupted as e:
 """
 
 
-@pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(assets, tmp_path):
   workdir, k = tmp_path / 'w', 3
   args = (assets['npz'], assets['folder'], workdir)
@@ -348,7 +346,7 @@ def test_dry_run_prints_the_memory_plan_without_data_or_workdir(capsys, monkeypa
   ]
   from bit import dry_run
 
-  with pytest.raises(ConfigError, match=r'give --num_classes=N and --config.crop=PIXELS'):
+  with pytest.raises(ConfigError, match=r'give num_classes=N and config.crop=PIXELS'):
     dry_run.plan(base_config('R26x1', 'not_here_anywhere', crop=None))
   code, out, err = run_cli(
     cli.train_main,
@@ -366,6 +364,29 @@ def test_dry_run_prints_the_memory_plan_without_data_or_workdir(capsys, monkeypa
   parts = ('params_bytes', 'opt_state_bytes', 'batch_bytes', 'temp_bytes_per_device')
   assert plan['bytes_per_device'] == sum(plan[k] for k in parts)
   assert 'XLA temporaries' in out and list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_dry_runs_suggestion_fits_when_applied():
+  """A limit the step fits with four accumulation steps but not one: the plan suggests accumulation (or remat),
+  and the config with the suggestion applied, planned again under the same limit, fits. (On the CPU backend
+  accumulation saves little, ~2% of R26x1's 64 px batch of 16: the limit is the accumulated step's own.)"""
+  from bit import dry_run
+
+  settings = dict(batch_size=16, num_devices=1, crop=64)
+  limit = dry_run.plan(
+    base_config('R26x1', 'not_here_anywhere', accum_steps=4, **settings), num_classes=10, device_memory_gb=64
+  )['bytes_per_device']
+  gb = (limit + 0.5) / dry_run.GIB
+  tight = dry_run.plan(
+    base_config('R26x1', 'not_here_anywhere', **settings), num_classes=10, device_memory_gb=gb
+  )
+  assert tight['fits'] is False and isinstance(tight['suggest'], dict), tight['suggest']
+  s = tight['suggest']
+  applied = base_config(
+    'R26x1', 'not_here_anywhere', accum_steps=s['accum_steps'], remat=s['remat'], **settings
+  )
+  again = dry_run.plan(applied, num_classes=10, device_memory_gb=gb)
+  assert again['fits'] is True and again['bytes_per_device'] == s['bytes_per_device'] <= limit
 
 
 def test_dry_run_suggests_the_smallest_accumulation_then_remat_that_fits(monkeypatch):
@@ -387,17 +408,21 @@ def test_dry_run_suggests_the_smallest_accumulation_then_remat_that_fits(monkeyp
     }
 
   monkeypatch.setattr(dry_run, 'measure', fake)
-  first = fake(None, None, None, None)
-  assert dry_run._suggest(None, 'R50x1', 10, 224, 760, first)['accum_steps'] == 2
-  assert dry_run._suggest(None, 'R50x1', 10, 224, 700, first)['accum_steps'] == 4
-  assert dry_run._suggest(None, 'R50x1', 10, 224, 420, first) == {
+  config = base_config('R50x1', 'not_here_anywhere', crop=224)
+
+  def suggest(limit):
+    return dry_run.plan(config, num_classes=10, device_memory_gb=(limit + 0.5) / dry_run.GIB)['suggest']
+
+  assert suggest(760)['accum_steps'] == 2
+  assert suggest(700)['accum_steps'] == 4
+  assert suggest(420) == {
     'remat': 'none',
     'accum_steps': 8,
     'bytes_per_device': 412,
   }
-  assert dry_run._suggest(None, 'R50x1', 10, 224, 400, first) == {
+  assert suggest(400) == {
     'remat': 'unit',
     'accum_steps': 4,
     'bytes_per_device': 375,
   }
-  assert dry_run._suggest(None, 'R50x1', 10, 224, 250, first) is None
+  assert suggest(250) == 'nothing fits: use more devices or a smaller crop'

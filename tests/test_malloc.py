@@ -86,6 +86,8 @@ def test_reasons_to_leave_malloc_alone(monkeypatch):
     malloc.configure()  # a typo is said, not silently ignored
   monkeypatch.setenv('BIT_MALLOC', 'reuse')
   assert malloc.reason_to_skip() is None
+  # Private: the heap settings are made once per process, so each environment's answer is read from the
+  # function that decides it rather than from configure() in a fresh process per case.
   assert malloc._malloc_reason_to_skip() is None
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
   assert malloc._malloc_reason_to_skip() == 'GLIBC_TUNABLES sets glibc.malloc'

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from make_checkpoint import random_checkpoint
 
 from bit import checkpoints, models
 from bit.errors import BitError
+from bit.testing import random_checkpoint
 
 # Published parameter counts (millions) of the BiT models with a 1,000-class head (timm's model cards).
 KNOWN_PARAMS_M = {

@@ -6,12 +6,10 @@ import pathlib
 import sys
 
 import numpy as np
-import pytest
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from helpers import start_two_processes  # noqa: E402
-from test_train import assert_params_close, make_folder, make_npz  # noqa: E402
+from helpers import assert_params_close, make_folder, make_npz, start_two_processes  # noqa: E402
 
 CONFIG = r"""
 def config(model, dataset):
@@ -43,7 +41,6 @@ np.savez(f'{sys.argv[5]}/params_{jax.process_index()}.npz', top1=result.metrics[
 )
 
 
-@pytest.mark.slow
 def test_two_processes_end_with_the_same_params(tmp_path):
   folder = make_folder(tmp_path / 'folder')
   npz = make_npz(tmp_path / 'm.npz')

@@ -211,7 +211,7 @@ def _export(fmt, folder):
     from bit.export import export
 
     if fmt == 'onnx':
-      pytest.importorskip('jax2onnx', reason="the ONNX export needs pip install -e '.[export]'")
+      pytest.importorskip('onnx', reason="the ONNX export needs pip install -e '.[export]'")
     model = models.create_model('R26x1', CLASSES)
     names = [f'class{i}' for i in range(CLASSES)]
     export(model, fast_params(model, head_std=0.05), fmt, f'exports/{folder}', size=32, labels=names)

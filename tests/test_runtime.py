@@ -90,6 +90,7 @@ def test_command_line_tools_make_the_cpu_settings_before_jax_starts():
   got = json.loads(out.stdout.strip().splitlines()[-1])
   assert got['state'] == {'malloc': True, 'dispatch': True} and got['async'] is False
   assert got['tf'] == '2'
+  # Private: whether the installed jaxlib is one the flag is known to be accepted by (a version table).
   assert (xla.FLAG in got['xla_flags']) == xla._jaxlib_known()
 
 

@@ -11,13 +11,13 @@ import socket
 import numpy as np
 import pytest
 from helpers import FileServer, fast_params
-from make_checkpoint import random_checkpoint
 from tfds_builders import bit_tiny_download as tiny
 
 import bit
 from bit import config as common
 from bit import data_sources, models, train
 from bit.errors import DataError
+from bit.testing import random_checkpoint
 from bit.tools import cli
 
 

@@ -7,90 +7,27 @@ The runs are module-scoped and share one config (R26x1 from a random official-la
 
 import json
 import os
-import pathlib
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
-HERE = pathlib.Path(__file__).parent
-sys.path.insert(0, str(HERE))
-from helpers import kill_after_checkpoint, train_command  # noqa: E402
-from make_checkpoint import random_checkpoint  # noqa: E402
-
-from bit import checkpoints, train  # noqa: E402
-from bit import config as common  # noqa: E402
-from bit.errors import ConfigError  # noqa: E402
-from bit.metrics_log import read_metrics  # noqa: E402
-
-NUM_CLASSES = 10
-SCHEDULE = (2, 4, 6, 8, 10)
-# Ten well separated colours: a random R26x1 backbone tells them apart, so ten steps of SGD lower the loss.
-PALETTE = np.array(
-  [
-    [220, 30, 30],
-    [30, 220, 30],
-    [30, 30, 220],
-    [220, 220, 30],
-    [220, 30, 220],
-    [30, 220, 220],
-    [240, 240, 240],
-    [20, 20, 20],
-    [128, 64, 0],
-    [0, 100, 128],
-  ]
+from helpers import (
+  NUM_CLASSES,
+  ROOT,
+  SCHEDULE,
+  assert_params_close,
+  base_config,
+  flat,
+  kill_after_checkpoint,
+  make_folder,
+  make_npz,
+  train_command,
 )
 
-
-def make_folder(root, classes=NUM_CLASSES, train_per_class=4, test_per_class=2, size=32, seed=0):
-  """An image folder ROOT/{train,test}/class_i/*.png whose class is the (noisy) colour of the image."""
-  rng = np.random.default_rng(seed)
-  root = pathlib.Path(root)
-  for split, n in (('train', train_per_class), ('test', test_per_class)):
-    for c in range(classes):
-      d = root / split / f'class_{c}'
-      d.mkdir(parents=True, exist_ok=True)
-      for i in range(n):
-        img = np.clip(PALETTE[c] + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(d / f'{i}.png')
-  return root
-
-
-def make_npz(path, classes=5, seed=0):
-  """A random R26x1 checkpoint in the official layout (its head is replaced when fine-tuning)."""
-  np.savez(path, **random_checkpoint(26, 1, classes, seed))
-  return pathlib.Path(path)
-
-
-def base_config(model, dataset, **overrides):
-  """The shared tiny config: the same values as `cli_command` passes on the command line."""
-  c = common.get_config()
-  c.model, c.dataset = str(model), str(dataset)
-  c.batch_size, c.resize, c.crop, c.schedule, c.mixup_alpha = 8, 40, 32, SCHEDULE, 0.1
-  c.seed, c.eval_every, c.checkpoint_every, c.log_every = 0, 0, 2, 1
-  for k, v in overrides.items():
-    c[k] = v
-  return c
-
-
-def flat(tree, prefix=''):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(flat(v, f'{prefix}{k}/'))
-    else:
-      out[prefix + k] = np.asarray(v)
-  return out
-
-
-def assert_params_close(a, b, atol=2e-5, rtol=1e-3):
-  fa, fb = flat(a), flat(b)
-  assert fa.keys() == fb.keys()
-  for k in fa:
-    np.testing.assert_allclose(fa[k], fb[k], atol=atol, rtol=rtol, err_msg=k)
+from bit import checkpoints, train
+from bit.errors import ConfigError
+from bit.metrics_log import read_metrics
 
 
 @pytest.fixture(scope='module')
@@ -226,16 +163,15 @@ def cli_command(workdir, model, dataset):
   )
 
 
-@pytest.mark.slow
 def test_cli_sigkill_then_rerun_resumes_with_the_same_result(runs, assets, tmp_path):
   workdir = tmp_path / 'w'
   cmd = cli_command(workdir, assets['npz'], assets['folder'])
   # The second process reuses the first one's compiled step from the persistent cache.
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'))
-  kill_after_checkpoint(cmd, workdir, env, cwd=HERE.parent)
+  kill_after_checkpoint(cmd, workdir, env, cwd=ROOT)
   before = read_metrics(workdir)
 
-  done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE.parent, timeout=600)
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   lines = read_metrics(workdir)
   assert lines[: len(before)] == before  # appended, never truncated

@@ -18,7 +18,7 @@ from PIL import Image
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from test_train import NUM_CLASSES, PALETTE, base_config, flat, make_folder, make_npz  # noqa: E402
+from helpers import NUM_CLASSES, PALETTE, base_config, flat, make_folder, make_npz  # noqa: E402
 
 from bit import checkpoints, train, train_state  # noqa: E402
 from bit.errors import ConfigError  # noqa: E402

@@ -33,8 +33,9 @@ import re
 import statistics
 import time
 import traceback
+from typing import Any
 
-from bit import files
+from bit import files, layout
 from bit.errors import ConfigError, DataError, DownloadError
 from bit.tools import demo
 
@@ -88,12 +89,12 @@ def _short(spec: str) -> str:
   return spec.replace(':', '-')
 
 
-def official(model: str, dataset: str, examples_per_class: int):
+def official(model: str, dataset: str, examples_per_class: int) -> Any:
   """(top-1 %, source) of the official figure for this setting, or None. TFDS versions are ignored."""
   return OFFICIAL.get((str(model), str(dataset).split(':')[0], int(examples_per_class or 0)))
 
 
-def cells(config) -> list[Cell]:
+def cells(config: Any) -> list[Cell]:
   """The cells of a bench config, grid by grid, in a stable order."""
   if 'grids' not in config or not config.grids:
     raise ConfigError(
@@ -134,7 +135,7 @@ def _demo_config(config):
 class _Resolver:
   """Maps the demo names to real paths, doing the demo's export / pretraining once, on first use."""
 
-  def __init__(self, config, workdir: pathlib.Path):
+  def __init__(self, config: Any, workdir: pathlib.Path) -> None:
     self.config, self.workdir = config, workdir
     self._data = None
     self._pretrained = None
@@ -155,11 +156,11 @@ class _Resolver:
       demo.run_stage(
         demo.pretrain_config(dc, self.dataset('demo:digits0-4')), path, name='pretrain (demo:pretrained)'
       )
-      self._pretrained = str(path / 'model.npz')
+      self._pretrained = str(path / layout.MODEL_FILE)
     return self._pretrained
 
 
-def cell_config(config, cell: Cell, resolver: _Resolver):
+def cell_config(config: Any, cell: Cell, resolver: _Resolver) -> Any:
   """The training config of one cell: base, then the grid's overrides, then the cell's own keys."""
   overrides = dict(config.grids[cell.grid].get('overrides') or {})
   c = demo._stage_config(config.base, **overrides)
@@ -184,7 +185,7 @@ def _unavailable_reason(e: BaseException) -> str | None:
   return None
 
 
-def _shorten(text: str, limit: int) -> str:
+def shorten(text: str, limit: int) -> str:
   """`text` cut in the middle to at most `limit` characters: its start says what failed and its end (e.g. a
   download error's 'fetch it on a machine that has it ... put it at PATH') what to do."""
   if len(text) <= limit:
@@ -193,7 +194,7 @@ def _shorten(text: str, limit: int) -> str:
   return f'{text[:head]} ... {text[len(text) - (limit - 5 - head) :]}'
 
 
-def run_cell(config, cell: Cell, workdir: pathlib.Path, resolver: _Resolver) -> dict:
+def run_cell(config: Any, cell: Cell, workdir: pathlib.Path, resolver: _Resolver) -> dict[str, Any]:
   """Runs (or skips, or marks) one cell; returns its row for results.csv."""
   cdir = workdir / CELLS_DIR / cell.name
   row = {**_pending_row(cell, workdir), 'status': '', 'reason': ''}
@@ -206,11 +207,11 @@ def run_cell(config, cell: Cell, workdir: pathlib.Path, resolver: _Resolver) -> 
     reason = _unavailable_reason(e)
     row['status'] = 'unavailable' if reason else 'failed'
     first = (str(e).splitlines() or [''])[0]
-    row['reason'] = _shorten(' '.join((reason or f'{type(e).__name__}: {first}').split()), 500)
+    row['reason'] = shorten(' '.join((reason or f'{type(e).__name__}: {first}').split()), 500)
     cdir.mkdir(parents=True, exist_ok=True)
     (cdir / 'error.txt').write_text(traceback.format_exc())
     demo._atomic_json(cdir / STATUS_FILE, {'status': row['status'], 'reason': row['reason']})
-    print(f'[{cell.name}] {row["status"]}: {_shorten(row["reason"], 200)}', flush=True)
+    print(f'[{cell.name}] {row["status"]}: {shorten(row["reason"], 200)}', flush=True)
     return row
   (cdir / STATUS_FILE).unlink(missing_ok=True)
   row.update(
@@ -222,7 +223,7 @@ def run_cell(config, cell: Cell, workdir: pathlib.Path, resolver: _Resolver) -> 
   return row
 
 
-def run_bench(config, workdir) -> list[dict]:
+def run_bench(config: Any, workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
   """Runs every cell of the bench config (skipping finished ones); writes results.csv and results.md.
 
   Returns the rows of results.csv. Bad configs raise ConfigError before any cell runs.
@@ -288,7 +289,7 @@ CSV_FIELDS = [
 ]
 
 
-def write_results(rows: list[dict], workdir) -> None:
+def write_results(rows: list[dict[str, Any]], workdir: str | os.PathLike[str]) -> None:
   """Writes results.csv (one row per cell) and results.md (one row per setting), atomically."""
   workdir = pathlib.Path(workdir)
   buf = io.StringIO()
@@ -308,7 +309,7 @@ def _spread(values: list[float]) -> str:
   return f'{min(values):.1f} ← **{statistics.median(values):.1f}** → {max(values):.1f}'
 
 
-def format_markdown(rows: list[dict]) -> str:
+def format_markdown(rows: list[dict[str, Any]]) -> str:
   """results.md: per setting, measured top-1 (min <- median -> max over seeds) next to the official figure."""
   groups: dict = {}
   for r in rows:
@@ -346,7 +347,7 @@ def format_markdown(rows: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def load_config(path_or_config):
+def load_config(path_or_config: Any) -> Any:
   """A bench config from a ConfigDict or a configs/*.py path (`get_config()`)."""
   if not isinstance(path_or_config, (str, os.PathLike)):
     return path_or_config

@@ -38,10 +38,16 @@ _CONFIG_ARGUMENTS = {
   'data_dir': '--config.data_dir',
   'model': '--config.model',
 }
+_MULTI_PROCESS = {name: f'--{name}' for name in ('coordinator_address', 'num_processes', 'process_id')}
 _FLAGS_OF_ARGUMENTS = {
-  'bit-train': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
-  'bit-bench': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
-  'bit-distill': {**_CONFIG_ARGUMENTS, 'workdir': '--workdir'},
+  'bit-train': {
+    **_CONFIG_ARGUMENTS,
+    **_MULTI_PROCESS,
+    'workdir': '--workdir',
+    'num_classes': '--num_classes',
+  },
+  'bit-bench': {**_CONFIG_ARGUMENTS, **_MULTI_PROCESS, 'workdir': '--workdir'},
+  'bit-distill': {**_CONFIG_ARGUMENTS, **_MULTI_PROCESS, 'workdir': '--workdir'},
   'bit-probe': {
     'dataset': '--dataset',
     'model': '--model',
@@ -50,6 +56,15 @@ _FLAGS_OF_ARGUMENTS = {
   },
   'bit-eval': {'workdir': '--workdir'},
   'bit-predict': {'workdir': '--workdir', 'model': '--model', 'size': '--size', 'batch_size': '--batch_size'},
+  'bit-export': {
+    'workdir': '--workdir',
+    'model': '--model',
+    'num_classes': '--num_classes',
+    'path': '--output',
+    'overwrite': '--overwrite',
+    'size': '--size',
+    'input': '--input',
+  },
 }
 
 
@@ -225,19 +240,27 @@ def _train(argv) -> None:
     return
   if not FLAGS.workdir:
     raise BitError('--workdir is required: the directory that receives checkpoints, metrics and model.npz.')
+  # configs/demo.py says config.run = 'demo': the offline demo's stages (pretrain, fine-tune, scratch).
+  if FLAGS.config.get('run') == 'demo':
+    _launch('bit.tools.demo:run_demo', report=False)
+  else:
+    _launch('bit.train:train_and_evaluate')
+
+
+def _launch(target: str, report: bool = True) -> None:
+  """Joins the hosts (`--coordinator_address` ...), then runs `target` ('module:function', imported only now)
+  on --config and --workdir; with `report`, process 0 prints the metrics it returns as one JSON line."""
+  import importlib
+
+  from bit import parallel
+
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if 'demo' in FLAGS.config:  # configs/demo.py: the offline demo's stages (pretrain, fine-tune, scratch)
-    from bit.tools.demo import run_demo
-
-    run_demo(FLAGS.config, FLAGS.workdir)
-    return
-  from bit.train import train_and_evaluate
-
-  metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  module, name = target.split(':')
+  result = getattr(importlib.import_module(module), name)(FLAGS.config, FLAGS.workdir)
   import jax
 
-  if jax.process_index() == 0:
-    print(json.dumps(metrics), flush=True)
+  if report and jax.process_index() == 0:
+    print(json.dumps(result), flush=True)
 
 
 def train_main() -> None:
@@ -258,9 +281,9 @@ def _define_eval_flags() -> None:
 def _eval(argv) -> None:
   if not FLAGS.workdir:
     raise BitError('--workdir is required: the directory of a finished bit-train run.')
-  from bit import evaluation
+  from bit import evaluation, workdir
 
-  result, paths = evaluation.evaluate_workdir(
+  result, paths = workdir.evaluate(
     FLAGS.workdir, split=FLAGS.split, batch_size=FLAGS.batch_size, progress=not FLAGS.json
   )
   if FLAGS.json:
@@ -443,21 +466,10 @@ def _distill(argv) -> None:
     raise BitError('--config is required, e.g. --config configs/distill.py --config.teacher=WORKDIR.')
   if not FLAGS.workdir:
     raise BitError('--workdir is required: the directory that receives the student.')
-  from bit import parallel
-
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if 'distill_demo' in FLAGS.config:  # configs/demo_distill.py: the offline demo's stages, then the students
-    from bit.tools.distill_demo import run_distill_demo
-
-    run_distill_demo(FLAGS.config, FLAGS.workdir)
-    return
-  from bit.distill import distill
-
-  metrics = distill(FLAGS.config, FLAGS.workdir)
-  import jax
-
-  if jax.process_index() == 0:
-    print(json.dumps(metrics), flush=True)
+    _launch('bit.tools.distill_demo:run_distill_demo', report=False)
+  else:
+    _launch('bit.distill:distill')
 
 
 def distill_main() -> None:
@@ -478,12 +490,18 @@ def _define_export_flags() -> None:
   _define('string', 'format', None, 'savedmodel (TensorFlow), onnx (needs the [export] extra) or stablehlo.')
   _define('string', 'output', None, 'The directory to write; it must not exist (or --overwrite an export).')
   _define('integer', 'size', None, "Image side the export takes (default: the run's crop, or 224).")
-  _define('string', 'input', 'float32', 'float32 (NHWC in [-1, 1]) or uint8 (RGB 0..255, scaled inside).')
+  _define(
+    'string',
+    'input',
+    'float32',
+    'float32 (NHWC in [-1, 1]), uint8 (RGB 0..255, scaled inside) or raw (uint8 RGB at any size, resized and '
+    'scaled inside; a SavedModel also gets serving_bytes for encoded JPEG/PNG).',
+  )
   _define('boolean', 'overwrite', False, 'Replace an existing export at --output.')
 
 
 def _export(argv) -> None:
-  """bit-export --workdir W --format savedmodel|onnx|stablehlo --output DIR [--size 224] [--input uint8]
+  """bit-export --workdir W --format savedmodel|onnx|stablehlo --output DIR [--size 224] [--input uint8|raw]
 
   Writes the model's inference function (images -> logits, probabilities; any batch size) for serving
   outside JAX, with labels.txt and export.json (size, input convention, source sha256, how to call it).
@@ -498,7 +516,7 @@ def _export(argv) -> None:
   if FLAGS.size is not None:
     check_size(FLAGS.size)
   if FLAGS.input not in INPUTS:
-    raise BitError(f'--input must be float32 or uint8, got {FLAGS.input!r}.')
+    raise BitError(f'--input must be one of {", ".join(INPUTS)}, got {FLAGS.input!r}.')
   model, params, names, size, source = load_source(
     workdir=FLAGS.workdir, model=FLAGS.model, num_classes=FLAGS.num_classes, keep_head=FLAGS.keep_head
   )

@@ -28,10 +28,12 @@ import shutil
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
-from bit import files
+from bit import files, layout
+from bit import workdir as workdir_lib
 from bit.errors import ConfigError, DataError
 
 PRETRAIN_DIGITS = (0, 1, 2, 3, 4)
@@ -45,7 +47,12 @@ SUMMARY_MD = 'demo.md'
 
 
 def digits_dir(
-  root, *, image_size: int = 32, test_fraction: float = 1 / 3, seed: int = 0, rotations: bool = True
+  root: str | os.PathLike[str],
+  *,
+  image_size: int = 32,
+  test_fraction: float = 1 / 3,
+  seed: int = 0,
+  rotations: bool = True,
 ) -> pathlib.Path:
   """The directory that `export_digits` fills for these settings (one directory per setting)."""
   name = f'digits-{int(image_size)}px-test{round(test_fraction * 100)}-seed{seed}' + (
@@ -55,8 +62,13 @@ def digits_dir(
 
 
 def export_digits(
-  root, *, image_size: int = 32, test_fraction: float = 1 / 3, seed: int = 0, rotations: bool = True
-) -> dict:
+  root: str | os.PathLike[str],
+  *,
+  image_size: int = 32,
+  test_fraction: float = 1 / 3,
+  seed: int = 0,
+  rotations: bool = True,
+) -> dict[str, Any]:
   """Exports scikit-learn's digits as two image folders; returns {'pretrain': path, 'transfer': path}.
 
   `pretrain` holds digits 0-4 and `transfer` digits 5-9, each as `<split>/<class>/<index>.png` with splits
@@ -130,7 +142,7 @@ def export_digits(
 # --- stages ------------------------------------------------------------------------------------------------
 
 
-def _fingerprint(config) -> dict:
+def fingerprint(config) -> dict:
   """The settings that decide a stage's result (operational keys such as log_every may change freely)."""
   from bit.config import OPERATIONAL_KEYS
 
@@ -138,7 +150,7 @@ def _fingerprint(config) -> dict:
   return {k: v for k, v in sorted(c.items()) if k not in OPERATIONAL_KEYS}
 
 
-def finished_result(workdir, config=None) -> dict | None:
+def finished_result(workdir: str | os.PathLike[str], config: Any = None) -> dict[str, Any] | None:
   """The result of a finished stage/cell in `workdir`, or None if it has not finished.
 
   With `config`, a result made with different settings is an error (ConfigError naming the keys), not a
@@ -152,10 +164,10 @@ def finished_result(workdir, config=None) -> dict | None:
   except (OSError, json.JSONDecodeError):
     return None  # a damaged marker: the stage reruns (its checkpoints make that cheap)
   if config is not None:
-    old, new = result.get('config', {}), _fingerprint(config)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    old, new = result.get('config', {}), fingerprint(config)
+    diff = workdir_lib.differences(old, new)
     if diff:
-      details = ', '.join(f'{k}: {old.get(k)!r} there vs {new.get(k)!r} now' for k in diff[:4])
+      details = workdir_lib.describe(old, new, diff)
       raise ConfigError(
         f'{path.parent} holds a finished run with other settings ({details}): use a new '
         f'--workdir, or delete {path.parent} to run it again.'
@@ -167,7 +179,7 @@ def _atomic_json(path: pathlib.Path, obj) -> None:
   files.write_json(path, obj, sort_keys=True)
 
 
-def run_stage(config, workdir, *, name: str = '') -> dict:
+def run_stage(config: Any, workdir: str | os.PathLike[str], *, name: str = '') -> dict[str, Any]:
   """Runs `train_and_evaluate(config, workdir)` unless it has finished before; returns its result.
 
   The result is {'metrics': the final metrics, 'config': the settings, 'seconds': wall time, 'skipped':
@@ -190,7 +202,7 @@ def run_stage(config, workdir, *, name: str = '') -> dict:
   metrics = train_and_evaluate(config, workdir)
   result = {
     'metrics': metrics,
-    'config': _fingerprint(config),
+    'config': fingerprint(config),
     'seconds': round(time.perf_counter() - start, 1),
   }
   _atomic_json(workdir / RESULT_FILE, result)
@@ -210,7 +222,7 @@ def _stage_config(config, **overrides):
   return c
 
 
-def _scaled_schedule(steps: int) -> tuple:
+def scaled_schedule(steps: int) -> tuple:
   """The hyper-rule's small-data schedule [100, 200, 300, 400, 500] shrunk to `steps` total steps."""
   from bit import hyperrule
 
@@ -225,7 +237,7 @@ def _scaled_schedule(steps: int) -> tuple:
   return tuple(out)
 
 
-def export_for(config, workdir) -> dict:
+def export_for(config: Any, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """`export_digits` with the settings of `config.demo`, under `config.demo.data_dir` or WORKDIR/data."""
   d = config.demo
   root = (
@@ -242,7 +254,7 @@ def export_for(config, workdir) -> dict:
   )
 
 
-def pretrain_config(config, dataset):
+def pretrain_config(config: Any, dataset: Any) -> Any:
   """The pretraining stage's training config: config.model from scratch on `dataset` (digits 0-4), all of it."""
   d = config.demo
   return _stage_config(
@@ -252,12 +264,12 @@ def pretrain_config(config, dataset):
     examples_per_class=None,
     batch_size=int(d.pretrain_batch_size),
     base_lr=float(d.pretrain_lr),
-    schedule=_scaled_schedule(d.pretrain_steps),
+    schedule=scaled_schedule(d.pretrain_steps),
     seed=int(d.pretrain_seed),
   )
 
 
-def stage_configs(config, workdir) -> dict:
+def stage_configs(config: Any, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """{'pretrain': config, 'finetune/<k>shot-seed<s>': config, 'scratch/...': config} for a demo config.
 
   The keys are the stages' sub-workdirs. Exports the digits first (once).
@@ -265,7 +277,7 @@ def stage_configs(config, workdir) -> dict:
   workdir = pathlib.Path(workdir).expanduser()
   data = export_for(config, workdir)
   stages = {'pretrain': pretrain_config(config, data['pretrain'])}
-  pretrained = str(workdir / 'pretrain' / 'model.npz')
+  pretrained = str(workdir / 'pretrain' / layout.MODEL_FILE)
   for seed in seeds(config):
     for kind, model in (('finetune', pretrained), ('scratch', config.model)):
       stages[f'{kind}/{_run_name(config, seed)}'] = _stage_config(
@@ -279,7 +291,7 @@ def _run_name(config, seed: int) -> str:
   return f'{int(config.examples_per_class)}shot-seed{seed}'
 
 
-def seeds(config) -> list[int]:
+def seeds(config: Any) -> list[int]:
   """The seeds the demo runs: config.seed, config.seed + 1, ... (config.demo.num_seeds of them)."""
   return [int(config.seed) + i for i in range(max(1, int(config.demo.num_seeds)))]
 
@@ -300,7 +312,7 @@ def enable_compilation_cache() -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
-def run_demo(config, workdir) -> dict:
+def run_demo(config: Any, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """Runs every stage of the demo (skipping finished ones) and writes demo.json and demo.md; returns the summary.
 
   `config` is a demo config (configs/demo.py): the keys of bit/config.py, used for the few-shot fine-tune and
@@ -348,7 +360,7 @@ def _summary(config, workdir, results, seconds) -> dict:
     'examples_per_class': int(config.examples_per_class),
     'pretrain_task': ('digit and orientation, 20 classes' if d.pretrain_rotations else 'the 5 digits'),
     'pretrain_top1': results['pretrain']['metrics']['top1'],
-    'pretrain_checkpoint': str(workdir / 'pretrain' / 'model.npz'),
+    'pretrain_checkpoint': str(workdir / 'pretrain' / layout.MODEL_FILE),
     'seeds': rows,
     'pretrained_median': statistics.median(pre),
     'scratch_median': statistics.median(scr),
@@ -358,7 +370,7 @@ def _summary(config, workdir, results, seconds) -> dict:
   }
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict[str, Any]) -> str:
   """The demo's result as a short Markdown report (also printed at the end of the run)."""
   k, model, size = summary['examples_per_class'], summary['model'], summary['image_size']
   lines = [

@@ -12,9 +12,11 @@ Stages (each its own resumable workdir; a finished one, with its `result.json`, 
 
 from __future__ import annotations
 
+import os
 import pathlib
 import statistics
 import time
+from typing import Any
 
 from bit import files
 from bit.errors import ConfigError
@@ -24,12 +26,12 @@ SUMMARY_JSON = 'distill.json'
 SUMMARY_MD = 'distill.md'
 
 
-def demo_workdir(config, workdir) -> pathlib.Path:
+def demo_workdir(config: Any, workdir: str | os.PathLike[str]) -> pathlib.Path:
   d = config.distill_demo.demo_workdir
   return pathlib.Path(d).expanduser() if d else pathlib.Path(workdir).expanduser() / 'demo'
 
 
-def distill_config(config, teacher, transfer, seed: int):
+def distill_config(config: Any, teacher: Any, transfer: str, seed: int) -> Any:
   """The bit.distill config of one seed: `config.distill_demo.recipe` with `teacher` (a fine-tune workdir),
   the digits 5-9 folder `transfer` (its train split also as unlabeled images), the shots and the seed."""
   import ml_collections
@@ -43,7 +45,7 @@ def distill_config(config, teacher, transfer, seed: int):
   return c
 
 
-def run_distill_stage(config, workdir, *, name: str = '') -> dict:
+def run_distill_stage(config: Any, workdir: str | os.PathLike[str], *, name: str = '') -> dict[str, Any]:
   """`bit.distill.distill(config, workdir)` unless it finished before (`result.json`); returns its result."""
   from bit import distill
 
@@ -59,14 +61,14 @@ def run_distill_stage(config, workdir, *, name: str = '') -> dict:
   metrics = distill.distill(config, workdir)
   result = {
     'metrics': metrics,
-    'config': demo._fingerprint(config),
+    'config': demo.fingerprint(config),
     'seconds': round(time.perf_counter() - start, 1),
   }
   files.write_json(workdir / demo.RESULT_FILE, result, sort_keys=True)
   return {**result, 'skipped': False}
 
 
-def run_distill_demo(config, workdir) -> dict:
+def run_distill_demo(config: Any, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """Runs the demo's stages (skipping finished ones), then the distillation per seed; writes distill.json and
   distill.md; returns the summary (distill.json's keys)."""
   if 'demo' not in config or 'distill_demo' not in config:
@@ -114,7 +116,7 @@ def run_distill_demo(config, workdir) -> dict:
   return summary
 
 
-def format_summary(summary: dict, config, base, seconds: float, rows) -> str:
+def format_summary(summary: dict[str, Any], config: Any, base: Any, seconds: float, rows: Any) -> str:
   """distill.md: the three test accuracies per seed, their medians and the two targets."""
   r = config.distill_demo.recipe
   k = int(config.examples_per_class)

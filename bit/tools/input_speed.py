@@ -23,11 +23,20 @@ import os
 import pathlib
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
 
-def make_jpeg_folder(root, *, num_images=256, num_classes=4, size=(375, 500), seed=0, image_format='jpeg'):
+def make_jpeg_folder(
+  root: str | os.PathLike[str],
+  *,
+  num_images: int = 256,
+  num_classes: int = 4,
+  size: Any = (375, 500),
+  seed: int = 0,
+  image_format: str = 'jpeg',
+) -> pathlib.Path:
   """Writes `num_images` photo-like JPEGs (or PNGs) of `size` (h, w) into root/train/<class>/; returns root.
 
   The images are smooth color fields with fine noise, so their file size and decode cost are close to real
@@ -92,26 +101,26 @@ def _images_per_sec(batches, *, batch, steps, warmup) -> tuple[float, float, tup
 
 
 def pipeline_benchmark(
-  folder=None,
+  folder: str | os.PathLike[str] | None = None,
   *,
-  split='train',
-  global_batch_size=64,
-  resize=None,
-  crop=224,
-  steps=20,
-  warmup=3,
-  mixup_alpha=0.0,
-  num_images=256,
-  image_size=(375, 500),
-  seed=0,
-  image_format='jpeg',
-  dataset=None,
-  mock_examples=0,
-  decoded_cache_gb=None,
-  max_memory_gb=None,
-  rounds=1,
-  compare_tf=False,
-) -> dict:
+  split: str = 'train',
+  global_batch_size: int = 64,
+  resize: int | None = None,
+  crop: int = 224,
+  steps: int = 20,
+  warmup: int = 3,
+  mixup_alpha: float = 0.0,
+  num_images: int = 256,
+  image_size: Any = (375, 500),
+  seed: int = 0,
+  image_format: str = 'jpeg',
+  dataset: Any = None,
+  mock_examples: int = 0,
+  decoded_cache_gb: float | None = None,
+  max_memory_gb: float | None = None,
+  rounds: int = 1,
+  compare_tf: bool = False,
+) -> dict[str, Any]:
   """Measures the training pipeline on `folder` (generated in a temporary folder when None), or on the TFDS
   `dataset` (with `mock_examples` > 0, on `tfds.testing.mock_data` of that many examples).
 
@@ -203,12 +212,12 @@ def pipeline_benchmark(
   return result
 
 
-def pipeline_images_per_sec(folder=None, **kwargs) -> float:
+def pipeline_images_per_sec(folder: str | os.PathLike[str] | None = None, **kwargs: Any) -> float:
   """The training pipeline's steady-state images/s on `folder`; keyword arguments as `pipeline_benchmark`."""
   return pipeline_benchmark(folder, **kwargs)['images_per_sec']
 
 
-def main(argv=None):
+def main(argv: Any = None) -> None:
   """Command line entry: prints a summary line, then the result as one JSON object on the last line."""
   p = argparse.ArgumentParser(
     prog='python -m bit.tools.input_speed',

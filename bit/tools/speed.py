@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -130,58 +129,108 @@ def forward_flops(model: models.ResNetV2, size: int) -> float:
   return flops
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What `run` measures; `main` builds it from the command line's flags (the same names, dashes for '_').
+
+  `devices` > 1 splits the batch over that many JAX devices (`parallelism`: 'shard_map' or 'pmap', as
+  `config.parallelism`); on a CPU host that needs XLA_FLAGS=--xla_force_host_platform_device_count=N set
+  before JAX starts. 0 means all. `accum_steps`, `transfer`, `unfreeze_stages`, `unfreeze_units` go to the
+  real step's `create_state` as the same config keys do in a real run. `fast_ops` ('auto', 'on', 'off';
+  None: `BIT_FAST_OPS`) is `bit.ops`'s switch for this run. `unfolded`: also time inference with the
+  per-call weight standardization.
+  `pipeline`: a folder of JPEGs (ROOT/train/<class>/*.jpg) whose train-pipeline throughput is measured
+  with bit.tools.input_speed and compared with the train step's consumption ('generate': a temporary folder
+  of generated real-size JPEGs); with `train`, the train step is also run on that pipeline's batches and
+  compared with the same loop on synthetic batches (`_real_data_runs`).
+  `compile_only`: compile the train step and the forward pass from shapes alone (nothing is allocated or
+  run, so even R152x4 fits in memory) and report only the compile times.
+  """
+
+  model: str = 'R50x1'
+  size: int = 128
+  batch: int = 16
+  dtype: str = 'float32'
+  steps: int = 10
+  warmup: int = 2
+  devices: int = 1
+  num_classes: int = 1000
+  train: bool = True
+  infer: bool = True
+  matmul_n: int = 1024
+  pipeline: str | None = None
+  compile_only: bool = False
+  parallelism: str = 'shard_map'
+  accum_steps: int = 1
+  fast_ops: str | None = None
+  transfer: str = 'full'
+  unfreeze_stages: int = 0
+  unfreeze_units: int = 0
+  unfolded: bool = True
+
+  def check(self) -> int:
+    """Validates the settings; returns the number of devices. BitError names the bad one (as its flag)."""
+    if self.dtype not in DTYPES:
+      raise BitError(f'--dtype {self.dtype!r}: use one of {sorted(DTYPES)}.')
+    if self.parallelism not in parallel.MODES:
+      raise BitError(f'--parallelism {self.parallelism!r}: use one of {", ".join(parallel.MODES)}.')
+    steps, warmup, batch, accum = self.steps, self.warmup, self.batch, self.accum_steps
+    if steps < 1 or warmup < 0 or batch < 1 or accum < 1:
+      raise BitError(
+        f'steps ({steps}), batch ({batch}) and accum-steps ({accum}) must be >= 1 and warmup ({warmup}) >= 0.'
+      )
+    n_dev = len(jax.devices()) if self.devices == 0 else self.devices
+    if n_dev > len(jax.devices()):
+      raise BitError(
+        f'--devices {self.devices}: only {len(jax.devices())} JAX device(s). On a CPU host set '
+        f'XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} before starting Python.'
+      )
+    if batch % (n_dev * accum):
+      raise BitError(
+        f'--batch {batch} does not split evenly over {n_dev} devices x --accum-steps {accum}; '
+        f'use a multiple of {n_dev * accum}.'
+      )
+    models.parse_architecture(self.model)
+    if self.fast_ops is not None:
+      ops._check_mode(self.fast_ops, '--fast-ops')
+    if self.transfer not in freeze.MODES:
+      raise BitError(f'--transfer {self.transfer!r}: use one of {", ".join(freeze.MODES)}.')
+    return n_dev
+
+  @property
+  def transfer_settings(self) -> dict:
+    """The `create_state` keywords of the transfer mode, as the config keys of a real run."""
+    return {
+      'transfer': self.transfer,
+      'unfreeze_stages': self.unfreeze_stages,
+      'unfreeze_units': self.unfreeze_units,
+    }
+
+
 @dataclasses.dataclass
-class Setup:
-  """What every measurement shares: the model, the devices, a synthetic host batch, the params."""
+class Bench:
+  """What every measurement of one `run` shares: the model, the devices, a synthetic host batch, the params,
+  and the FLOPs of one image and the devices' peak that MFU divides."""
 
   net: models.ResNetV2
   dp: parallel.DataParallel
   batch: int
   size: int
-  host_batch: dict
+  host_batch: dict[str, Any]
   params: Any  # None with --compile-only
-  transfer: dict
+  transfer: dict[str, Any]
   accum_steps: int
-  result: dict
-
-  @property
-  def flops(self) -> float:
-    return self.result['model_flops_per_image']
+  flops: float  # forward, one image
+  peak_flops: float
 
   def mfu(self, images_per_sec: float, passes: int) -> float:
     """Model FLOP/s (`passes` x forward) over the peak of all devices."""
-    return round(passes * self.flops * images_per_sec / self.result['peak_flops'], 4)
+    return round(passes * self.flops * images_per_sec / self.peak_flops, 4)
 
 
-def _check(model, size, batch, dtype, steps, warmup, devices, parallelism, accum_steps) -> int:
-  """Validates the options; returns the number of devices. BitError names the bad one."""
-  if dtype not in DTYPES:
-    raise BitError(f'--dtype {dtype!r}: use one of {sorted(DTYPES)}.')
-  if parallelism not in parallel.MODES:
-    raise BitError(f'--parallelism {parallelism!r}: use one of {", ".join(parallel.MODES)}.')
-  if steps < 1 or warmup < 0 or batch < 1 or accum_steps < 1:
-    raise BitError(
-      f'steps ({steps}), batch ({batch}) and accum-steps ({accum_steps}) must be >= 1 and warmup ({warmup}) >= 0.'
-    )
-  n_dev = len(jax.devices()) if devices == 0 else devices
-  if n_dev > len(jax.devices()):
-    raise BitError(
-      f'--devices {devices}: only {len(jax.devices())} JAX device(s). On a CPU host set '
-      f'XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} before starting Python.'
-    )
-  if batch % (n_dev * accum_steps):
-    raise BitError(
-      f'--batch {batch} does not split evenly over {n_dev} devices x --accum-steps {accum_steps}; '
-      f'use a multiple of {n_dev * accum_steps}.'
-    )
-  models.parse_architecture(model)
-  return n_dev
-
-
-def measure_peak(setup_result: dict, dtype: str, matmul_n: int, n_dev: int) -> None:
+def measure_peak(dtype: str, matmul_n: int, n_dev: int) -> dict:
   """`matmul_peak_gflops` (measured now), and `peak_flops` / `peak_source`: what the MFU divides by."""
-  result = setup_result
-  result['matmul_peak_gflops'] = round(matmul_peak_gflops(matmul_n, dtype=DTYPES[dtype]), 2)
+  result = {'matmul_peak_gflops': round(matmul_peak_gflops(matmul_n, dtype=DTYPES[dtype]), 2)}
   _log(f'[speed] matmul peak {result["matmul_peak_gflops"]} GFLOP/s')
   kind = jax.devices()[0].device_kind
   table = None if jax.default_backend() == 'cpu' else table_peak_flops(kind, dtype)
@@ -192,34 +241,24 @@ def measure_peak(setup_result: dict, dtype: str, matmul_n: int, n_dev: int) -> N
     scale = 1 if jax.default_backend() == 'cpu' else n_dev
     result['peak_flops'] = result['matmul_peak_gflops'] * 1e9 * scale
     result['peak_source'] = f'measured {matmul_n}^3 matmul' + (f', x{n_dev} devices' if scale > 1 else '')
+  return result
 
 
-def setup(
-  model: str,
-  size: int,
-  batch: int,
-  dtype: str,
-  n_dev: int,
-  parallelism: str,
-  num_classes: int,
-  accum_steps: int,
-  transfer: dict,
-  result: dict,
-  allocate: bool = True,
-) -> Setup:
-  net = models.create_model(model, num_classes, dtype=DTYPES[dtype])
-  dp = parallel.DataParallel(parallelism, parallel.select_devices(n_dev))
+def prepare(settings: Settings, n_dev: int, peak_flops: float) -> Bench:
+  """The model, the devices, a synthetic batch and (unless `compile_only`) random params of `settings`."""
+  s = settings
+  net = models.create_model(s.model, s.num_classes, dtype=DTYPES[s.dtype])
+  dp = parallel.DataParallel(s.parallelism, parallel.select_devices(n_dev))
   rng = np.random.default_rng(0)
   host_batch = {
-    'image': rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
-    'label': np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)],
+    'image': rng.uniform(-1, 1, (s.batch, s.size, s.size, 3)).astype(np.float32),
+    'label': np.eye(s.num_classes, dtype=np.float32)[rng.integers(0, s.num_classes, s.batch)],
   }
-  params = None  # allocate=False (--compile-only): the measurements work from shapes alone
-  if allocate:
-    params = _random_params(net)
-  result['model_flops_per_image'] = forward_flops(net, size)
-  result['forward_gflops_per_image'] = round(result['model_flops_per_image'] / 1e9, 3)
-  return Setup(net, dp, batch, size, host_batch, params, transfer, accum_steps, result)
+  params = None if s.compile_only else _random_params(net)  # compile_only: the measurements use shapes alone
+  flops = forward_flops(net, s.size)
+  return Bench(
+    net, dp, s.batch, s.size, host_batch, params, s.transfer_settings, s.accum_steps, flops, peak_flops
+  )
 
 
 def _random_params(net) -> dict:
@@ -243,19 +282,19 @@ def _random_params(net) -> dict:
   return jax.tree_util.tree_map_with_path(fill, models.param_shapes(net))
 
 
-def real_train_step(s: Setup):
+def real_train_step(b: Bench):
   """(device state, wrapped step): what `bit.train` builds, from the same functions."""
   lr_fn = train_state.lr_schedule(SUPPORTS, BASE_LR)
-  params = jax.tree.map(np.asarray, s.params)
-  state = train_state.create_state(s.net, params, lr_fn, accum_steps=s.accum_steps, **s.transfer)
-  return s.dp.replicate(state), s.dp.wrap(train_state.train_step, donate=True)
+  params = jax.tree.map(np.asarray, b.params)
+  state = train_state.create_state(b.net, params, lr_fn, accum_steps=b.accum_steps, **b.transfer)
+  return b.dp.replicate(state), b.dp.wrap(train_state.train_step, donate=True)
 
 
-def measure_train(s: Setup, steps: int, warmup: int):
-  """Train img/s, MFU, compile time and page faults of the real step; returns (step, state, device batch)."""
-  result = s.result
-  dstate, step = real_train_step(s)
-  data = s.dp.shard(s.host_batch)
+def measure_train(b: Bench, steps: int, warmup: int) -> tuple[dict, Any, Any, Any]:
+  """Train img/s, MFU, compile time and page faults of the real step: (its part of the result, the step, the
+  device state, the device batch)."""
+  dstate, step = real_train_step(b)
+  data = b.dp.shard(b.host_batch)
   t0 = time.perf_counter()
   dstate, metrics = step(dstate, data)  # compiles
   jax.block_until_ready((dstate, metrics))
@@ -271,36 +310,38 @@ def measure_train(s: Setup, steps: int, warmup: int):
     jax.block_until_ready((dstate, metrics))
     times.append(time.perf_counter() - t0)
   # Pages the kernel had to map (and zero) per step: near 0 when XLA's buffers are reused (bit/malloc.py).
-  result['train_page_faults_per_step'] = round(
-    (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
-  )
-  loss = float(s.dp.unreplicate(metrics)['loss'])
+  faults = round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps)
+  loss = float(b.dp.unreplicate(metrics)['loss'])
   if not np.isfinite(loss):
     raise BitError(f'The benchmark train step produced a non-finite loss ({loss}).')
   t = statistics.median(times)
-  result['train_compile_seconds'] = round(max(first - t, 0.0), 2)  # the first call, less one steady step
-  result['train_step_seconds'] = round(t, 4)
-  result['train_images_per_sec'] = round(s.batch / t, 2)
-  result['train_mfu'] = s.mfu(s.batch / t, 3)  # backward ~ 2x forward
-  result['train_peak_fraction'] = result['train_mfu']
-  result['train_loss'] = round(loss, 4)
+  mfu = b.mfu(b.batch / t, 3)  # backward ~ 2x forward
+  result = {
+    'train_page_faults_per_step': faults,
+    'train_compile_seconds': round(max(first - t, 0.0), 2),  # the first call, less one steady step
+    'train_step_seconds': round(t, 4),
+    'train_images_per_sec': round(b.batch / t, 2),
+    'train_mfu': mfu,
+    'train_peak_fraction': mfu,
+    'train_loss': round(loss, 4),
+  }
   _log(
-    f'[speed] train {result["train_images_per_sec"]} img/s, MFU {result["train_mfu"]} (median step {t:.3f} s '
+    f'[speed] train {result["train_images_per_sec"]} img/s, MFU {mfu} (median step {t:.3f} s '
     f'of {steps}; compiled in {result["train_compile_seconds"]} s)'
   )
-  return step, dstate, data
+  return result, step, dstate, data
 
 
-def measure_infer(s: Setup, steps: int, warmup: int, folded: bool) -> float:
-  """Inference img/s and MFU of the jitted forward pass (folded: weights standardized once); compile s."""
-  result = s.result
-  replicated = NamedSharding(s.dp.mesh, P())
-  images = jax.device_put(s.host_batch['image'], NamedSharding(s.dp.mesh, P(parallel.DATA_AXIS)))
+def measure_infer(b: Bench, steps: int, warmup: int, folded: bool) -> dict:
+  """Inference img/s, MFU and compile seconds of the jitted forward pass (folded: weights standardized once;
+  keys `infer_*`, else `infer_unfolded_*`)."""
+  replicated = NamedSharding(b.dp.mesh, P())
+  images = jax.device_put(b.host_batch['image'], NamedSharding(b.dp.mesh, P(parallel.DATA_AXIS)))
   if folded:
-    inference = models.Inference(s.net)
-    variables, forward = inference.prepare(s.params), inference
+    inference = models.Inference(b.net)
+    variables, forward = inference.prepare(b.params), inference
   else:
-    variables, forward = s.params, lambda p, x, m=s.net: m.apply({'params': p}, x)
+    variables, forward = b.params, lambda p, x, m=b.net: m.apply({'params': p}, x)
   variables = jax.device_put(variables, replicated)
   t0 = time.perf_counter()
   fwd = xla.jit(forward).lower(variables, images).compile()
@@ -309,50 +350,57 @@ def measure_infer(s: Setup, steps: int, warmup: int, folded: bool) -> float:
     jax.block_until_ready(fwd(variables, images))
   t = statistics.median(_timed(lambda: fwd(variables, images), steps))
   key = 'infer' if folded else 'infer_unfolded'
-  result[f'{key}_compile_seconds'] = round(compile_s, 2)
-  result[f'{key}_images_per_sec'] = round(s.batch / t, 2)
-  result[f'{key}_mfu'] = s.mfu(s.batch / t, 1)
-  result[f'{key}_peak_fraction'] = result[f'{key}_mfu']
-  _log(f'[speed] {key.replace("_", " ")} {s.batch / t:.2f} img/s (compiled in {compile_s:.2f} s)')
-  return compile_s
+  mfu = b.mfu(b.batch / t, 1)
+  _log(f'[speed] {key.replace("_", " ")} {b.batch / t:.2f} img/s (compiled in {compile_s:.2f} s)')
+  return {
+    f'{key}_compile_seconds': round(compile_s, 2),
+    f'{key}_images_per_sec': round(b.batch / t, 2),
+    f'{key}_mfu': mfu,
+    f'{key}_peak_fraction': mfu,
+  }
 
 
-def measure_compile_only(s: Setup) -> None:
+def measure_compile_only(b: Bench) -> dict:
   """Compile times from abstract shapes: no parameter or activation is ever allocated."""
-  result = s.result
-  shapes = models.param_shapes(s.net)
+  shapes = models.param_shapes(b.net)
   lr_fn = train_state.lr_schedule(SUPPORTS, BASE_LR)
   state = jax.eval_shape(
-    lambda p: train_state.create_state(s.net, p, lr_fn, accum_steps=s.accum_steps, **s.transfer), shapes
+    lambda p: train_state.create_state(b.net, p, lr_fn, accum_steps=b.accum_steps, **b.transfer), shapes
   )
-  data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in s.host_batch.items()}
-  if s.dp.mode == 'pmap':
-    n = s.dp.num_local_devices
+  data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.host_batch.items()}
+  if b.dp.mode == 'pmap':
+    n = b.dp.num_local_devices
 
     def stack(x):
       return jax.ShapeDtypeStruct((n,) + x.shape, x.dtype)
 
     state = jax.tree.map(stack, state)
     data = {k: jax.ShapeDtypeStruct((n, v.shape[0] // n) + v.shape[1:], v.dtype) for k, v in data.items()}
-  step = s.dp.wrap(train_state.train_step, donate=True)
+  step = b.dp.wrap(train_state.train_step, donate=True)
   t0 = time.perf_counter()
   step.lower(state, data).compile()
-  result['train_compile_seconds'] = round(time.perf_counter() - t0, 2)
-  _log(f'[speed] train step compiled in {result["train_compile_seconds"]} s')
+  train_s = round(time.perf_counter() - t0, 2)
+  _log(f'[speed] train step compiled in {train_s} s')
   t0 = time.perf_counter()
-  xla.jit(models.Inference(s.net)).lower(shapes, data['image']).compile()
-  result['infer_compile_seconds'] = round(time.perf_counter() - t0, 2)
-  _log(f'[speed] forward compiled in {result["infer_compile_seconds"]} s')
-  result['compile_seconds'] = round(result['train_compile_seconds'] + result['infer_compile_seconds'], 2)
+  xla.jit(models.Inference(b.net)).lower(shapes, data['image']).compile()
+  infer_s = round(time.perf_counter() - t0, 2)
+  _log(f'[speed] forward compiled in {infer_s} s')
+  return {
+    'train_compile_seconds': train_s,
+    'infer_compile_seconds': infer_s,
+    'compile_seconds': round(train_s + infer_s, 2),
+  }
 
 
-def measure_pipeline(folder: str, batch: int, size: int, result: dict) -> None:
+def measure_pipeline(folder: str, batch: int, size: int, train_images_per_sec: float | None) -> dict:
+  """The input pipeline's img/s on `folder`, and its ratio to the train step's (when measured)."""
   from bit.tools import input_speed  # imported late: it pulls in TensorFlow
 
-  ips = input_speed.pipeline_images_per_sec(folder, global_batch_size=batch, crop=size)
-  result['pipeline_images_per_sec'] = round(float(ips), 2)
-  if 'train_images_per_sec' in result:
-    result['pipeline_over_train'] = round(float(ips) / result['train_images_per_sec'], 2)
+  ips = float(input_speed.pipeline_images_per_sec(folder, global_batch_size=batch, crop=size))
+  result = {'pipeline_images_per_sec': round(ips, 2)}
+  if train_images_per_sec:
+    result['pipeline_over_train'] = round(ips / train_images_per_sec, 2)
+  return result
 
 
 def peak_device_memory() -> int | None:
@@ -368,62 +416,24 @@ def peak_device_memory() -> int | None:
   return max(peaks) if peaks else None
 
 
-def run(
-  model: str = 'R50x1',
-  size: int = 128,
-  batch: int = 16,
-  dtype: str = 'float32',
-  steps: int = 10,
-  warmup: int = 2,
-  devices: int = 1,
-  num_classes: int = 1000,
-  train: bool = True,
-  infer: bool = True,
-  matmul_n: int = 1024,
-  pipeline: str | None = None,
-  compile_only: bool = False,
-  parallelism: str = 'shard_map',
-  accum_steps: int = 1,
-  fast_ops: str | None = None,
-  transfer: str = 'full',
-  unfreeze_stages: int = 0,
-  unfreeze_units: int = 0,
-  unfolded: bool = True,
-) -> dict:
-  """Runs the benchmark and returns its figures as a dict (what the CLI prints as JSON).
-
-  `devices` > 1 splits the batch over that many JAX devices (`parallelism`: 'shard_map' or 'pmap', as
-  `config.parallelism`); on a CPU host that needs XLA_FLAGS=--xla_force_host_platform_device_count=N set
-  before JAX starts. 0 means all. `accum_steps`, `transfer`, `unfreeze_stages`, `unfreeze_units` go to the
-  real step's `create_state` as the same config keys do in a real run. `fast_ops` ('auto', 'on', 'off';
-  None: `BIT_FAST_OPS`) is `bit.ops`'s switch for this run. `unfolded`: also time inference with the
-  per-call weight standardization.
-  `pipeline`: a folder of JPEGs (ROOT/train/<class>/*.jpg) whose train-pipeline throughput is measured
-  with bit.tools.input_speed and compared with the train step's consumption ('generate': a temporary folder
-  of generated real-size JPEGs); with `train`, the train step is also run on that pipeline's batches and
-  compared with the same loop on synthetic batches (`_real_data_runs`).
-  `compile_only`: compile the train step and the forward pass from shapes alone (nothing is allocated or
-  run, so even R152x4 fits in memory) and report only the compile times.
-  """
-  n_dev = _check(model, size, batch, dtype, steps, warmup, devices, parallelism, accum_steps)
-  if fast_ops is not None:
-    ops._check_mode(fast_ops, '--fast-ops')
-  if transfer not in freeze.MODES:
-    raise BitError(f'--transfer {transfer!r}: use one of {", ".join(freeze.MODES)}.')
-  settings = {'transfer': transfer, 'unfreeze_stages': unfreeze_stages, 'unfreeze_units': unfreeze_units}
-  with ops.fast_ops(fast_ops) if fast_ops is not None else contextlib.nullcontext():
+def run(settings: Settings | None = None, /, **fields) -> dict:
+  """Runs the benchmark of `settings` (`Settings()` with `fields` replaced) and returns its figures as a dict
+  (what the CLI prints as JSON): the settings, the machine, then each measurement's part."""
+  s = dataclasses.replace(settings or Settings(), **fields)
+  n_dev = s.check()
+  with ops.fast_ops(s.fast_ops) if s.fast_ops is not None else contextlib.nullcontext():
     result: dict[str, Any] = {
-      'model': models.architecture_name(*models.parse_architecture(model)),
-      'size': size,
-      'batch': batch,
-      'dtype': dtype,
+      'model': models.architecture_name(*models.parse_architecture(s.model)),
+      'size': s.size,
+      'batch': s.batch,
+      'dtype': s.dtype,
       'devices': n_dev,
-      'parallelism': parallelism,
-      'accum_steps': accum_steps,
+      'parallelism': s.parallelism,
+      'accum_steps': s.accum_steps,
       'fast_ops': ops.fast_ops_mode(),
       'fast_ops_used': sorted(op for op in ops.OPS if ops.use_fast(op)),
-      **settings,
-      'steps': steps,
+      **s.transfer_settings,
+      'steps': s.steps,
       'backend': jax.default_backend(),
       'device_kind': jax.devices()[0].device_kind,
       'jax': jax.__version__,
@@ -431,39 +441,28 @@ def run(
       'load_avg_1m': round(os.getloadavg()[0], 2),
       'host_malloc': dict(malloc.state),
     }
-    _log(f'[speed] {result["model"]} {size}px batch {batch} {dtype} on {n_dev} {result["backend"]} device(s)')
-    if train and pipeline not in (None, 'generate') and not compile_only:
-      _pipeline_info(pipeline, num_classes)  # a bad --classes fails before anything compiles
-    measure_peak(result, dtype, matmul_n, n_dev)
-    s = setup(
-      model,
-      size,
-      batch,
-      dtype,
-      n_dev,
-      parallelism,
-      num_classes,
-      accum_steps,
-      settings,
-      result,
-      not compile_only,
+    _log(
+      f'[speed] {result["model"]} {s.size}px batch {s.batch} {s.dtype} on {n_dev} {result["backend"]} device(s)'
     )
-    if compile_only:
-      measure_compile_only(s)
-    else:
-      _measure(s, steps, warmup, train, infer, pipeline, unfolded)
+    if s.train and s.pipeline not in (None, 'generate') and not s.compile_only:
+      _pipeline_info(s.pipeline, s.num_classes)  # a bad --classes fails before anything compiles
+    result.update(measure_peak(s.dtype, s.matmul_n, n_dev))
+    b = prepare(s, n_dev, result['peak_flops'])
+    result['model_flops_per_image'] = float(b.flops)
+    result['forward_gflops_per_image'] = round(b.flops / 1e9, 3)
+    result.update(measure_compile_only(b) if s.compile_only else _measure(b, s))
     result['peak_device_memory_bytes'] = peak_device_memory()
     result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result['load_avg_1m_end'] = round(os.getloadavg()[0], 2)
     result['peak_flops'] = float(result['peak_flops'])
-    result['model_flops_per_image'] = float(result['model_flops_per_image'])
   return result
 
 
-def _measure(s: Setup, steps: int, warmup: int, train: bool, infer: bool, pipeline, unfolded: bool) -> None:
-  result = s.result
-  folder, generated = pipeline, None
-  if pipeline == 'generate':
+def _measure(b: Bench, s: Settings) -> dict:
+  """The train step (and on the pipeline's batches), inference and the pipeline alone, as `s` asks."""
+  result: dict[str, Any] = {}
+  folder, generated = s.pipeline, None
+  if s.pipeline == 'generate':
     from bit.tools import input_speed  # imported late: it pulls in TensorFlow
 
     # One folder of real-size JPEGs for both the train-on-real-data runs and the pipeline alone.
@@ -471,38 +470,43 @@ def _measure(s: Setup, steps: int, warmup: int, train: bool, infer: bool, pipeli
     folder = str(input_speed.make_jpeg_folder(pathlib.Path(generated.name)))
   try:
     compile_total = 0.0
-    if train:
-      step, dstate, data = measure_train(s, steps, warmup)
-      compile_total += result['train_compile_seconds']
+    if s.train:
+      part, step, dstate, data = measure_train(b, s.steps, s.warmup)
+      result.update(part)
+      compile_total += part['train_compile_seconds']
       if folder:
-        _real_data_runs(step, dstate, data, folder, s, steps, warmup)
+        result.update(_real_data_runs(step, dstate, data, folder, b, s.steps, s.warmup))
         result['real_data']['folder'] = None if generated else folder
       del dstate, step
-    if infer:
-      if unfolded:
-        measure_infer(s, steps, warmup, folded=False)
-      compile_total += measure_infer(s, steps, warmup, folded=True)
+    if s.infer:
+      if s.unfolded:
+        result.update(measure_infer(b, s.steps, s.warmup, folded=False))
+      part = measure_infer(b, s.steps, s.warmup, folded=True)
+      result.update(part)
+      compile_total += part['infer_compile_seconds']
     result['compile_seconds'] = round(compile_total, 2)
     if folder:
-      measure_pipeline(folder, s.batch, s.size, result)
+      result.update(measure_pipeline(folder, b.batch, b.size, result.get('train_images_per_sec')))
   finally:
     if generated is not None:
       generated.cleanup()
+  return result
 
 
-def _real_data_runs(step, state, synthetic, folder, s: Setup, steps: int, warmup: int):
+def _real_data_runs(step, state, synthetic, folder, b: Bench, steps: int, warmup: int) -> dict:
   """The same compiled train step fed by the real input pipeline, against the same loop on one synthetic batch.
 
   Like a real run (bit.train), the loop never fetches a step's results, and tf.data decodes and prefetches in
   its own threads while a step runs. The pipeline reads `folder` (ROOT/train/<class>/*.jpg); images are
   resized by the training rule for their size and cropped to `size`. Measured twice: with the decoded-image
   cache as configured (default: on for splits under 1 GB decoded) and with it off, when every step decodes its
-  JPEGs. Records train_real[_nocache]_images_per_sec and their ratios to the synthetic loop.
+  JPEGs. Returns train_real[_nocache]_images_per_sec and their ratios to the synthetic loop, and `real_data`.
   """
   from bit import data, data_sources  # imported late: TensorFlow
 
-  result, batch, size = s.result, s.batch, s.size
-  num_classes = s.host_batch['label'].shape[-1]
+  result: dict[str, Any] = {}
+  batch, size = b.batch, b.size
+  num_classes = b.host_batch['label'].shape[-1]
 
   def loop(next_batch):
     nonlocal state
@@ -532,10 +536,10 @@ def _real_data_runs(step, state, synthetic, folder, s: Setup, steps: int, warmup
     )
 
     def next_batch(batches=batches):
-      b = next(batches)
+      x = next(batches)
       labels = np.zeros((batch, num_classes), np.float32)
-      labels[:, : b['label'].shape[-1]] = b['label']
-      return s.dp.shard({'image': b['image'], 'label': labels})
+      labels[:, : x['label'].shape[-1]] = x['label']
+      return b.dp.shard({'image': x['image'], 'label': labels})
 
     ips = loop(next_batch)
     result[f'{key}_images_per_sec'] = round(ips, 2)
@@ -551,7 +555,7 @@ def _real_data_runs(step, state, synthetic, folder, s: Setup, steps: int, warmup
     'train_size': info.train_size,
     'image_size': list(info.image_size),
   }
-  return state
+  return result
 
 
 def _pipeline_info(folder, num_classes: int):
@@ -567,7 +571,7 @@ def _pipeline_info(folder, num_classes: int):
 # --- the accelerator suite ----------------------------------------------------------------------------------
 
 # Golden fixtures (tests/data/<name>: images, and the logits of an independent implementation of the random
-# official-layout checkpoint tests/make_checkpoint.py makes): name -> (depth, width, classes, seed).
+# official-layout checkpoint `bit.testing.random_checkpoint` makes): name -> (depth, width, classes, seed).
 GOLDEN = {'r26x1_s64': (26, 1, 5, 1), 'r50x1_s128': (50, 1, 10, 0)}
 # The largest deviation from the golden logits each compute dtype meets (float32 at the highest matmul
 # precision; bfloat16 has 8 bits of mantissa).
@@ -641,19 +645,19 @@ _RUN_KEYS = (
 
 
 def golden_check(name: str) -> dict:
-  """Max |logits - golden| on the default device, float32 (highest precision) and bfloat16, with pass flags."""
-  root = pathlib.Path(__file__).resolve().parents[2] / 'tests'
-  case, maker = root / 'data' / name, root / 'make_checkpoint.py'
-  if not (case / 'logits.npy').exists() or not maker.exists():
-    return {'fixture': name, 'skipped': f'{case} not found: the check needs a source checkout of bit'}
-  from bit import checkpoints  # noqa: PLC0415 - only for the check
+  """Max |logits - golden| on the default device, float32 (highest precision) and bfloat16, with pass flags.
 
-  spec = importlib.util.spec_from_file_location('_bit_make_checkpoint', maker)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  The checkpoint is rebuilt from its seed (`bit.testing.random_checkpoint`); the images and the golden logits
+  are files of a source checkout (tests/data/<name>), read only where that tree exists.
+  """
+  case = pathlib.Path(__file__).resolve().parents[2] / 'tests' / 'data' / name
+  if not (case / 'logits.npy').exists():
+    return {'fixture': name, 'skipped': f'{case} not found: the check needs a source checkout of bit'}
+  from bit import checkpoints, testing  # noqa: PLC0415 - only for the check
+
   depth, width, classes, seed = GOLDEN[name]
   _, _, _, params = checkpoints.npz_to_params(
-    module.random_checkpoint(depth, width, classes, seed), source=name
+    testing.random_checkpoint(depth, width, classes, seed), source=name
   )
   images, golden = np.load(case / 'images.npy'), np.load(case / 'logits.npy')
   out: dict[str, Any] = {'fixture': name}
@@ -687,7 +691,7 @@ def _largest_batch(batches, measure) -> tuple[int, dict]:
   raise AssertionError('unreachable')
 
 
-def pipeline_fed(plan: SuitePlan, batch: int) -> dict:
+def pipeline_fed(plan: SuitePlan, batch: int) -> dict[str, Any]:
   """The plan's train step (`plan.fed`) fed by bit's input pipeline from generated real-size JPEGs, against the
   same loop on one synthetic batch (`_real_data_runs`): `train_real_nocache_over_synthetic` near 1 means the
   host decodes fast enough for this device; with the host's cores (the affinity mask) that did it.
@@ -733,7 +737,7 @@ def pipeline_fed(plan: SuitePlan, batch: int) -> dict:
   return out
 
 
-def suite(name: str = 'accelerator') -> dict:
+def suite(name: str = 'accelerator') -> dict[str, Any]:
   """`--suite accelerator`: the check to run on a machine with a GPU or TPU, as one dict (printed as JSON).
 
   Logits against the golden fixtures (float32 and bfloat16); R50x1 at 224 px train and inference img/s and
@@ -799,7 +803,7 @@ def suite(name: str = 'accelerator') -> dict:
   return out
 
 
-def main(argv=None) -> int:
+def main(argv: Any = None) -> int:
   """The `python -m bit.tools.speed` entry point."""
   ap = argparse.ArgumentParser(prog='python -m bit.tools.speed', description=__doc__.splitlines()[0])
   ap.add_argument('--model', default='R50x1', help='architecture, e.g. R50x1, R26x1, R152x4')
@@ -834,27 +838,9 @@ def main(argv=None) -> int:
     if a.suite:
       result = suite(a.suite)
     else:
-      result = run(
-        model=a.model,
-        size=a.size,
-        batch=a.batch,
-        dtype=a.dtype,
-        steps=a.steps,
-        warmup=a.warmup,
-        devices=a.devices,
-        num_classes=a.classes,
-        train=not a.no_train,
-        infer=not a.no_infer,
-        matmul_n=a.matmul_n,
-        pipeline=a.pipeline,
-        compile_only=a.compile_only,
-        parallelism=a.parallelism,
-        accum_steps=a.accum_steps,
-        fast_ops=a.fast_ops,
-        transfer=a.transfer,
-        unfreeze_stages=a.unfreeze_stages,
-        unfreeze_units=a.unfreeze_units,
-      )
+      fields = {f.name for f in dataclasses.fields(Settings)}
+      flags = {'num_classes': a.classes, 'train': not a.no_train, 'infer': not a.no_infer}
+      result = run(Settings(**{k: v for k, v in vars(a).items() if k in fields}, **flags))
   except BitError as e:
     print(f'{ap.prog}: error: {e}', file=sys.stderr)
     return 2
