@@ -199,16 +199,36 @@ def _decode(tf, raw, min_side: int):
 
 def _decode_checked(tf, raw, min_side: int):
   """`_decode` that does not raise: (uint8 (h, w, 3), ok). A file that does not decode gives a (0, 0, 3) image
-  and ok False, for the bad-file policy (`_fill_bad`)."""
+  and ok False, for the bad-file policy (`_fill_bad`).
+
+  A JPEG that ends with its EOI marker, or a PNG that ends with its IEND chunk, goes through `_decode` (the
+  native kernels: a graph op cannot return "not ok", so only files that look whole take it); anything else,
+  a truncated file among them, through Pillow in Python, which reports failure instead of raising. A whole-
+  looking file corrupt inside still raises, and the pipeline's `ignore_errors` skips it (that one shifts the
+  stream; a truncated or non-image file never does)."""
   from bit import images
 
   def run(data):
     try:
-      return images.decode(data, min_side), np.bool_(True)
+      return images.decode(images.encoded_bytes(data), min_side), np.bool_(True)
     except images.ImageDecodeError:
       return np.zeros((0, 0, 3), np.uint8), np.bool_(False)
 
-  image, ok = tf.numpy_function(run, [raw], [tf.uint8, tf.bool], stateful=False)
+  def checked():
+    image, ok = tf.numpy_function(run, [raw], [tf.uint8, tf.bool], stateful=False)
+    return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(ok, [])
+
+  def native():
+    return tf.ensure_shape(_decode(tf, raw, min_side), [None, None, 3]), tf.constant(True)
+
+  def last(k):  # the last k bytes (fewer in a shorter file: a negative position is an error in Substr)
+    return tf.strings.substr(raw, tf.maximum(tf.strings.length(raw) - k, 0), k)
+
+  whole_jpeg = tf.logical_and(tf.strings.substr(raw, 0, 3) == b'\xff\xd8\xff', last(2) == b'\xff\xd9')
+  whole_png = tf.logical_and(
+    tf.strings.substr(raw, 0, 8) == b'\x89PNG\r\n\x1a\n', last(8) == b'IEND\xaeB`\x82'
+  )
+  image, ok = tf.cond(tf.logical_or(whole_jpeg, whole_png), native, checked)
   image.set_shape([None, None, 3])
   ok.set_shape([])
   return image, ok

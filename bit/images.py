@@ -13,6 +13,11 @@ skip it, and count it.
 `min_side`: a JPEG much larger than the size it is resized to next is decoded at 1/2, 1/4 or 1/8 scale in
 the DCT (much faster), never below `min_side` on its short side. Every reader passes the size it resizes to,
 so the same file at the same size gives the same pixels in every reader.
+
+The tf.data pipelines (`decode_op`) decode the common files (8-bit JPEG and PNG, RGB or gray) with
+TensorFlow's own kernels, set to give these very pixels (libjpeg's accurate integer IDCT, as Pillow; the same
+reduced scale; the EXIF orientation read from the header), and the rest with `decode`; tests/test_images.py
+checks that both give identical pixels on every kind of file (docs/input-pipeline.md).
 """
 
 from __future__ import annotations
@@ -117,26 +122,174 @@ def decode(source: Any, min_side: int | None = None, *, name: str | None = None)
   with _read_errors(name, 'cannot decode the image'), _open(source) as im:
     _check_format(im, name)
     if min_side and im.format in ('JPEG', 'MPO'):
-      h, w = _oriented_size(im)
-      short = min(h, w)
-      scale = max([r for r in (1, 2, 4, 8) if short // r >= min_side] or [1])
+      scale = _jpeg_scale(_oriented_size(im), min_side)
       if scale > 1:
         im.draft(im.mode, (im.size[0] // scale, im.size[1] // scale))  # PIL picks `scale` for this
     im.load()
     return to_rgb(ImageOps.exif_transpose(im))
 
 
-def decode_op(tf: Any, raw: Any, min_side: int) -> Any:
-  """`decode` as a tf.data op on a scalar string tensor of encoded bytes: uint8 (h, w, 3).
+# How `decode_op` decodes a file (the first value of `_plan`): natively in TensorFlow for the common formats, in
+# Pillow (`decode`) for everything else.
+_PILLOW, _NATIVE_JPEG, _NATIVE_PNG = 0, 1, 2
+_SCALES = (1, 2, 4, 8)
 
-  A file that does not decode raises inside the op, so the pipeline's `ignore_errors` skips it (and
-  `bit.data` logs it by path).
+
+def _jpeg_scale(size: tuple[int, int], min_side: int | None) -> int:
+  """The DCT scale (1, 2, 4 or 8) of a JPEG whose oriented (h, w) is `size`: the largest that keeps `min_side`."""
+  if not min_side:
+    return 1
+  return max([r for r in _SCALES if min(size) // r >= min_side] or [1])
+
+
+def encoded_bytes(data) -> bytes:
+  """The bytes a tf.numpy_function passes: np.bytes_ in a graph (tf.data), a 0-d object array eagerly."""
+  return data.item() if isinstance(data, np.ndarray) else bytes(data)
+
+
+def _png_is_8bit(data: bytes) -> bool:
+  """True for an 8-bit gray, gray+alpha, RGB or RGBA PNG (IHDR bit depth 8, colour type 0, 2, 4 or 6)."""
+  return len(data) > 26 and data[24] == 8 and data[25] in (0, 2, 4, 6)
+
+
+def _plan(data, min_side: int | None) -> np.ndarray:
+  """int32 [how, orientation, scale index in _SCALES] for `decode_op`, from the header only (Pillow reads no pixels here).
+
+  `how`: _NATIVE_JPEG for a baseline or progressive JPEG of 8-bit gray or YCbCr/RGB, _NATIVE_PNG for an 8-bit
+  gray/RGB(A) PNG, _PILLOW for the rest (CMYK, palette, 16-bit, WebP, BMP, GIF). `orientation` is the EXIF
+  orientation `decode` applies, `scale` its reduced-scale JPEG decode. Raises ImageDecodeError as `decode`.
+  """
+  data = encoded_bytes(data)
+  name = 'an encoded image'
+  with _read_errors(name, 'not a readable image'), _open(data) as im:
+    _check_format(im, name)
+    orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    orientation = orientation if orientation in range(1, 9) else 1  # as exif_transpose: others do nothing
+    if im.format in ('JPEG', 'MPO') and im.mode in ('RGB', 'L'):  # MPO: its first picture, a JPEG
+      scale = _SCALES.index(_jpeg_scale(_oriented_size(im), min_side))
+      return np.array([_NATIVE_JPEG, orientation, scale], np.int32)
+    if im.format == 'PNG' and im.mode in ('RGB', 'RGBA', 'L', 'LA') and _png_is_8bit(data):
+      return np.array([_NATIVE_PNG, orientation, 0], np.int32)
+  return np.array([_PILLOW, 1, 0], np.int32)
+
+
+def _oriented(tf, image, orientation):
+  """`ImageOps.exif_transpose` in TensorFlow: the stored pixels turned upright by EXIF `orientation` (1-8)."""
+  transpose = lambda x: tf.transpose(x, [1, 0, 2])  # noqa: E731
+  turns = [
+    lambda: image,  # 1 upright
+    lambda: tf.reverse(image, [1]),  # 2 mirrored left-right
+    lambda: tf.image.rot90(image, 2),  # 3 upside down
+    lambda: tf.reverse(image, [0]),  # 4 mirrored top-bottom
+    lambda: transpose(image),  # 5 transposed
+    lambda: tf.image.rot90(image, 3),  # 6 the camera turned clockwise
+    lambda: tf.image.rot90(transpose(image), 2),  # 7 transversed
+    lambda: tf.image.rot90(image, 1),  # 8 the camera turned counter-clockwise
+  ]
+  return tf.switch_case(orientation - 1, turns)
+
+
+def _jpeg_plan(tf, raw, min_side: int):
+  """`_plan` of a JPEG in TensorFlow ops, without Python: the APP segments walked for the EXIF orientation.
+
+  Native when the JPEG has 1 or 3 components and its orientation is plain to read: no APP1 segment, or one
+  Exif segment whose first IFD holds the orientation as one SHORT (either byte order). Anything else (CMYK, an
+  XMP segment, which Pillow also reads the orientation from, several APP1 segments, an odd EXIF) goes to
+  Pillow, which decides as `decode` does.
+  """
+  b = tf.cast(tf.io.decode_raw(raw, tf.uint8), tf.int32)
+  n = tf.size(b)
+
+  def at(i):
+    return tf.gather(b, tf.clip_by_value(i, 0, n - 1))
+
+  def walk(pos, exif, app1s):  # one marker segment: FF xx LEN LEN ...
+    marker = at(pos + 1)
+    is_exif = tf.logical_and(
+      marker == 0xE1, tf.reduce_all(at(pos + 4 + tf.range(6)) == [69, 120, 105, 102, 0, 0])
+    )
+    exif = tf.where(is_exif & (exif < 0), pos + 10, exif)
+    app1s += tf.cast(marker == 0xE1, tf.int32)
+    return pos + 2 + at(pos + 2) * 256 + at(pos + 3), exif, app1s
+
+  def more(pos, exif, app1s):  # every marker segment up to the scan (SOS), where Pillow stops reading
+    marker = at(pos + 1)
+    return (pos + 4 <= n) & (at(pos) == 0xFF) & (marker >= 0xC0) & (marker <= 0xFE) & (marker != 0xDA)
+
+  end, t, app1s = tf.while_loop(more, walk, (tf.constant(2), tf.constant(-1), tf.constant(0)))
+  # Else fill bytes or a marker out of place: Pillow decides.
+  at_scan = (at(end) == 0xFF) & (at(end + 1) == 0xDA)
+  little = tf.reduce_all(at(t + tf.range(2)) == [73, 73])  # 'II'; 'MM' is big-endian
+
+  def u16(i):
+    return tf.where(little, at(i) + at(i + 1) * 256, at(i) * 256 + at(i + 1))
+
+  def u32(i):
+    return tf.where(little, u16(i) + u16(i + 2) * 65536, u16(i) * 65536 + u16(i + 2))
+
+  ifd = t + u32(t + 4)
+  entries = ifd + 2 + 12 * tf.range(tf.clip_by_value(u16(ifd), 0, 1000))
+  hits = tf.boolean_mask(entries, u16(entries) == _EXIF_ORIENTATION)
+  entry = tf.concat([hits, [-1]], 0)[0]  # the orientation entry, or -1
+  orientation = tf.where(entry >= 0, u16(entry + 8), 1)
+  plain = (entry < 0) | ((u16(entry + 2) == 3) & (u32(entry + 4) == 1))  # a SHORT, count 1
+  tiff_ok = (
+    (ifd > t)
+    & (ifd + 2 <= n)
+    & (tf.reduce_all(at(t + tf.range(2)) == [77, 77]) | little)
+    & (tf.size(hits) <= 1)
+  )
+  readable = tf.where(t < 0, app1s == 0, (app1s == 1) & tiff_ok & plain & (entry + 12 <= n))
+  h, w, channels = tf.unstack(tf.io.extract_jpeg_shape(raw, output_type=tf.int32))
+  native = readable & at_scan & ((channels == 1) | (channels == 3))
+  short = tf.minimum(h, w)
+  scale = tf.reduce_sum(tf.cast(short // tf.constant(_SCALES[1:]) >= max(int(min_side), 1), tf.int32))
+  scale = tf.where(int(min_side) > 0, scale, 0)
+  orientation = tf.where((orientation >= 1) & (orientation <= 8), orientation, 1)
+  return tf.where(native, tf.stack([_NATIVE_JPEG, orientation, scale]), tf.constant([_PILLOW, 1, 0]))
+
+
+def _plan_op(tf, raw, min_side: int):
+  """`_plan` as a TensorFlow op: in TensorFlow ops for a JPEG (`_jpeg_plan`), with Pillow for the rest."""
+
+  def python_plan():
+    plan = tf.numpy_function(lambda data: _plan(data, min_side), [raw], tf.int32, stateful=False)
+    return tf.ensure_shape(plan, [3])
+
+  is_jpeg = tf.strings.substr(raw, 0, 3) == b'\xff\xd8\xff'
+  return tf.cond(is_jpeg, lambda: _jpeg_plan(tf, raw, min_side), python_plan)
+
+
+def decode_op(tf: Any, raw: Any, min_side: int) -> Any:
+  """`decode` as a tf.data op on a scalar string tensor of encoded bytes: uint8 (h, w, 3), the same pixels.
+
+  The common formats are decoded by TensorFlow's own kernels (no copies, no GIL): 8-bit JPEGs with libjpeg's
+  accurate integer IDCT (Pillow's: `dct_method='INTEGER_ACCURATE'`, and `ratio=` for the reduced-scale decode,
+  Pillow's `draft`), the EXIF orientation read from the header in TensorFlow ops (`_jpeg_plan`) and applied
+  with tf.image; and 8-bit PNGs (their header read by Pillow). The rest goes through `decode` in a
+  `tf.numpy_function`. tests/test_images.py checks both paths give identical pixels. A file that does not
+  decode raises inside the op, so the pipeline's `ignore_errors` skips it (and `bit.data` logs it by path).
   """
 
-  def run(data):
-    return decode(data, min_side)
+  def pillow():
+    image = tf.numpy_function(
+      lambda data: decode(encoded_bytes(data), min_side), [raw], tf.uint8, stateful=False
+    )
+    return tf.ensure_shape(image, [None, None, 3])
 
-  image = tf.numpy_function(run, [raw], tf.uint8, stateful=False)
+  how = _plan_op(tf, raw, min_side)
+
+  def jpeg():
+    def at(scale):
+      return lambda: tf.io.decode_jpeg(raw, channels=3, ratio=scale, dct_method='INTEGER_ACCURATE')
+
+    return tf.switch_case(how[2], [at(r) for r in _SCALES])
+
+  def png():
+    return tf.io.decode_png(raw, channels=3, dtype=tf.uint8)
+
+  image = tf.switch_case(how[0], [pillow, jpeg, png])
+  image = _oriented(tf, image, how[1])
   image.set_shape([None, None, 3])
   return image
 

@@ -347,3 +347,70 @@ class DataParallel:
     if donate and all(d.platform == 'cpu' for d in self.devices):
       wrapped = _without_donation_warning(wrapped)
     return wrapped
+
+
+def prefetch_to_device(batches, put, size: int = 2):
+  """Yields `put(batch)` for every batch of `batches`, in order, with `size` batches already put ahead.
+
+  `put` (e.g. `DataParallel.shard`) starts the host-to-device transfer and returns at once (JAX transfers
+  asynchronously), so the next batches travel while the current step runs, as flax's `prefetch_to_device`.
+  The order is unchanged: only when each batch is put moves earlier. The batches put ahead of a stop are
+  dropped, which costs nothing: every batch is a function of its step, so a resume makes them again.
+  """
+  import collections
+  import itertools
+
+  queue = collections.deque()
+  batches = iter(batches)
+
+  def enqueue(n):
+    for batch in itertools.islice(batches, n):
+      queue.append(put(batch))
+
+  enqueue(size + 1)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
+
+
+class LaggedMax:
+  """The max over every process of a small host integer, agreed without waiting for the devices.
+
+  `push(value)` dispatches this step's reduction (a one-integer all-reduce over all devices, queued behind
+  the step in flight) and returns the result of the push `lag` pushes earlier, whose step has finished by
+  now, so the host keeps running up to `lag` steps ahead of the devices. `drain()` waits for every pushed
+  reduction and returns their max. Every process must call `push` and `drain` in the same sequence (once
+  per step, and at the same steps): then every process reads the same values at the same steps.
+  """
+
+  def __init__(self, lag: int = 2, devices=None):
+    import collections
+
+    self.lag = int(lag)
+    self._pending = collections.deque()
+    devices = list(jax.devices() if devices is None else devices)
+    self._mesh = data_mesh(devices)
+    self._local = [d for d in devices if d.process_index == jax.process_index()]
+    self._max = jax.jit(lambda x: x.max(), out_shardings=NamedSharding(self._mesh, P()))
+
+  def _issue(self, value: int):
+    local = np.full((len(self._local),), int(value), np.int32)
+    global_ = jax.make_array_from_process_local_data(NamedSharding(self._mesh, P(DATA_AXIS)), local)
+    self._pending.append(self._max(global_))
+
+  @staticmethod
+  def _read(result) -> int:
+    return int(np.asarray(result.addressable_shards[0].data))
+
+  def push(self, value: int) -> int:
+    self._issue(value)
+    got = 0
+    while len(self._pending) > self.lag:
+      got = max(got, self._read(self._pending.popleft()))
+    return got
+
+  def drain(self) -> int:
+    got = 0
+    while self._pending:
+      got = max(got, self._read(self._pending.popleft()))
+    return got

@@ -181,6 +181,11 @@ def save_checkpoint(manager: Any, state: Any, best: Any, step: int) -> None:
 # --- stop signals -------------------------------------------------------------------------------------------
 
 
+# Steps between a signal and the step every process of a multi-process run stops after (StopSignals.agreed):
+# the host runs up to this many steps ahead of the devices.
+STOP_LAG = 2
+
+
 class StopSignals:
   """SIGTERM and the first SIGINT ask the loop to stop after the step in flight; a second SIGINT raises
   KeyboardInterrupt at once. Installed only in the main thread (signals are delivered there)."""
@@ -190,6 +195,7 @@ class StopSignals:
   def __init__(self) -> None:
     self.signum = 0
     self._previous = {}
+    self._agreement = None  # parallel.LaggedMax, in a multi-process run
 
   def __enter__(self) -> Any:
     if threading.current_thread() is threading.main_thread():
@@ -213,15 +219,23 @@ class StopSignals:
         ' (Ctrl-C again exits at once, without saving)' if signum == signal.SIGINT else '',
       )
 
-  def agreed(self) -> int:
-    """The signal every process stops for (0: none): each step, processes share theirs, so all stop at the
-    same step even when only some of them got it."""
+  def agreed(self, wait: bool = False) -> int:
+    """The signal every process stops for (0: none), the same at the same step in every process.
+
+    One process: its own signal. Several: each call (once per step, at the same steps everywhere) issues the
+    reduction of this step's signals over the processes and reads the one issued `STOP_LAG` calls earlier
+    (`parallel.LaggedMax`), so the host is never held until the step in flight ends, as a blocking
+    allgather per step did: a signal stops every process `STOP_LAG` steps later. `wait=True` (where the loop
+    waits for the devices anyway: an eval, a checkpoint, the end) reads every reduction issued so far.
+    """
     if jax.process_count() == 1:
       return self.signum
-    from jax.experimental import multihost_utils
+    if self._agreement is None:
+      from bit import parallel
 
-    got = multihost_utils.process_allgather(np.asarray(self.signum, np.int32))
-    return int(np.max(got))
+      self._agreement = parallel.LaggedMax(STOP_LAG)
+    got = self._agreement.push(self.signum)
+    return max(got, self._agreement.drain()) if wait else got
 
 
 def interrupted(signum: int, step: int, total: int, workdir: pathlib.Path, saved: bool) -> Interrupted:

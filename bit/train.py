@@ -34,7 +34,7 @@ from typing import Any, Callable
 import jax
 
 from bit import config as config_lib
-from bit import layout, lock, recovery, train_setup
+from bit import layout, lock, parallel, recovery, train_setup
 from bit import workdir as workdir_lib
 from bit.config import OPERATIONAL_KEYS, as_config
 from bit.config import resolve as resolve_config
@@ -149,6 +149,7 @@ def _start(setup: train_setup.Setup, stop: recovery.StopSignals) -> _Run:
   dstate = setup.dp.replicate(setup.state)
   extra = () if setup.objective is None else (setup.dp.replicate(setup.objective.extra),)
   evaluate, batches = train_setup.evaluator(setup), train_setup.train_iterator(setup)
+  batches = parallel.prefetch_to_device(batches, setup.dp.shard)  # on the devices 2 steps ahead, same order
   # A run that stopped early before it was interrupted (or finished) has nothing left to train.
   end = start if setup.best is not None and setup.best.stopped else total
   bar = tqdm(
@@ -184,7 +185,7 @@ def _train(run: _Run) -> None:
   """The loop: a train step, then that step's periodic actions, each fed what the one before decided."""
   setup = run.setup
   for step in range(setup.start + 1, run.end + 1):
-    run.dstate, metrics = setup.p_train(run.dstate, setup.dp.shard(next(run.batches)), *run.extra)
+    run.dstate, metrics = setup.p_train(run.dstate, next(run.batches), *run.extra)
     run.step, run.final = step, None
     run.train_log.add(step, metrics)
     run.bar.update(1)
@@ -253,8 +254,14 @@ def _early_stop(run: _Run, step: int, result: dict | None) -> bool:
 
 
 def _signal(run: _Run, step: int) -> int:
-  """The stop signal all processes agree on (0: none); with one, the train line of the steps so far."""
-  signum = run.stop.agreed()
+  """The stop signal all processes agree on (0: none); with one, the train line of the steps so far. With
+  several processes a signal is acted on `recovery.STOP_LAG` steps after it came, or at the next eval or
+  checkpoint step, where the host waits for the devices anyway: the same step in every process."""
+  cfg, total = run.setup.cfg, run.setup.total
+  waits = any(
+    _itstime(step, cfg[k], total) for k in ('checkpoint_every', 'eval_every')
+  )  # the host waits anyway
+  signum = run.stop.agreed(wait=waits)
   if signum:
     run.train_log.flush(step, run.last_good)
   return signum
@@ -286,7 +293,7 @@ def _after_training(run: _Run) -> None:
   if run.setup.best is None and run.final is None:
     run.final = _eval(run, run.step)
   run.setup.manager.wait_until_finished()
-  signum = run.stop.agreed()
+  signum = run.stop.agreed(wait=True)
   if signum:
     raise _preempted(run, signum, saved=False)
 
@@ -348,7 +355,7 @@ class _Run:
   bar: Any  # tqdm
   train_log: TrainLog
   evaluate: Callable  # evaluate(dstate) -> result, on the whole test split
-  batches: Any  # the train iterator, from `start`
+  batches: Any  # the train batches on the devices, from `start`
   dstate: Any  # the train state on the devices
   extra: tuple  # the objective's extra input on the devices (a teacher), or ()
   end: int  # the last step to train (`start` for a run that already stopped early)

@@ -3,6 +3,7 @@ same pixels and the same skip policy in training/eval, probe and predict."""
 
 import io
 import logging
+import struct
 
 import numpy as np
 import pytest
@@ -120,3 +121,85 @@ def test_a_file_that_does_not_decode_is_skipped_and_counted_by_evaluate(tmp_path
   assert evaluation.summary(result)['skipped'] == 1
   with pytest.raises(DataError, match='trunc.jpg'):
     prediction.load_image(d / 'trunc.jpg', 32)
+
+
+# --- the native decode of the tf.data pipelines: the same pixels as `images.decode` -------------------------
+
+
+def _photo(rng, h, w) -> np.ndarray:
+  """A photo-like picture: smooth colour fields with fine noise (compresses and decodes like a photo)."""
+  coarse = Image.fromarray(rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8))
+  field = np.asarray(coarse.resize((w, h), Image.BICUBIC), np.float32)
+  return np.clip(field + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, fmt, **kwargs)
+  return buf.getvalue()
+
+
+@pytest.fixture(scope='module')
+def corpus():
+  """Real-size photos of every kind the readers meet -> (encoded bytes, how `decode_op` should decode them)."""
+  rng = np.random.default_rng(0)
+  native, pillow = images._NATIVE_JPEG, images._PILLOW
+  out = {}
+  for o in range(1, 9):
+    exif = Image.Exif()
+    exif[0x0112] = o
+    for name, (h, w) in (('', (375, 500)), ('_big', (1200, 1600))):
+      photo = Image.fromarray(_photo(rng, h, w))
+      out[f'exif{o}{name}'] = (_encoded(photo, 'JPEG', quality=90, exif=exif.tobytes()), native)
+  photo = Image.fromarray(_photo(rng, 375, 500))
+  out['progressive'] = (_encoded(Image.fromarray(_photo(rng, 900, 1200)), 'JPEG', progressive=True), native)
+  out['4:4:4'] = (_encoded(photo, 'JPEG', quality=95, subsampling=0), native)
+  out['gray'] = (_encoded(photo.convert('L'), 'JPEG'), native)
+  out['gray_big'] = (_encoded(Image.fromarray(_photo(rng, 1500, 1000)).convert('L'), 'JPEG'), native)
+  out['cmyk'] = (_encoded(photo.convert('CMYK'), 'JPEG'), pillow)
+  plain = _encoded(Image.fromarray(_photo(rng, 375, 500)), 'JPEG', quality=90)
+  for o in (5, 8):  # a big-endian EXIF (as some cameras write), after a comment segment
+    ifd = struct.pack('>2sHIH', b'MM', 42, 8, 1) + struct.pack('>HHIHH', 0x0112, 3, 1, o, 0) + b'\0' * 4
+    app1 = b'Exif\0\0' + ifd
+    segments = (
+      b'\xff\xfe' + struct.pack('>H', 7) + b'hello' + b'\xff\xe1' + struct.pack('>H', len(app1) + 2) + app1
+    )
+    out[f'big_endian_exif{o}'] = (plain[:2] + segments + plain[2:], native)
+  second = Image.fromarray(_photo(rng, 375, 500))
+  out['mpo'] = (_encoded(photo, 'MPO', save_all=True, append_images=[second]), native)  # its first picture
+  xmp = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+  out['xmp_orientation'] = (_encoded(photo, 'JPEG', xmp=xmp), pillow)  # Pillow reads it: Pillow decides
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  out['png'] = (_encoded(photo, 'PNG', exif=exif.tobytes()), images._NATIVE_PNG)
+  out['png_rgba'] = (_encoded(photo.convert('RGBA'), 'PNG'), images._NATIVE_PNG)
+  out['png_gray'] = (_encoded(photo.convert('L'), 'PNG'), images._NATIVE_PNG)
+  out['png_16bit'] = (
+    _encoded(Image.fromarray(_photo(rng, 375, 500)[..., 0].astype(np.uint16) * 257), 'PNG'),
+    pillow,
+  )
+  out['palette'] = (_encoded(photo.convert('P', palette=Image.Palette.ADAPTIVE), 'PNG'), pillow)
+  out['webp'] = (_encoded(photo, 'WEBP'), pillow)
+  out['bmp'] = (_encoded(photo, 'BMP'), pillow)
+  return out
+
+
+@pytest.mark.parametrize('min_side', [None, 150, 300, 600])
+def test_the_pipelines_native_decode_gives_the_pixels_of_the_one_decoder(corpus, min_side):
+  """tf.data decodes common JPEGs/PNGs with TensorFlow's kernels, the rest with Pillow: every kind of file,
+  every EXIF orientation and every reduced-scale JPEG decode gives exactly `images.decode`'s pixels."""
+  tf = data_sources.tf_hidden()
+  names = list(corpus)
+  ds = tf.data.Dataset.from_tensor_slices([corpus[n][0] for n in names])
+  ds = ds.map(lambda raw: (images.decode_op(tf, raw, min_side or 0), images._plan_op(tf, raw, min_side or 0)))
+  decoded = list(ds.as_numpy_iterator())
+  plans = {name: plan for name, (_, plan) in zip(names, decoded, strict=True)}
+  for name, (got, _) in zip(names, decoded, strict=True):
+    raw, how = corpus[name]
+    assert plans[name][0] == how, name  # the common kinds really take the native path
+    expected = images.decode(raw, min_side)
+    assert got.shape == expected.shape and np.array_equal(got, expected), name
+    if how != images._PILLOW:  # the header read in TensorFlow ops finds what Pillow finds
+      np.testing.assert_array_equal(plans[name], images._plan(raw, min_side), err_msg=name)
+  if min_side == 300:  # a big JPEG is decoded at a reduced scale: 1200x1600 at 1/4
+    assert plans['exif6_big'][2] == images._SCALES.index(4)

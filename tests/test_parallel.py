@@ -353,3 +353,23 @@ def test_two_slurm_tasks_without_flags_form_one_run_equal_to_one_process(tmp_pat
   assert float(np.abs(np.asarray(two['head']['kernel'])).max()) > 0  # it trained
   for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_prefetch_puts_batches_ahead_in_the_same_order():
+  put_calls = []
+
+  def put(b):
+    put_calls.append(b)
+    return ('on device', b)
+
+  fed = parallel.prefetch_to_device(iter(range(6)), put, size=2)
+  assert next(fed) == ('on device', 0)
+  assert put_calls == [0, 1, 2]  # the next two batches were put before the first step ran
+  assert list(fed) == [('on device', b) for b in range(1, 6)] and put_calls == list(range(6))
+
+
+def test_the_lagged_max_reads_each_step_lag_steps_later_and_all_when_waiting():
+  agreed = parallel.LaggedMax(lag=2)
+  assert [agreed.push(v) for v in (0, 0, 15, 0, 0, 0)] == [0, 0, 0, 0, 15, 0]
+  assert agreed.push(2) == 0 and agreed.drain() == 2 and agreed.drain() == 0  # nothing left pending
+  assert [agreed.push(v) for v in (0, 3, 0)] == [0, 0, 0] and agreed.drain() == 3

@@ -160,6 +160,8 @@ def test_accelerator_suite_runs_its_tiny_cpu_version_without_tensorflow():
     ):
       _finite_positive(r, key)
   assert 'skipped' in out['large']
+  fed = out['pipeline_fed']  # the pipeline is tf.data: without TensorFlow, skipped with the reason
+  assert 'TensorFlow is not installed' in fed['skipped'] and fed['host_cores'] >= 1
 
 
 def test_train_step_on_real_jpegs_against_synthetic_batches(tmp_path):
@@ -182,6 +184,27 @@ def test_train_step_on_real_jpegs_against_synthetic_batches(tmp_path):
   assert result['real_data']['crop'] == 32 and result['real_data']['train_size'] == 12
   with pytest.raises(BitError, match='--classes 3'):
     speed.run(**{**TINY, 'infer': False, 'pipeline': str(folder), 'num_classes': 2})
+
+
+def test_the_suites_pipeline_fed_run_compares_the_real_pipeline_with_synthetic_batches():
+  import dataclasses
+
+  plan = dataclasses.replace(
+    speed.CPU_PLAN, fed=('R26x1', 32, 'float32'), fed_images=12, fed_image_size=(60, 80), matmul_n=128
+  )
+  out = speed.pipeline_fed(plan, batch=4)
+  assert (out['model'], out['size'], out['dtype'], out['batch']) == ('R26x1', 32, 'float32', 4)
+  assert out['host_cores'] == len(os.sched_getaffinity(0)) and 'skipped' not in out
+  for key in (
+    'train_synthetic_loop_images_per_sec',
+    'train_real_nocache_images_per_sec',
+    'pipeline_images_per_sec',
+  ):
+    _finite_positive(out, key)
+  assert out['train_real_nocache_over_synthetic'] == pytest.approx(
+    out['train_real_nocache_images_per_sec'] / out['train_synthetic_loop_images_per_sec'], rel=0.01
+  )
+  assert out['images']['count'] == 12 and out['images']['crop'] == 32 and out['images']['train_size'] == 12
 
 
 def test_compile_only_allocates_no_params_and_reports_compile_times(monkeypatch):

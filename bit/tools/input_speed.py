@@ -5,6 +5,11 @@ MixUp), without any model.
   python -m bit.tools.input_speed                      # generates real-size JPEGs in a temporary folder
   python -m bit.tools.input_speed --format png --image-size 32x32 --crop 32 --decoded-cache-gb 0   # no cache
   python -m bit.tools.input_speed --dataset cifar10 --mock-examples 2000 --crop 32    # TFDS (here mock data)
+  taskset -c 0 python -m bit.tools.input_speed --decoded-cache-gb 0 --compare-tf --rounds 3   # against tf.data
+
+Figures are images/s and images/s per core (the cores of the affinity mask, `taskset`). `--compare-tf` times
+plain tf.data on the same files (`tf.io.decode_jpeg`, resize, random crop, flip, batch) in rounds alternating
+with bit's, so both see the same machine load.
 
 The last line printed is one JSON object with the result. `pipeline_images_per_sec(...)` is the same
 measurement as a number for other benchmark modules (`pipeline_benchmark(...)` gives the whole record).
@@ -55,6 +60,46 @@ def make_jpeg_folder(
   return root
 
 
+def cores() -> int:
+  """The CPU cores this process may run on (its affinity mask: `taskset -c 0,1` gives 2)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # no affinity masks (macOS)
+    return os.cpu_count() or 1
+
+
+def plain_tf_dataset(folder, split, *, batch, resize, crop, seed=0):
+  """The plain tf.data reference: `tf.io.decode_jpeg` (its defaults), `tf.image.resize` to `resize` x `resize`,
+  random crop `crop`, random flip, batch; the files of folder/split/<class>/ in a shuffled endless stream."""
+  from bit import data_sources
+
+  tf = data_sources.tf_hidden()
+  files = sorted(str(f) for f in pathlib.Path(folder, split).glob('*/*') if f.is_file())
+
+  def example(path):
+    image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+    image = tf.image.resize(image, [resize, resize])
+    image = tf.image.random_crop(image, [crop, crop, 3])
+    return tf.image.random_flip_left_right(image)
+
+  ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed).repeat()
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _images_per_sec(batches, *, batch, steps, warmup) -> tuple[float, float, tuple]:
+  """(images/s over `steps` batches after `warmup` ones, seconds to the first timed batch, last batch shape)."""
+  first = time.perf_counter()
+  for _ in range(warmup):
+    next(batches)
+  start = time.perf_counter()
+  for _ in range(steps):
+    last = next(batches)
+  seconds = time.perf_counter() - start
+  image = last['image'] if isinstance(last, dict) else last
+  return steps * batch / seconds, start - first, tuple(image.shape)
+
+
 def pipeline_benchmark(
   folder: str | os.PathLike[str] | None = None,
   *,
@@ -73,16 +118,22 @@ def pipeline_benchmark(
   mock_examples: int = 0,
   decoded_cache_gb: float | None = None,
   max_memory_gb: float | None = None,
+  rounds: int = 1,
+  compare_tf: bool = False,
 ) -> dict[str, Any]:
   """Measures the training pipeline on `folder` (generated in a temporary folder when None), or on the TFDS
   `dataset` (with `mock_examples` > 0, on `tfds.testing.mock_data` of that many examples).
 
   `decoded_cache_gb` and `max_memory_gb` are the pipeline's decoded-cache and streaming budgets (None: the
   defaults). `resize` defaults to the project's training rule for the folder's typical image size and `crop`
-  (`hyperrule.train_resolution`). Returns a dict with `images_per_sec` (steady state, after `warmup`
-  batches) and the settings used.
+  (`hyperrule.train_resolution`). `rounds` times the pipeline that many times (a fresh iterator each) and
+  reports the median; with `compare_tf` (a folder of JPEGs) each round is followed by one of the plain tf.data
+  reference (`plain_tf_dataset`) on the same files at the same sizes, so both see the same machine load.
+  Returns a dict with `images_per_sec` (steady state, after `warmup` batches), `images_per_sec_per_core`
+  (over `cores`, the affinity mask), the plain figures and ratios with `compare_tf`, and the settings used.
   """
   import contextlib
+  import statistics
 
   from bit import data, data_sources, hyperrule
 
@@ -90,6 +141,8 @@ def pipeline_benchmark(
     tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix='bit_bench_data_'))
     generated = folder is None and dataset is None
     if dataset is not None:
+      if compare_tf:
+        raise ValueError('compare_tf needs a folder of JPEGs (no dataset)')
       folder = dataset
       if mock_examples:
         import tensorflow_datasets as tfds
@@ -99,36 +152,41 @@ def pipeline_benchmark(
       folder = make_jpeg_folder(
         tmp, num_images=num_images, size=image_size, seed=seed, image_format=image_format
       )
-    data_sources.clear_cache()  # the decoded cache (and its one-time cost) is part of what is measured
     info = data.get_info(str(folder), train_split=split, test_split=split, max_memory_gb=max_memory_gb)
     if resize is None:
       resize, crop = hyperrule.train_resolution(info.image_size, crop=crop)
-    first = time.perf_counter()
-    it = data.train_iterator(
-      str(folder),
-      split=split,
-      global_batch_size=global_batch_size,
-      resize=resize,
-      crop=crop,
-      num_classes=info.num_classes,
-      mixup_alpha=mixup_alpha,
-      seed=seed,
-      max_memory_gb=max_memory_gb,
-      decoded_cache_gb=decoded_cache_gb,
-    )
-    for _ in range(warmup):
-      next(it)
-    start = time.perf_counter()
-    setup = start - first
-    for _ in range(steps):
-      batch = next(it)
-    seconds = time.perf_counter() - start
-    assert batch['image'].shape == (global_batch_size, crop, crop, 3)
-  return {
+    timing = dict(batch=global_batch_size, steps=steps, warmup=warmup)
+    bit_runs, tf_runs, setups = [], [], []
+    for r in range(int(rounds)):
+      data_sources.clear_cache()  # the decoded cache (and its one-time cost) is part of what is measured
+      it = data.train_iterator(
+        str(folder),
+        split=split,
+        global_batch_size=global_batch_size,
+        resize=resize,
+        crop=crop,
+        num_classes=info.num_classes,
+        mixup_alpha=mixup_alpha,
+        seed=seed + r,
+        max_memory_gb=max_memory_gb,
+        decoded_cache_gb=decoded_cache_gb,
+      )
+      ips, setup, shape = _images_per_sec(it, **timing)
+      assert shape == (global_batch_size, crop, crop, 3)
+      bit_runs.append(ips)
+      setups.append(setup)
+      del it
+      if compare_tf:
+        ds = plain_tf_dataset(folder, split, batch=global_batch_size, resize=resize, crop=crop, seed=seed + r)
+        tf_runs.append(_images_per_sec(ds.as_numpy_iterator(), **timing)[0])
+  n = cores()
+  ips = statistics.median(bit_runs)
+  result = {
     'benchmark': 'input_pipeline',
-    'images_per_sec': round(steps * global_batch_size / seconds, 1),
-    'seconds': round(seconds, 3),
-    'setup_seconds': round(setup, 3),  # iterator creation + warmup batches (includes any one-time decode)
+    'images_per_sec': round(ips, 1),
+    'images_per_sec_per_core': round(ips / n, 1),
+    'rounds': [round(x, 1) for x in bit_runs],
+    'setup_seconds': round(setups[0], 3),  # iterator creation + warmup batches (includes any one-time decode)
     'steps': steps,
     'batch_size': global_batch_size,
     'resize': resize,
@@ -139,8 +197,19 @@ def pipeline_benchmark(
     'decoded_cache_gb': data_sources.decoded_cache_bytes(decoded_cache_gb) / 1e9,
     'train_size': info.train_size,
     'image_size': list(info.image_size),
+    'cores': n,
     'cpus': os.cpu_count(),
+    'load_avg_1m': round(os.getloadavg()[0], 2),
   }
+  if compare_tf:
+    plain = statistics.median(tf_runs)
+    result.update(
+      plain_tf_images_per_sec=round(plain, 1),
+      plain_tf_images_per_sec_per_core=round(plain / n, 1),
+      plain_tf_rounds=[round(x, 1) for x in tf_runs],
+      bit_over_plain_tf=round(ips / plain, 3),
+    )
+  return result
 
 
 def pipeline_images_per_sec(folder: str | os.PathLike[str] | None = None, **kwargs: Any) -> float:
@@ -172,6 +241,12 @@ def main(argv: Any = None) -> None:
   )
   p.add_argument('--decoded-cache-gb', type=float, default=None, help='decoded-cache budget (0 = off)')
   p.add_argument('--max-memory-gb', type=float, default=None, help='streaming budget (0 = stream TFDS)')
+  p.add_argument(
+    '--rounds', type=int, default=1, help='timed rounds (alternating with --compare-tf); the median'
+  )
+  p.add_argument(
+    '--compare-tf', action='store_true', help='also time plain tf.data (decode_jpeg, resize, crop, flip)'
+  )
   args = p.parse_args(argv)
   from bit import runtime
 
@@ -193,11 +268,18 @@ def main(argv: Any = None) -> None:
     mock_examples=args.mock_examples,
     decoded_cache_gb=args.decoded_cache_gb,
     max_memory_gb=args.max_memory_gb,
+    rounds=args.rounds,
+    compare_tf=args.compare_tf,
   )
   print(
-    f'input pipeline: {result["images_per_sec"]:.1f} images/s '
-    f'(batch {args.batch_size}, resize {result["resize"]}, crop {result["crop"]}, {result["cpus"]} CPUs)'
+    f'input pipeline: {result["images_per_sec"]:.1f} images/s, {result["images_per_sec_per_core"]:.1f} per core '
+    f'(batch {args.batch_size}, resize {result["resize"]}, crop {result["crop"]}, {result["cores"]} cores)'
   )
+  if args.compare_tf:
+    print(
+      f'plain tf.data: {result["plain_tf_images_per_sec"]:.1f} images/s, '
+      f'{result["plain_tf_images_per_sec_per_core"]:.1f} per core; bit/plain {result["bit_over_plain_tf"]:.3f}'
+    )
   print(json.dumps(result))
 
 

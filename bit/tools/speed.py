@@ -22,7 +22,7 @@ ratios stay comparable between runs); on a GPU or TPU the dense peak of its `dev
 `BIT_MALLOC=system`).
 
 This module and `--suite accelerator` need neither TensorFlow nor TFDS nor ml_collections (only `--pipeline`
-imports TensorFlow).
+and the suite's pipeline-fed run import TensorFlow; without it that run is skipped and says why).
 """
 
 from __future__ import annotations
@@ -590,6 +590,11 @@ class SuitePlan:
   warmup: int
   large: tuple[str, int] | None  # (model, size) trained at the largest batch that fits
   matmul_n: int
+  # The train step fed by bit's input pipeline: (model, size, dtype), on `fed_images` generated JPEGs of
+  # `fed_image_size` (h, w), at the batch the first runs found.
+  fed: tuple[str, int, str] = ('R50x1', 224, 'bfloat16')
+  fed_images: int = 512
+  fed_image_size: tuple[int, int] = (375, 500)
 
 
 ACCELERATOR_PLAN = SuitePlan(
@@ -616,6 +621,9 @@ CPU_PLAN = SuitePlan(
   warmup=1,
   large=None,
   matmul_n=256,
+  fed=('R26x1', 64, 'float32'),
+  fed_images=16,
+  fed_image_size=(90, 120),
 )
 _RUN_KEYS = (
   'model',
@@ -683,12 +691,60 @@ def _largest_batch(batches, measure) -> tuple[int, dict]:
   raise AssertionError('unreachable')
 
 
+def pipeline_fed(plan: SuitePlan, batch: int) -> dict[str, Any]:
+  """The plan's train step (`plan.fed`) fed by bit's input pipeline from generated real-size JPEGs, against the
+  same loop on one synthetic batch (`_real_data_runs`): `train_real_nocache_over_synthetic` near 1 means the
+  host decodes fast enough for this device; with the host's cores (the affinity mask) that did it.
+
+  Skipped, with the reason, where TensorFlow is not installed: bit's input pipeline is tf.data.
+  """
+  from bit.tools import input_speed  # numpy only at import: TensorFlow comes with the pipeline
+
+  model, size, dtype = plan.fed
+  out: dict[str, Any] = {'model': model, 'size': size, 'dtype': dtype, 'batch': batch}
+  out['host_cores'] = input_speed.cores()
+  try:
+    import tensorflow  # noqa: F401, PLC0415 - only to know whether the pipeline can run here
+  except ImportError:
+    out['skipped'] = "TensorFlow is not installed here, and bit's input pipeline is tf.data"
+    return out
+  with tempfile.TemporaryDirectory(prefix='bit_suite_jpegs_') as tmp:
+    folder = input_speed.make_jpeg_folder(tmp, num_images=plan.fed_images, size=plan.fed_image_size)
+    r = run(
+      model=model,
+      size=size,
+      batch=batch,
+      dtype=dtype,
+      steps=plan.steps,
+      warmup=plan.warmup,
+      infer=False,
+      pipeline=str(folder),
+      matmul_n=plan.matmul_n,
+    )
+  keys = (
+    'train_images_per_sec',
+    'train_synthetic_loop_images_per_sec',
+    'train_real_images_per_sec',
+    'train_real_over_synthetic',
+    'train_real_nocache_images_per_sec',
+    'train_real_nocache_over_synthetic',
+    'pipeline_images_per_sec',
+    'pipeline_over_train',
+  )
+  out.update({k: r.get(k) for k in keys})
+  out['images'] = {'count': plan.fed_images, 'size': list(plan.fed_image_size), **r['real_data']}
+  out['images'].pop('folder', None)
+  return out
+
+
 def suite(name: str = 'accelerator') -> dict[str, Any]:
   """`--suite accelerator`: the check to run on a machine with a GPU or TPU, as one dict (printed as JSON).
 
   Logits against the golden fixtures (float32 and bfloat16); R50x1 at 224 px train and inference img/s and
   MFU, float32 and bfloat16, fast ops auto and off, at the largest per-device batch up to 256 that fits;
-  compile seconds; peak device memory; R152x4 at 480 px train img/s at the largest batch that fits. Without
+  compile seconds; peak device memory; R152x4 at 480 px train img/s at the largest batch that fits; R50x1 224
+  px bfloat16 trained from generated real-size JPEGs through bit's input pipeline against synthetic batches,
+  with the host's cores (`pipeline_fed`: skipped where TensorFlow is absent). Without
   an accelerator it runs a tiny version (R26x1, 64 px, float32) and says so (`"backend": "cpu"`, `note`).
   """
   if name != 'accelerator':
@@ -740,6 +796,8 @@ def suite(name: str = 'accelerator') -> dict[str, Any]:
     out['large'] = {k: r.get(k) for k in _RUN_KEYS if not k.startswith('infer')}
   else:
     out['large'] = {'skipped': 'R152x4 at 480 px runs on a GPU or TPU only'}
+  _log(f'[suite] {plan.fed[0]} {plan.fed[1]} px {plan.fed[2]} fed by the input pipeline, batch {batch}')
+  out['pipeline_fed'] = pipeline_fed(plan, batch)
   out['peak_device_memory_bytes'] = peak_device_memory()
   out['seconds'] = round(time.perf_counter() - t0, 1)
   return out
