@@ -684,3 +684,30 @@ def test_folder_classes_must_match_between_splits(tmp_path, caplog):
   assert info.num_classes == 2 and info.class_names == ('a', 'b')
   assert 'class(es) b of train/ have no test/ images' in caplog.text
   assert 'extra/ is not a split' in caplog.text
+
+
+def test_the_checked_decode_is_native_for_whole_files_and_reports_bad_ones(monkeypatch):
+  """Training's decode (`_decode_checked`, fed to the bad-file policy) takes TensorFlow's kernels for a JPEG
+  that ends with its EOI marker (Pillow is never called) with Pillow's exact pixels, and reports a truncated
+  file, a non-image and an empty one as not ok instead of raising."""
+  import io
+
+  import tensorflow as tf
+
+  from bit import images
+
+  rng = np.random.default_rng(0)
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 255, (60, 80, 3), np.uint8)).save(buf, 'JPEG', quality=90)
+  jpeg = buf.getvalue()
+  expected = images.decode(jpeg, 32)
+  calls = []
+  real = images.decode
+  monkeypatch.setattr(images, 'decode', lambda *a, **k: calls.append(a) or real(*a, **k))
+  image, ok = data._decode_checked(tf, tf.constant(jpeg), 32)
+  assert bool(ok) and not calls
+  np.testing.assert_array_equal(image.numpy(), expected)
+  for bad in (jpeg[: len(jpeg) // 2], b'not an image at all', b''):
+    image, ok = data._decode_checked(tf, tf.constant(bad), 32)
+    assert not bool(ok) and image.shape == (0, 0, 3)
+  assert len(calls) == 3  # each bad one went to Pillow, which said why
