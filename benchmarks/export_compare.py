@@ -10,7 +10,7 @@ MaxPool, a symbolic batch). With --timm-python, that venv builds timm's ResNetV2
 (benchmarks/timm_compare.py's: StdConv2d, the 'fixed' stem) and exports it with `torch.onnx.export` (the
 dynamo exporter, opset 18, NCHW, a fixed batch); the .onnx file comes back here. Each round times, in turn,
 a batch of --batch images at --size px through: bit's ONNX, timm's ONNX (same onnxruntime, same session
-options), bit's folded JAX inference (`models.Inference`), and with --savedmodel the SavedModel's
+options), bit's JAX inference (kernels standardized once) (`models.Inference`), and with --savedmodel the SavedModel's
 `serving_default`. Each figure is the median over --steps calls after --warmup; it prints one line per round
 and, last, a JSON line with the medians over rounds and the 1-minute load average.
 

@@ -1,12 +1,22 @@
+# ruff: noqa: E402 - jax.distributed must start before the modules that touch the backend are imported
 """Two CPU processes: steps/s of a small data-parallel train step and how far the host loop runs ahead of
 the devices, with the old per-step blocking allgather of the stop flag vs parallel.LaggedMax, with and
 without prefetch_to_device.  python lead.py ADDRESS I"""
-import json, sys, time
+import json
+import sys
+import time
+
 from bit import parallel
+
 parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
-import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.experimental import multihost_utils
+
 from bit.train_state import create_state, lr_schedule, train_step
+
 
 class Net(nn.Module):
   @nn.compact
@@ -24,20 +34,20 @@ host = [{'image': rng.uniform(-1, 1, (64, 32, 32, 3)).astype(np.float32),
          'label': np.eye(10, dtype=np.float32)[rng.integers(0, 10, 64)]} for _ in range(4)]
 N = int(sys.argv[3]) if len(sys.argv) > 3 else 60
 out = {}
-for rnd in range(2):
+for _rnd in range(2):
   for stop in ('allgather', 'lagged'):
     for prefetch in (0, 2):
       s = dp.replicate(state)
       agreed = parallel.LaggedMax(2)
       batches = (host[i % 4] for i in range(N + 10))
       fed = parallel.prefetch_to_device(batches, dp.shard, prefetch) if prefetch else (dp.shard(b) for b in batches)
-      for i in range(5):
+      for _i in range(5):
         s, m = step(s, next(fed))
       jax.block_until_ready(s)
       multihost_utils.sync_global_devices('start')
       lead = []
       t0 = time.perf_counter()
-      for i in range(N):
+      for _i in range(N):
         s, m = step(s, next(fed))
         if stop == 'allgather':
           int(np.max(multihost_utils.process_allgather(np.asarray(0, np.int32))))

@@ -3,7 +3,7 @@ timm under torch.compile and timm in onnxruntime (benchmarks/timm_compare.py, ru
 
   python benchmarks/timm_rounds.py --timm-python ~/torchvenv/bin/python --rounds 3
 
-Each round runs `python -m bit.tools.speed` (bit's benchmark: the train step `bit.train` runs, and the folded
+Each round runs `python -m bit.tools.speed` (bit's benchmark: the train step `bit.train` runs, and the standardized
 forward pass) in this interpreter, then timm_compare.py with every mode in the other. Prints one line per
 round and, last, one JSON line: every round's figures, their medians, and bit's median over each of timm's
 (`ratios`). The machine's load average is recorded at the start and end of every run.

@@ -16,7 +16,7 @@ The recipe ("function matching"):
 
 The teacher (`config.teacher`: a workdir holding `model.npz`, an official-layout .npz, or a registry name)
 keeps its head, which must have the dataset's classes; it runs forward only, with its weights standardized
-once (`models.fold_for_inference`), optionally in bfloat16 (`config.teacher_dtype`), and its params never
+once (`models.standardize_kernels`), optionally in bfloat16 (`config.teacher_dtype`), and its params never
 change: they are a replicated, never donated input of the step. The student (`config.student`) is a registry
 name or .npz (a new zero head, as a fine-tune) or a bare architecture such as 'R50x1' (from scratch).
 
@@ -93,7 +93,7 @@ def labeled_cross_entropy(logits: Any, labels: Any) -> jax.Array:
 class DistillLoss:
   """The step's loss hook (`train_state.TrainState.loss_fn`): `(logits, labels, images, teacher_params)`.
 
-  The teacher (an `Inference` over its folded weights) runs on `images`, the very array the student just
+  The teacher (an `Inference` over its standardized weights) runs on `images`, the very array the student just
   ran on, under `stop_gradient`: forward only.
   """
 
@@ -121,12 +121,12 @@ class DistillLoss:
 
 @dataclasses.dataclass
 class Teacher:
-  """A loaded teacher: its model (compute dtype set), its params and those params folded for inference."""
+  """A loaded teacher: its model (compute dtype set), its params and those params with their kernels standardized, for inference."""
 
   source: str  # the file it was read from, or the registry name
   model: models.ResNetV2
   params: dict[str, Any]
-  folded: dict[str, Any]
+  standardized: dict[str, Any]
 
 
 def teacher_path(spec: Any) -> str:
@@ -178,8 +178,8 @@ def load_teacher(spec: Any, num_classes: int, class_names: Any = None, dtype: st
       _short(class_names),
     )
   params = jax.tree.map(np.asarray, params)
-  folded = jax.tree.map(np.asarray, jax.device_get(models.fold_for_inference(params)))
-  return Teacher(source=str(source), model=model, params=params, folded=folded)
+  standardized = jax.tree.map(np.asarray, jax.device_get(models.standardize_kernels(params)))
+  return Teacher(source=str(source), model=model, params=params, standardized=standardized)
 
 
 def _short(names) -> str:
@@ -406,7 +406,7 @@ def distill(config: Any, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   loss = DistillLoss(teacher.model, float(config.temperature), float(config.label_weight))
   objective = train.Objective(
     loss_fn=loss,
-    extra=teacher.folded,
+    extra=teacher.standardized,
     key=loss.key,
     train_records=records,
     check_model=lambda model, params: warn_if_bigger(model, teacher.model),

@@ -3,7 +3,7 @@
   bit.export(model, params, 'savedmodel', 'exports/flowers_tf', size=224, labels=names)
   bit-export --workdir runs/tf_flowers --format onnx --input raw --output exports/flowers_onnx
 
-What is exported is the folded inference function (`models.Inference`: kernels standardized once, at export):
+What is exported is the inference function (kernels standardized once) (`models.Inference`: kernels standardized once, at export):
 a batch of any size of `images` (NHWC RGB) -> `logits` and `probabilities` (softmax). `input` says what
 `images` is: 'float32' in [-1, 1] at the export's side, 'uint8' 0..255 at that side (scaled inside), or 'raw'
 uint8 at any height and width, resized inside exactly as `bit.preprocess` resizes (bilinear, half-pixel

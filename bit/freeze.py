@@ -23,7 +23,7 @@ The mask keeps the optimizer honest; `Split` makes the step cost what the mode t
 (`bit.train_state.train_step`) differentiates the loss with respect to the trainable leaves only and feeds the
 frozen ones in as constants, so below the lowest trainable layer the network runs forward only: JAX neither
 differentiates it nor keeps its activations for a backward pass. The model takes its conv kernels already
-weight-standardized (`models.ResNetV2(folded=True)`, the form inference uses): the frozen kernels are
+weight-standardized (`models.ResNetV2(standardized=True)`, the form inference uses): the frozen kernels are
 standardized once per run (`Split.prepare_frozen`), the trainable ones inside the step, as before. The
 params themselves (checkpoints, `model.npz`) keep the original kernels. One code path for every mode: in
 'full' nothing is frozen and the step is the plain full backward pass.
@@ -228,7 +228,7 @@ class Split:
   """Which leaves of a param tree (in `jax.tree.leaves` order) are trained, and which are standardized kernels.
 
   Hashable, so it can be a static field of the train state. `standardized` flags the conv kernels a
-  `models.ResNetV2(folded=True)` expects pre-standardized (all False for other models): frozen ones are
+  `models.ResNetV2(standardized=True)` expects pre-standardized (all False for other models): frozen ones are
   standardized once by `prepare_frozen`, trainable ones by `forward_params` inside the differentiated function.
   """
 
@@ -238,7 +238,7 @@ class Split:
   @classmethod
   def create(cls, params: Any, mask: Any, *, standardized: bool = False) -> 'Split':
     """From a bool tree `mask` shaped like `params` (`trainable_mask`); `standardized` for a ResNetV2 applied
-    with `folded=True`."""
+    with `standardized=True`."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     flags = jax.tree.leaves(mask)
     if len(flags) != len(flat):

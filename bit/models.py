@@ -73,14 +73,14 @@ standardize: Callable[..., jax.Array] = ops.standardize
 class StdConv(nn.Module):
   """A bias-free convolution whose kernel is weight-standardized at every call.
 
-  With `folded=True` the kernel is taken as already standardized (see `fold_for_inference`).
+  With `standardized=True` the kernel is taken as already standardized (see `standardize_kernels`).
   """
 
   features: int
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
   dtype: Any = jnp.float32
-  folded: bool = False
+  standardized: bool = False
 
   @nn.compact
   def __call__(self, x: Any) -> jax.Array:
@@ -88,7 +88,7 @@ class StdConv(nn.Module):
     kernel = self.param(
       'kernel', nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features), jnp.float32
     )
-    if not self.folded:
+    if not self.standardized:
       kernel = ops.standardize(kernel)
     return ops.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
 
@@ -120,11 +120,11 @@ class ResidualUnit(nn.Module):
   features: int  # the bottleneck width; the unit outputs 4x this
   strides: tuple[int, int] = (1, 1)
   dtype: Any = jnp.float32
-  folded: bool = False
+  standardized: bool = False
 
   @nn.compact
   def __call__(self, x: Any) -> Any:
-    conv = functools.partial(StdConv, dtype=self.dtype, folded=self.folded)
+    conv = functools.partial(StdConv, dtype=self.dtype, standardized=self.standardized)
     norm = functools.partial(GroupNorm, dtype=self.dtype, relu=True)
     out = 4 * self.features
     y = norm(name='gn1')(x)
@@ -186,14 +186,16 @@ class ResidualBlock(nn.Module):
   features: int
   strides: tuple[int, int] = (1, 1)
   dtype: Any = jnp.float32
-  folded: bool = False
+  standardized: bool = False
   remat: str = 'none'  # 'unit': each unit's activations are recomputed in the backward pass
 
   @nn.compact
   def __call__(self, x: Any) -> Any:
     for u in range(1, self.units + 1):
       strides = self.strides if u == 1 else (1, 1)
-      unit = ResidualUnit(self.features, strides, dtype=self.dtype, folded=self.folded, name=f'unit{u:02d}')
+      unit = ResidualUnit(
+        self.features, strides, dtype=self.dtype, standardized=self.standardized, name=f'unit{u:02d}'
+      )
       x = (_recomputed(unit) if self.remat == 'unit' else unit)(x)
     return x
 
@@ -210,7 +212,7 @@ class ResNetV2(nn.Module):
   was adapted by `bit.load(..., in_chans=C)`; the root kernel's input axis is the model's channel count). `dtype` is the compute dtype (e.g. jnp.bfloat16);
   parameters, weight standardization and GroupNorm statistics stay float32.
 
-  `folded=True` is the inference form: it expects params from `fold_for_inference` (kernels standardized
+  `standardized=True` is the inference form: it expects params from `standardize_kernels` (kernels standardized
   once) and skips the per-call standardization; use it for evaluation and prediction, not for training.
 
   `input_size` is the image side the model was trained (or fine-tuned) at, when known (`bit.load` sets it from
@@ -222,7 +224,7 @@ class ResNetV2(nn.Module):
   width: int = 1
   num_classes: int = 1000
   dtype: Any = jnp.float32
-  folded: bool = False
+  standardized: bool = False
   remat: str = 'none'  # 'none', 'unit' or 'stage': what the backward pass recomputes instead of storing
   input_size: int | None = None
   in_chans: int = 3
@@ -252,7 +254,7 @@ class ResNetV2(nn.Module):
         'uint8 pixels with bit.preprocess(images) (or x / 127.5 - 1), never pass 0..255 integers.'
       )
     base = 64 * self.width
-    x = RootBlock(base, dtype=self.dtype, folded=self.folded, name='root_block')(x)
+    x = RootBlock(base, dtype=self.dtype, standardized=self.standardized, name='root_block')(x)
     out = {'stem': x}
     if self.remat not in REMAT:
       raise BitError(f'remat={self.remat!r} is not one of {", ".join(REMAT)}.')
@@ -263,7 +265,7 @@ class ResNetV2(nn.Module):
         base * 2 ** (b - 1),
         strides,
         dtype=self.dtype,
-        folded=self.folded,
+        standardized=self.standardized,
         remat=self.remat,
         name=f'block{b}',
       )
@@ -291,13 +293,13 @@ class RootBlock(nn.Module):
 
   features: int
   dtype: Any = jnp.float32
-  folded: bool = False
+  standardized: bool = False
 
   @nn.compact
   def __call__(self, x: Any) -> jax.Array:
-    x = StdConv(self.features, (7, 7), (2, 2), dtype=self.dtype, folded=self.folded, name='conv_root')(
-      ops.fixed_padding(x, 3)
-    )
+    x = StdConv(
+      self.features, (7, 7), (2, 2), dtype=self.dtype, standardized=self.standardized, name='conv_root'
+    )(ops.fixed_padding(x, 3))
     return ops.zero_padded_max_pool(ops.root_barrier(x))
 
 
@@ -329,18 +331,22 @@ def check_in_chans(in_chans: object) -> int:
   return in_chans
 
 
-def fold_for_inference(params: Params) -> dict[str, Any]:
-  """Params with every conv kernel weight-standardized once, for `ResNetV2(..., folded=True)`.
+def standardize_kernels(params: Params) -> dict[str, Any]:
+  """Params with every conv kernel weight-standardized once, for `ResNetV2(..., standardized=True)`.
 
-  The result has the same tree and shapes; `model.clone(folded=True).apply({'params': folded}, x)` equals
+  The result has the same tree and shapes; `model.clone(standardized=True).apply({'params': standardized}, x)` equals
   `model.apply({'params': params}, x)` up to float rounding, without re-standardizing at every call (a
   noticeable share of an inference step on CPU). Not for training: the gradients would skip the standardization.
   """
 
-  def fold(path, leaf):
+  def standardize(path, leaf):
     return ops.standardize(leaf) if is_standardized_kernel(path, leaf) else leaf
 
-  return jax.jit(lambda p: jax.tree_util.tree_map_with_path(fold, p))(params)
+  return jax.jit(lambda p: jax.tree_util.tree_map_with_path(standardize, p))(params)
+
+
+# The name before 2026-12 ("folded" read as BatchNorm folding; nothing is folded, the kernels are standardized).
+fold_for_inference = standardize_kernels
 
 
 def is_standardized_kernel(path: tuple[Any, ...], leaf: Any) -> bool:
@@ -366,13 +372,13 @@ class Inference:
   model: ResNetV2
 
   def prepare(self, params: Params) -> dict[str, Any]:
-    """The params with every conv kernel standardized once (`fold_for_inference`)."""
-    return fold_for_inference(params)
+    """The params with every conv kernel standardized once (`standardize_kernels`)."""
+    return standardize_kernels(params)
 
   def __call__(
     self, prepared: Params, images: jax.Array | np.ndarray, pre_logits: bool = False, features: bool = False
   ) -> jax.Array | dict[str, jax.Array]:
-    return self.model.clone(folded=True).apply(
+    return self.model.clone(standardized=True).apply(
       {'params': prepared}, images, pre_logits=pre_logits, features=features
     )
 

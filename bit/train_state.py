@@ -121,7 +121,7 @@ def create_state(
     )
   # A ResNetV2 is applied with pre-standardized kernels (the inference form): the frozen ones are then
   # standardized once per run instead of at every step. Other modules run as they are.
-  folded = isinstance(model, models.ResNetV2) and not model.folded
+  prestandardize = isinstance(model, models.ResNetV2) and not model.standardized
   template = TrainState(
     step=0,
     apply_fn=model.apply,
@@ -130,8 +130,8 @@ def create_state(
     opt_state=None,
     lr_fn=lr_fn,
     accum_steps=int(accum_steps),
-    split=freeze.Split.create(params, trainable_mask, standardized=folded),
-    forward_fn=model.clone(folded=True).apply if folded else model.apply,
+    split=freeze.Split.create(params, trainable_mask, standardized=prestandardize),
+    forward_fn=model.clone(standardized=True).apply if prestandardize else model.apply,
     loss_fn=loss_fn,
   )
   return start_state(template, params)

@@ -124,7 +124,7 @@ def test_gradient_equals_the_hand_written_one():
 def _objective(teacher_spec, records=None, **kw):
   t = distill.load_teacher(str(teacher_spec), NUM_CLASSES)
   loss = distill.DistillLoss(t.model, kw.get('temperature', 1.0), kw.get('label_weight', 0.0))
-  objective = train.Objective(loss_fn=loss, extra=t.folded, key=loss.key, train_records=records)
+  objective = train.Objective(loss_fn=loss, extra=t.standardized, key=loss.key, train_records=records)
   return t, objective
 
 
@@ -148,15 +148,15 @@ def test_teacher_sees_the_students_view_and_never_changes(assets, tmp_path):
   batch = next(train_setup.train_iterator(setup))
   assert not np.allclose(batch['image'], np.roll(batch['image'], 1, axis=0))
   assert 0 < np.count_nonzero(batch['label'].sum(-1) < 0.999)  # MixUp with unlabeled rows is in it
-  dteacher = dp.replicate(teacher.folded)
+  dteacher = dp.replicate(teacher.standardized)
   state = setup.state.replace(params=teacher.params)
   _, metrics = setup.p_train(dp.replicate(state), dp.shard(batch), dteacher)
   assert float(dp.unreplicate(metrics)['loss']) == pytest.approx(0.0, abs=1e-5)
   # Control: the teacher on another view of the same examples (flipped) is not matched.
   flipped = dict(batch, image=batch['image'][:, :, ::-1])
   loss_fn = objective.loss_fn
-  student = loss_fn.teacher_logits(teacher.folded, jnp.asarray(batch['image']))
-  assert float(loss_fn(student, batch['label'], jnp.asarray(flipped['image']), teacher.folded)) > 1e-3
+  student = loss_fn.teacher_logits(teacher.standardized, jnp.asarray(batch['image']))
+  assert float(loss_fn(student, batch['label'], jnp.asarray(flipped['image']), teacher.standardized)) > 1e-3
   # The step donates the state, never the teacher (on a GPU a donated input is gone after the call) ...
   dstate = dp.replicate(setup.state)
   args, _ = setup.p_train.lower(dstate, dp.shard(batch), dteacher).args_info  # (positional, keyword)
@@ -165,7 +165,9 @@ def test_teacher_sees_the_students_view_and_never_changes(assets, tmp_path):
   # ... and several steps later the replicated teacher input is bit for bit the same.
   for _ in range(3):
     dstate, _ = setup.p_train(dstate, dp.shard(batch), dteacher)
-  for a, b in zip(jax.tree.leaves(dp.unreplicate(dteacher)), jax.tree.leaves(teacher.folded), strict=True):
+  for a, b in zip(
+    jax.tree.leaves(dp.unreplicate(dteacher)), jax.tree.leaves(teacher.standardized), strict=True
+  ):
     assert np.array_equal(a, b)
   assert not np.array_equal(dp.unreplicate(dstate.params)['head']['kernel'], 0)  # the student did train
 

@@ -215,12 +215,12 @@ def test_frozen_layers_keep_no_activations_for_the_backward_pass(tiny):
 def test_frozen_kernels_are_standardized_once_as_for_inference(tiny):
   model, params = tiny
   state = _state(model, params, 'head')
-  folded = _flat(models.fold_for_inference(params))
+  standardized = _flat(models.standardize_kernels(params))
   names = [n for n in _flat(params) if n not in ('head/kernel', 'head/bias')]
-  kernels = [n for n in names if not np.array_equal(folded[n], _flat(params)[n])]
+  kernels = [n for n in names if not np.array_equal(standardized[n], _flat(params)[n])]
   assert len(kernels) == sum(state.split.standardized) == len(state.frozen) > 0
   for name, prepared in zip(kernels, state.frozen, strict=True):
-    np.testing.assert_allclose(prepared, folded[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(prepared, standardized[name], rtol=1e-6, atol=1e-6, err_msg=name)
   # The params the state carries (and checkpoints) keep the original kernels.
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), strict=True):
     assert np.array_equal(a, b)

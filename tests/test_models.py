@@ -204,8 +204,8 @@ def test_features_under_grad_with_frozen_stages_and_bfloat16(backbone):
   assert any(float(jnp.abs(g).max()) > 0 for g in grads)
   bf16 = model.clone(dtype=jnp.bfloat16).apply({'params': params}, images, features=True)
   assert bf16['stage4'].dtype == jnp.bfloat16 and bf16['logits'].dtype == jnp.float32
-  folded = models.Inference(model)
-  out = jax.jit(functools.partial(folded, features=True))(folded.prepare(params), images)
+  standardized = models.Inference(model)
+  out = jax.jit(functools.partial(standardized, features=True))(standardized.prepare(params), images)
   np.testing.assert_allclose(np.asarray(out['logits']), model.apply({'params': params}, images), atol=1e-4)
 
 

@@ -1,4 +1,4 @@
-"""The speed tool, bit/tools/speed.py (a tiny smoke run, no timing assertions), and the folded inference
+"""The speed tool, bit/tools/speed.py (a tiny smoke run, no timing assertions), and the standardized inference
 model it measures (equal to the training model). The fast ops are tested against their references in
 tests/test_ops.py."""
 
@@ -259,19 +259,21 @@ def test_forward_flops_match_published_macs():
 
 def test_folded_inference_model_equals_the_training_model():
   model = models.create_model('R26x1', 5)
-  # Random GroupNorm and head params too, so every folded path shows in the output (from the shapes alone:
+  # Random GroupNorm and head params too, so every standardized path shows in the output (from the shapes alone:
   # the model's compiled init would cost more than the test).
   rng = np.random.default_rng(5)
   params = jax.tree.map(
     lambda leaf: (leaf + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32), fast_params(model)
   )
-  folded = models.fold_for_inference(params)
-  assert jax.tree_util.tree_structure(folded) == jax.tree_util.tree_structure(params)
-  kernel = np.asarray(folded['block2']['unit01']['conv2']['kernel'])
+  standardized = models.standardize_kernels(params)
+  assert jax.tree_util.tree_structure(standardized) == jax.tree_util.tree_structure(params)
+  kernel = np.asarray(standardized['block2']['unit01']['conv2']['kernel'])
   np.testing.assert_allclose(kernel.mean(axis=(0, 1, 2)), 0, atol=1e-5)  # really standardized
-  np.testing.assert_array_equal(folded['head']['kernel'], params['head']['kernel'])  # the rest untouched
+  np.testing.assert_array_equal(
+    standardized['head']['kernel'], params['head']['kernel']
+  )  # the rest untouched
   x = jax.random.uniform(jax.random.PRNGKey(6), (2, 32, 32, 3), minval=-1, maxval=1)
   ref = jax.jit(model.apply)({'params': params}, x)
-  out = jax.jit(model.clone(folded=True).apply)({'params': folded}, x)
+  out = jax.jit(model.clone(standardized=True).apply)({'params': standardized}, x)
   assert np.abs(np.asarray(ref)).max() > 1e-2
   np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)

@@ -197,7 +197,8 @@ def _join_cluster() -> None:
   cluster = parallel.initialize_distributed(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, distributed=FLAGS.distributed
   )
-  print(cluster.describe(), file=sys.stderr, flush=True)
+  if cluster.kind != 'none':  # a single-process run outside a cluster has nothing to report
+    print(cluster.describe(), file=sys.stderr, flush=True)
 
 
 def _define_config_flag(default=None) -> None:

@@ -332,12 +332,12 @@ def measure_train(b: Bench, steps: int, warmup: int) -> tuple[dict, Any, Any, An
   return result, step, dstate, data
 
 
-def measure_infer(b: Bench, steps: int, warmup: int, folded: bool) -> dict:
-  """Inference img/s, MFU and compile seconds of the jitted forward pass (folded: weights standardized once;
+def measure_infer(b: Bench, steps: int, warmup: int, standardized: bool) -> dict:
+  """Inference img/s, MFU and compile seconds of the jitted forward pass (standardized: weights standardized once;
   keys `infer_*`, else `infer_unfolded_*`)."""
   replicated = NamedSharding(b.dp.mesh, P())
   images = jax.device_put(b.host_batch['image'], NamedSharding(b.dp.mesh, P(parallel.DATA_AXIS)))
-  if folded:
+  if standardized:
     inference = models.Inference(b.net)
     variables, forward = inference.prepare(b.params), inference
   else:
@@ -349,7 +349,7 @@ def measure_infer(b: Bench, steps: int, warmup: int, folded: bool) -> dict:
   for _ in range(max(1, warmup)):
     jax.block_until_ready(fwd(variables, images))
   t = statistics.median(_timed(lambda: fwd(variables, images), steps))
-  key = 'infer' if folded else 'infer_unfolded'
+  key = 'infer' if standardized else 'infer_unfolded'
   mfu = b.mfu(b.batch / t, 1)
   _log(f'[speed] {key.replace("_", " ")} {b.batch / t:.2f} img/s (compiled in {compile_s:.2f} s)')
   return {
@@ -480,8 +480,8 @@ def _measure(b: Bench, s: Settings) -> dict:
       del dstate, step
     if s.infer:
       if s.unfolded:
-        result.update(measure_infer(b, s.steps, s.warmup, folded=False))
-      part = measure_infer(b, s.steps, s.warmup, folded=True)
+        result.update(measure_infer(b, s.steps, s.warmup, standardized=False))
+      part = measure_infer(b, s.steps, s.warmup, standardized=True)
       result.update(part)
       compile_total += part['infer_compile_seconds']
     result['compile_seconds'] = round(compile_total, 2)
