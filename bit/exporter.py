@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -590,13 +588,7 @@ def export(
       **details,
     }
     files.write_json(tmp / 'export.json', manifest)
-    if path.exists():  # a previous export (checked above): moved aside, then removed once the new one is in
-      old = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.old'))
-      os.replace(path, old / path.name)
-      os.replace(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, path)
+    files.replace_dir(tmp, path)  # a previous export (checked above) is removed once the new one is in
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -41,6 +41,21 @@ def temporary_dir(parent: str | os.PathLike[str], prefix: str = '', suffix: str 
   return path
 
 
+def replace_dir(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+  """Puts the finished folder `tmp` at `path` by rename; a folder already at `path` is moved aside first and
+  removed only once the new one is in place (an export replaced with overwrite=True)."""
+  import shutil
+
+  tmp, path = pathlib.Path(tmp), pathlib.Path(path)
+  if path.exists():
+    old = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.old'))
+    os.replace(path, old / path.name)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_write(
   path: str | os.PathLike[str], mode: str = 'w', *, private: bool = False, **open_kwargs: Any

@@ -25,20 +25,6 @@ from bit.hub import (
 from bit.types import Params, PathLike
 
 
-def _replace_dir(tmp: pathlib.Path, path: pathlib.Path) -> None:
-  """Moves the finished folder `tmp` to `path` (a previous export there is replaced only at the end)."""
-  import shutil
-  import tempfile
-
-  if path.exists():
-    old = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.old'))
-    os.replace(path, old / path.name)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.replace(tmp, path)
-
-
 def export_timm(
   output: PathLike,
   *,
@@ -73,7 +59,7 @@ def export_timm(
   tmp = pathlib.Path(tempfile.mkdtemp(dir=output.parent, prefix=f'.{output.name}.', suffix='.tmp'))
   try:
     write_timm(params, tmp, input_size=size, label_names=names)
-    _replace_dir(tmp, output)
+    files.replace_dir(tmp, output)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

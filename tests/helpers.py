@@ -208,7 +208,24 @@ class _QuietServer(http.server.ThreadingHTTPServer):
     pass  # a client that hangs up early (as some tests make it) is expected here, not a failure
 
 
-class FileServer:
+class _LocalServer:
+  """`self.httpd` (set by the subclass before `super().__init__()`) served from a thread while in `with`."""
+
+  def __init__(self):
+    self.thread = threading.Thread(
+      target=self.httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True
+    )
+
+  def __enter__(self):
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self.httpd.shutdown()
+    self.httpd.server_close()
+
+
+class FileServer(_LocalServer):
   """Serves `files` (name -> bytes) on 127.0.0.1 and records every request as (path, Range header).
 
   Misbehaviour on demand: `ranges=False` ignores Range headers (always 200, whole file); `drops=n` cuts the
@@ -262,17 +279,7 @@ class FileServer:
 
     self.httpd = _QuietServer(('127.0.0.1', 0), Handler)
     self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}/'
-    self.thread = threading.Thread(
-      target=self.httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True
-    )
-
-  def __enter__(self):
-    self.thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self.httpd.shutdown()
-    self.httpd.server_close()
+    super().__init__()
 
 
 def checkpoint_bytes(depth=26, classes=10, seed=0) -> bytes:
@@ -305,7 +312,7 @@ def kill_after_checkpoint(cmd, workdir, env, *, step: int = 2, cwd=None, timeout
 COMMIT = 'c0ffee' + '0' * 34
 
 
-class FakeHub:
+class FakeHub(_LocalServer):
   """Serves repos ({repo_id: {filename: bytes}}) the way the hub's resolve endpoint does, recording every
   request as (method, path). `gated` repos answer 403 GatedRepo; with `default`, any other repo id serves those files."""
 
@@ -354,14 +361,4 @@ class FakeHub:
 
     self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
-    self.thread = threading.Thread(
-      target=self.httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True
-    )
-
-  def __enter__(self):
-    self.thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self.httpd.shutdown()
-    self.httpd.server_close()
+    super().__init__()
