@@ -458,73 +458,26 @@ def train_iterator(
   seed = _seed(seed)
   b_local = _local_batch(global_batch_size, process_index, process_count)
   resize, crop = int(resize), int(crop)
-  if crop > resize:
-    raise ConfigError(
-      f'crop={crop} is larger than resize={resize}; the random crop must fit in the resized image'
-    )
-  if start_step < 0:
-    raise ConfigError(f'start_step must be >= 0, got {start_step}')
+  _check_train_sizes(resize, crop, start_step)
   if records is None:
     records = _train_records(dataset, split, data_dir, examples_per_class, seed, max_memory_gb)
   _check_labels(records, num_classes)
   tf = data_sources.tf_hidden()
-  n, g, b = len(records), int(global_batch_size), b_local
-  shuffle_key, crop_key, flip_key = (_stream_key(seed, s) for s in (_SHUFFLE, _CROP, _FLIP))
-  mix_a, mix_b = _stream_key(seed, _MIX_A), _stream_key(seed, _MIX_B)
-
-  def position(q):
-    # q counts this process's examples; p is the example's position in the global stream.
-    return _global_position(tf.cast(q, tf.int64), g, b, process_index)
-
+  g, b = int(global_batch_size), b_local
+  augment = _TrainAugment(tf, seed, resize, crop, g, b, process_index)
   if records.streaming:
-
-    def example(p, record):
-      raw, label = record
-      image = _train_augment(tf, _decode(tf, raw, resize), p, resize, crop, crop_key, flip_key)
-      return image, label, _local_counter(p, g, b, process_index)
-
-    ds = _streamed_train_records(
-      tf, records, g=g, b=b, process_index=process_index, seed=seed, start_step=start_step
-    )
-    where = lambda q: int(position(q))  # noqa: E731 - a skipped record is named by its stream position
+    ds, example, where = _streamed_train_source(tf, records, augment, seed=seed, start_step=start_step)
   else:
-    labels = tf.constant(records.labels)
-    load = _image_loader(tf, records, resize, decoded_cache_gb, checked=True)
-    replace_key = _stream_key(seed, _REPLACE)
-
-    def index_of(p):
-      return tf.random.experimental.index_shuffle(
-        p % n,
-        seed=tf.stack([tf.constant(shuffle_key, tf.int64), p // n]),
-        max_index=tf.constant(n - 1, tf.int64),
-      )
-
-    def example(q):
-      p = position(q)
-      image, index, bad = _fill_bad(tf, load, index_of(p), p, n, replace_key)
-      image = _train_augment(tf, image, p, resize, crop, crop_key, flip_key)
-      return image, tf.gather(labels, index), q, bad
-
-    ds = tf.data.Dataset.counter(start=int(start_step) * b, dtype=tf.int64)
-    where = lambda q: int(index_of(position(q)))  # noqa: E731 - (never skips: a bad file's slot is filled)
+    ds, example, where = _in_memory_train_source(tf, records, augment, seed, decoded_cache_gb, start_step)
+  mix_a, mix_b = _stream_key(seed, _MIX_A), _stream_key(seed, _MIX_B)
 
   def finish(step, batch):
     image, label, q, bad = batch
     label = tf.one_hot(label, num_classes, dtype=tf.float32)
     if mixup_alpha > 0:
-      shape = [b] if per_example_mixup else []
-      g1 = tf.random.stateless_gamma(
-        shape, seed=tf.stack([tf.constant(mix_a, tf.int64), step]), alpha=float(mixup_alpha), dtype=tf.float64
+      image, label = _mixup(
+        tf, image, label, step, (mix_a, mix_b), mixup_alpha, [b] if per_example_mixup else []
       )
-      g2 = tf.random.stateless_gamma(
-        shape, seed=tf.stack([tf.constant(mix_b, tf.int64), step]), alpha=float(mixup_alpha), dtype=tf.float64
-      )
-      # Beta(a, a) = G1 / (G1 + G2); float64 so tiny alphas do not underflow both gammas to zero.
-      lam = tf.cast(tf.where(g1 + g2 > 0, g1 / (g1 + g2), 0.5), tf.float32)
-      lam_image = tf.reshape(lam, [-1, 1, 1, 1]) if per_example_mixup else lam
-      lam_label = tf.reshape(lam, [-1, 1]) if per_example_mixup else lam
-      image = lam_image * image + (1.0 - lam_image) * tf.reverse(image, [0])
-      label = lam_label * label + (1.0 - lam_label) * tf.reverse(label, [0])
     return {'image': image, 'label': label, 'q': q, 'bad': bad}
 
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -538,6 +491,90 @@ def train_iterator(
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
   skipped = Skipped(records, deferred=defer_skip_warnings)
   return TrainBatches(_replaced(_reported(_numpy(ds), int(start_step) * b, where, skipped), skipped), skipped)
+
+
+def _check_train_sizes(resize, crop, start_step):
+  if crop > resize:
+    raise ConfigError(
+      f'crop={crop} is larger than resize={resize}; the random crop must fit in the resized image'
+    )
+  if start_step < 0:
+    raise ConfigError(f'start_step must be >= 0, got {start_step}')
+
+
+class _TrainAugment:
+  """The per-example training view: global stream position, then resize/crop/flip keyed by (seed, position)."""
+
+  def __init__(self, tf, seed, resize, crop, g, b, process_index):
+    self.tf, self.resize, self.crop = tf, resize, crop
+    self.g, self.b, self.process_index = g, b, process_index
+    self.crop_key, self.flip_key = _stream_key(seed, _CROP), _stream_key(seed, _FLIP)
+
+  def position(self, q):
+    # q counts this process's examples; p is the example's position in the global stream.
+    return _global_position(self.tf.cast(q, self.tf.int64), self.g, self.b, self.process_index)
+
+  def __call__(self, image, p):
+    return _train_augment(self.tf, image, p, self.resize, self.crop, self.crop_key, self.flip_key)
+
+
+def _streamed_train_source(tf, records, augment, *, seed, start_step):
+  """A streamed split: its records from `start_step` on, the per-record map, and how to name a skipped one."""
+  g, b, process_index = augment.g, augment.b, augment.process_index
+
+  def example(p, record):
+    raw, label = record
+    image = augment(_decode(tf, raw, augment.resize), p)
+    return image, label, _local_counter(p, g, b, process_index)
+
+  ds = _streamed_train_records(
+    tf, records, g=g, b=b, process_index=process_index, seed=seed, start_step=start_step
+  )
+  where = lambda q: int(augment.position(q))  # noqa: E731 - a skipped record is named by its stream position
+  return ds, example, where
+
+
+def _in_memory_train_source(tf, records, augment, seed, decoded_cache_gb, start_step):
+  """An in-memory split: a counter from `start_step`, the per-example map (shuffled index, bad files filled)."""
+  n = len(records)
+  labels = tf.constant(records.labels)
+  load = _image_loader(tf, records, augment.resize, decoded_cache_gb, checked=True)
+  shuffle_key, replace_key = _stream_key(seed, _SHUFFLE), _stream_key(seed, _REPLACE)
+
+  def index_of(p):
+    return tf.random.experimental.index_shuffle(
+      p % n,
+      seed=tf.stack([tf.constant(shuffle_key, tf.int64), p // n]),
+      max_index=tf.constant(n - 1, tf.int64),
+    )
+
+  def example(q):
+    p = augment.position(q)
+    image, index, bad = _fill_bad(tf, load, index_of(p), p, n, replace_key)
+    image = augment(image, p)
+    return image, tf.gather(labels, index), q, bad
+
+  ds = tf.data.Dataset.counter(start=int(start_step) * augment.b, dtype=tf.int64)
+  where = lambda q: int(index_of(augment.position(q)))  # noqa: E731 - (never skips: a bad file's slot is filled)
+  return ds, example, where
+
+
+def _mixup(tf, image, label, step, mix_keys, alpha, shape):
+  """The official MixUp of one batch with itself reversed; one lambda (shape []) or one per example ([b])."""
+  mix_a, mix_b = mix_keys
+  g1 = tf.random.stateless_gamma(
+    shape, seed=tf.stack([tf.constant(mix_a, tf.int64), step]), alpha=float(alpha), dtype=tf.float64
+  )
+  g2 = tf.random.stateless_gamma(
+    shape, seed=tf.stack([tf.constant(mix_b, tf.int64), step]), alpha=float(alpha), dtype=tf.float64
+  )
+  # Beta(a, a) = G1 / (G1 + G2); float64 so tiny alphas do not underflow both gammas to zero.
+  lam = tf.cast(tf.where(g1 + g2 > 0, g1 / (g1 + g2), 0.5), tf.float32)
+  lam_image = tf.reshape(lam, [-1, 1, 1, 1]) if shape else lam
+  lam_label = tf.reshape(lam, [-1, 1]) if shape else lam
+  image = lam_image * image + (1.0 - lam_image) * tf.reverse(image, [0])
+  label = lam_label * label + (1.0 - lam_label) * tf.reverse(label, [0])
+  return image, label
 
 
 def eval_iterator(
