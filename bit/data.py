@@ -601,10 +601,7 @@ def eval_iterator(
   """
   b = _local_batch(global_batch_size, process_index, process_count)
   crop = int(crop)
-  if center_crop:
-    if resize is None or int(resize) < crop:
-      raise ConfigError(f'center_crop needs resize >= crop, got resize={resize} crop={crop}')
-    resize = int(resize)
+  resize = _eval_resize(resize, crop, center_crop)
   records = data_sources.load_split(dataset, split, data_dir, max_memory_gb=max_memory_gb)
   tf = data_sources.tf_hidden()
   n, g = len(records), int(global_batch_size)
@@ -626,20 +623,7 @@ def eval_iterator(
     return {'image': image, 'label': label, 'mask': mask, 'q': q}
 
   if records.streaming:
-    real = data_sources.as_encoded_dataset(records.builder, records.name, records.split).take(n)
-    real = real.map(lambda raw, label: (raw, label, True))
-    pad = tf.data.Dataset.range(num_batches * g - n).map(
-      lambda _: (tf.constant(b''), tf.constant(0, tf.int64), False)
-    )
-    ds = real.concatenate(pad).enumerate().filter(_own_slice(tf, g, b, process_index))
-
-    def example(p, record):
-      raw, label, mask = record
-      return row(_local_counter(p, g, b, process_index), mask, label, lambda: _decode(tf, raw, size))
-
-    def where(q):
-      return _global_position(q, g, b, process_index)
-
+    ds, example, where = _streamed_eval_source(tf, records, row, g, b, process_index, size)
   else:
     _check_labels(records, len(records.class_names))
     labels = tf.constant(records.labels)
@@ -660,6 +644,36 @@ def eval_iterator(
   ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
   skipped = Skipped(records)
   return _padded(_reported(_numpy(ds), 0, where, skipped, num_batches * b), num_batches, b, crop)
+
+
+def _eval_resize(resize, crop, center_crop):
+  """`resize` as an int when `center_crop` takes the central `crop` of it (checked to fit), else unchanged."""
+  if center_crop:
+    if resize is None or int(resize) < crop:
+      raise ConfigError(f'center_crop needs resize >= crop, got resize={resize} crop={crop}')
+    resize = int(resize)
+  return resize
+
+
+def _streamed_eval_source(tf, records, row, g, b, process_index, size):
+  """A streamed eval split read once in file order, padded to whole global batches; this process's slice."""
+  n = len(records)
+  num_batches = math.ceil(n / g)
+  real = data_sources.as_encoded_dataset(records.builder, records.name, records.split).take(n)
+  real = real.map(lambda raw, label: (raw, label, True))
+  pad = tf.data.Dataset.range(num_batches * g - n).map(
+    lambda _: (tf.constant(b''), tf.constant(0, tf.int64), False)
+  )
+  ds = real.concatenate(pad).enumerate().filter(_own_slice(tf, g, b, process_index))
+
+  def example(p, record):
+    raw, label, mask = record
+    return row(_local_counter(p, g, b, process_index), mask, label, lambda: _decode(tf, raw, size))
+
+  def where(q):
+    return _global_position(q, g, b, process_index)
+
+  return ds, example, where
 
 
 def _numpy(ds):
