@@ -102,32 +102,14 @@ def extract_features(
   if crop is None:
     _, crop = hyperrule.train_resolution(records.image_size)
   crop = int(crop)
-  key = {
-    'version': _CACHE_VERSION,
-    'dataset': str(dataset),
-    'split': split,
-    'crop': crop,
-    'data_dir': None if data_dir is None else str(data_dir),
-    'architecture': getattr(model, 'architecture', ''),
-    'params': _fingerprint(params),
-    'size': len(records),
-  }
-  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+  key = _feature_key(model, params, dataset, split, crop, data_dir, len(records))
   path = None
   if workdir is not None:
-    name = f'{_tag(pathlib.Path(str(dataset)).name)}_{_tag(split)}_{crop}px_{digest}.npz'
-    path = pathlib.Path(workdir).expanduser() / FEATURES_DIR / name
-    if path.is_file():
-      try:
-        with np.load(path) as z:
-          if json.loads(str(z['key'])) == key:
-            log.info('Using cached features %s', path)
-            return z['features'], z['labels']
-      except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        warnings.warn(f'{path} is unreadable ({e}); extracting the features again.', stacklevel=2)
+    path = _feature_path(workdir, dataset, split, crop, key)
+    cached = _cached_features(path, key)
+    if cached is not None:
+      return cached
 
-  inference = models.Inference(model)  # weights standardized once, not per batch
-  fn = xla.jit(lambda p, x: inference(p, x, pre_logits=True))
   batches = data.eval_iterator(
     dataset, split=split, global_batch_size=int(batch_size), crop=crop, data_dir=data_dir
   )
@@ -136,6 +118,59 @@ def extract_features(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=math.ceil(len(records) / int(batch_size)), desc=f'features {split}', unit='batch')
+  features, labels = _pre_logits(model, params, batches, bar)
+  if len(labels) != len(records):  # the policy of every reader: logged by path above, skipped, counted
+    log.warning(
+      '%d of the %d images of %r split %r could not be decoded and were skipped (named above).',
+      len(records) - len(labels),
+      len(records),
+      str(dataset),
+      split,
+    )
+  if path is not None:
+    files.save_npz(path, features=features, labels=labels, key=np.array(json.dumps(key, sort_keys=True)))
+  return features, labels
+
+
+def _feature_key(model, params, dataset, split, crop, data_dir, size):
+  """What a cached features file must match: dataset, split, crop, backbone and split size."""
+  return {
+    'version': _CACHE_VERSION,
+    'dataset': str(dataset),
+    'split': split,
+    'crop': crop,
+    'data_dir': None if data_dir is None else str(data_dir),
+    'architecture': getattr(model, 'architecture', ''),
+    'params': _fingerprint(params),
+    'size': size,
+  }
+
+
+def _feature_path(workdir, dataset, split, crop, key):
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+  name = f'{_tag(pathlib.Path(str(dataset)).name)}_{_tag(split)}_{crop}px_{digest}.npz'
+  return pathlib.Path(workdir).expanduser() / FEATURES_DIR / name
+
+
+def _cached_features(path, key):
+  """(features, labels) from `path` when it holds features for `key`; None when absent, stale or unreadable."""
+  if not path.is_file():
+    return None
+  try:
+    with np.load(path) as z:
+      if json.loads(str(z['key'])) == key:
+        log.info('Using cached features %s', path)
+        return z['features'], z['labels']
+  except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    # stacklevel 3: the warning points at extract_features' caller, as before this helper existed.
+    warnings.warn(f'{path} is unreadable ({e}); extracting the features again.', stacklevel=3)
+  return None
+
+
+def _pre_logits(model, params, batches, bar):
+  """Pre-logits features float32 and labels int64 of the real (masked) rows of every batch; closes `bar`."""
+  inference = models.Inference(model)  # weights standardized once, not per batch
+  fn = xla.jit(lambda p, x: inference(p, x, pre_logits=True))
   device_params = inference.prepare(jax.device_put(params, jax.local_devices()[0]))
   feats, labels = [], []
   try:
@@ -153,16 +188,6 @@ def extract_features(
     np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, model.num_features), np.float32)
   )
   labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros((0,), np.int64)
-  if len(labels) != len(records):  # the policy of every reader: logged by path above, skipped, counted
-    log.warning(
-      '%d of the %d images of %r split %r could not be decoded and were skipped (named above).',
-      len(records) - len(labels),
-      len(records),
-      str(dataset),
-      split,
-    )
-  if path is not None:
-    files.save_npz(path, features=features, labels=labels, key=np.array(json.dumps(key, sort_keys=True)))
   return features, labels
 
 
@@ -410,6 +435,26 @@ def _get(config, key, default=None):
   return default if value is None else value
 
 
+def _check_probe_config(model_name, dataset, method):
+  if not model_name:
+    raise ConfigError(
+      'No model: set config.model (a registry name, an .npz path, or R50x1 for random features).'
+    )
+  if not dataset:
+    raise ConfigError(
+      'No dataset: set config.dataset (a TFDS name or an image folder ROOT/<split>/<class>/).'
+    )
+  if method not in METHODS:
+    raise ConfigError(f'Unknown probe method {method!r}: use one of {", ".join(METHODS)}.')
+
+
+def _num_skipped(dataset, data_dir, splits_labels):
+  """How many examples of the (split, labels) pairs could not be decoded (the split's size minus the labels)."""
+  from bit import data_sources
+
+  return sum(len(data_sources.load_split(dataset, s, data_dir)) - len(y) for s, y in splits_labels)
+
+
 def run_probe(
   config: Any,
   workdir: str | os.PathLike[str],
@@ -434,16 +479,7 @@ def run_probe(
 
   model_name = _get(config, 'model')
   dataset = _get(config, 'dataset')
-  if not model_name:
-    raise ConfigError(
-      'No model: set config.model (a registry name, an .npz path, or R50x1 for random features).'
-    )
-  if not dataset:
-    raise ConfigError(
-      'No dataset: set config.dataset (a TFDS name or an image folder ROOT/<split>/<class>/).'
-    )
-  if method not in METHODS:
-    raise ConfigError(f'Unknown probe method {method!r}: use one of {", ".join(METHODS)}.')
+  _check_probe_config(model_name, dataset, method)
   train_split = _get(config, 'train_split', 'train')
   test_split = _get(config, 'test_split', 'test')
   data_dir = _get(config, 'data_dir')
@@ -466,10 +502,7 @@ def run_probe(
   _, acc = fit_linear_probe(
     fit_x, fit_y, num_classes, method=method, l2_reg=l2_reg, test_x=test_x, test_y=test_y, seed=seed
   )
-  skipped = sum(
-    len(data_sources.load_split(dataset, s, data_dir)) - len(y)
-    for s, y in ((train_split, train_y), (test_split, test_y))
-  )
+  skipped = _num_skipped(dataset, data_dir, ((train_split, train_y), (test_split, test_y)))
   result = {
     'model': str(model_name),
     'dataset': str(dataset),
