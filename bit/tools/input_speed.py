@@ -138,47 +138,24 @@ def pipeline_benchmark(
   from bit import data, data_sources, hyperrule
 
   with contextlib.ExitStack() as stack:
-    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix='bit_bench_data_'))
     generated = folder is None and dataset is None
-    if dataset is not None:
-      if compare_tf:
-        raise ValueError('compare_tf needs a folder of JPEGs (no dataset)')
-      folder = dataset
-      if mock_examples:
-        import tensorflow_datasets as tfds
-
-        stack.enter_context(tfds.testing.mock_data(num_examples=int(mock_examples)))
-    elif generated:
-      folder = make_jpeg_folder(
-        tmp, num_images=num_images, size=image_size, seed=seed, image_format=image_format
-      )
+    generate = dict(num_images=num_images, size=image_size, seed=seed, image_format=image_format)
+    folder = _benchmark_source(stack, folder, dataset, mock_examples, compare_tf, generate)
     info = data.get_info(str(folder), train_split=split, test_split=split, max_memory_gb=max_memory_gb)
     if resize is None:
       resize, crop = hyperrule.train_resolution(info.image_size, crop=crop)
     timing = dict(batch=global_batch_size, steps=steps, warmup=warmup)
-    bit_runs, tf_runs, setups = [], [], []
-    for r in range(int(rounds)):
-      data_sources.clear_cache()  # the decoded cache (and its one-time cost) is part of what is measured
-      it = data.train_iterator(
-        str(folder),
-        split=split,
-        global_batch_size=global_batch_size,
-        resize=resize,
-        crop=crop,
-        num_classes=info.num_classes,
-        mixup_alpha=mixup_alpha,
-        seed=seed + r,
-        max_memory_gb=max_memory_gb,
-        decoded_cache_gb=decoded_cache_gb,
-      )
-      ips, setup, shape = _images_per_sec(it, **timing)
-      assert shape == (global_batch_size, crop, crop, 3)
-      bit_runs.append(ips)
-      setups.append(setup)
-      del it
-      if compare_tf:
-        ds = plain_tf_dataset(folder, split, batch=global_batch_size, resize=resize, crop=crop, seed=seed + r)
-        tf_runs.append(_images_per_sec(ds.as_numpy_iterator(), **timing)[0])
+    iterator_kwargs = dict(
+      split=split,
+      global_batch_size=global_batch_size,
+      resize=resize,
+      crop=crop,
+      num_classes=info.num_classes,
+      mixup_alpha=mixup_alpha,
+      max_memory_gb=max_memory_gb,
+      decoded_cache_gb=decoded_cache_gb,
+    )
+    bit_runs, tf_runs, setups = _timed_rounds(folder, int(rounds), seed, compare_tf, timing, iterator_kwargs)
   n = cores()
   ips = statistics.median(bit_runs)
   result = {
@@ -197,19 +174,72 @@ def pipeline_benchmark(
     'decoded_cache_gb': data_sources.decoded_cache_bytes(decoded_cache_gb) / 1e9,
     'train_size': info.train_size,
     'image_size': list(info.image_size),
-    'cores': n,
-    'cpus': os.cpu_count(),
-    'load_avg_1m': round(os.getloadavg()[0], 2),
+    **_machine(n),
   }
   if compare_tf:
-    plain = statistics.median(tf_runs)
-    result.update(
-      plain_tf_images_per_sec=round(plain, 1),
-      plain_tf_images_per_sec_per_core=round(plain / n, 1),
-      plain_tf_rounds=[round(x, 1) for x in tf_runs],
-      bit_over_plain_tf=round(ips / plain, 3),
-    )
+    result.update(_plain_tf_figures(tf_runs, ips, n))
   return result
+
+
+def _machine(n):
+  """The machine the figures were measured on: `n` cores in the affinity mask, all CPUs, the 1-minute load."""
+  return {'cores': n, 'cpus': os.cpu_count(), 'load_avg_1m': round(os.getloadavg()[0], 2)}
+
+
+def _benchmark_source(stack, folder, dataset, mock_examples, compare_tf, generate):
+  """What to measure: the TFDS `dataset` (under `tfds.testing.mock_data` with `mock_examples`), else `folder`,
+  else a folder of `generate` (`make_jpeg_folder` arguments) in a temporary folder; contexts go on `stack`."""
+  tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix='bit_bench_data_'))
+  if dataset is not None:
+    if compare_tf:
+      raise ValueError('compare_tf needs a folder of JPEGs (no dataset)')
+    if mock_examples:
+      import tensorflow_datasets as tfds
+
+      stack.enter_context(tfds.testing.mock_data(num_examples=int(mock_examples)))
+    return dataset
+  if folder is None:
+    return make_jpeg_folder(tmp, **generate)
+  return folder
+
+
+def _timed_rounds(folder, rounds, seed, compare_tf, timing, iterator_kwargs):
+  """Images/s and setup seconds of `rounds` fresh training iterators (seed + round), each followed with
+  `compare_tf` by one round of the plain tf.data reference: (bit_runs, tf_runs, setups)."""
+  from bit import data, data_sources
+
+  bit_runs, tf_runs, setups = [], [], []
+  batch, resize, crop = (
+    iterator_kwargs['global_batch_size'],
+    iterator_kwargs['resize'],
+    iterator_kwargs['crop'],
+  )
+  for r in range(rounds):
+    data_sources.clear_cache()  # the decoded cache (and its one-time cost) is part of what is measured
+    it = data.train_iterator(str(folder), seed=seed + r, **iterator_kwargs)
+    ips, setup, shape = _images_per_sec(it, **timing)
+    assert shape == (batch, crop, crop, 3)
+    bit_runs.append(ips)
+    setups.append(setup)
+    del it
+    if compare_tf:
+      split = iterator_kwargs['split']
+      ds = plain_tf_dataset(folder, split, batch=batch, resize=resize, crop=crop, seed=seed + r)
+      tf_runs.append(_images_per_sec(ds.as_numpy_iterator(), **timing)[0])
+  return bit_runs, tf_runs, setups
+
+
+def _plain_tf_figures(tf_runs, ips, n):
+  """The plain tf.data reference's median figures over `n` cores and bit's ratio to it."""
+  import statistics
+
+  plain = statistics.median(tf_runs)
+  return dict(
+    plain_tf_images_per_sec=round(plain, 1),
+    plain_tf_images_per_sec_per_core=round(plain / n, 1),
+    plain_tf_rounds=[round(x, 1) for x in tf_runs],
+    bit_over_plain_tf=round(ips / plain, 3),
+  )
 
 
 def pipeline_images_per_sec(folder: str | os.PathLike[str] | None = None, **kwargs: Any) -> float:
