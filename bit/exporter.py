@@ -312,19 +312,9 @@ def _conv_side(side, kernel, stride, pad):
   return (side + 2 * pad - kernel) // stride + 1
 
 
-def onnx_graph(model: models.ResNetV2, prepared: Params, size: int, input: Input = 'float32') -> Any:
-  """The ONNX ModelProto of `serving_function(model, prepared, input, size)`, built node by node from the
-  standardized params (`models.Inference(model).prepare(params)`): NHWC `images` (a symbolic batch; for
-  'raw' a symbolic height and width too), transposed once to NCHW; outputs `logits` and `probabilities`."""
-  onnx = _import_onnx()
-  helper, TensorProto = onnx.helper, onnx.TensorProto
-  g = _OnnxGraph(onnx)
-  p = jax.tree_util.tree_map(np.asarray, prepared)
-  if input == 'raw':
-    in_shape = ['batch', 'height', 'width', 3]
-  else:
-    in_shape = ['batch', size, size, 3]
-  dtype = TensorProto.FLOAT if input == 'float32' else TensorProto.UINT8
+def _onnx_input(g, input, size):
+  """From the NHWC `images` input to the NCHW float [-1, 1] tensor the network reads ('raw': resized to `size`)."""
+  TensorProto = g.onnx.TensorProto
   x = 'images'
   if input != 'float32':
     x = g.op('Cast', [x], 'to_float', to=TensorProto.FLOAT)
@@ -346,6 +336,11 @@ def onnx_graph(model: models.ResNetV2, prepared: Params, size: int, input: Input
   if input != 'float32':
     x = g.op('Div', [x, g.const('scale/127.5', 127.5)], 'scale/div')
     x = g.op('Sub', [x, g.const('scale/one', 1.0)], 'scale/sub')
+  return x
+
+
+def _onnx_root(g, x, p, size):
+  """The root block (7x7/2 conv, zero-padded 3x3/2 max-pool); returns its output and spatial side."""
   side = size
   root = p['root_block']['conv_root']['kernel']
   x = _onnx_conv(g, x, root, 'root_block/conv_root', stride=2, pad=3)
@@ -355,22 +350,46 @@ def onnx_graph(model: models.ResNetV2, prepared: Params, size: int, input: Input
   x = g.op('Pad', [x, pads, g.const('root_block/pool/zero', 0.0)], 'root_block/pool/pad', mode='constant')
   x = g.op('MaxPool', [x], 'root_block/pool', kernel_shape=[3, 3], strides=[2, 2])
   side = _conv_side(side, 3, 2, 1)
+  return x, side
+
+
+def _onnx_unit(g, x, q, name, stride, side):
+  """One pre-activation bottleneck unit of params `q`; returns its output and spatial side."""
+  y = _onnx_group_norm_relu(g, x, q['gn1'], f'{name}/gn1', side)
+  shortcut = (
+    _onnx_conv(g, y, q['conv_proj']['kernel'], f'{name}/conv_proj', stride) if 'conv_proj' in q else x
+  )
+  y = _onnx_conv(g, y, q['conv1']['kernel'], f'{name}/conv1')
+  y = _onnx_group_norm_relu(g, y, q['gn2'], f'{name}/gn2', side)
+  y = _onnx_conv(g, y, q['conv2']['kernel'], f'{name}/conv2', stride, pad=1)
+  side = _conv_side(side, 3, stride, 1)
+  y = _onnx_group_norm_relu(g, y, q['gn3'], f'{name}/gn3', side)
+  y = _onnx_conv(g, y, q['conv3']['kernel'], f'{name}/conv3')
+  x = g.op('Add', [y, shortcut], f'{name}/add')
+  return x, side
+
+
+def onnx_graph(model: models.ResNetV2, prepared: Params, size: int, input: Input = 'float32') -> Any:
+  """The ONNX ModelProto of `serving_function(model, prepared, input, size)`, built node by node from the
+  standardized params (`models.Inference(model).prepare(params)`): NHWC `images` (a symbolic batch; for
+  'raw' a symbolic height and width too), transposed once to NCHW; outputs `logits` and `probabilities`."""
+  onnx = _import_onnx()
+  helper, TensorProto = onnx.helper, onnx.TensorProto
+  g = _OnnxGraph(onnx)
+  p = jax.tree_util.tree_map(np.asarray, prepared)
+  if input == 'raw':
+    in_shape = ['batch', 'height', 'width', 3]
+  else:
+    in_shape = ['batch', size, size, 3]
+  dtype = TensorProto.FLOAT if input == 'float32' else TensorProto.UINT8
+  x = _onnx_input(g, input, size)
+  x, side = _onnx_root(g, x, p, size)
   for b, units in enumerate(models.BLOCKS[model.depth], 1):
     for u in range(1, units + 1):
       name = f'block{b}/unit{u:02d}'
       q = p[f'block{b}'][f'unit{u:02d}']
       stride = 2 if b > 1 and u == 1 else 1
-      y = _onnx_group_norm_relu(g, x, q['gn1'], f'{name}/gn1', side)
-      shortcut = (
-        _onnx_conv(g, y, q['conv_proj']['kernel'], f'{name}/conv_proj', stride) if 'conv_proj' in q else x
-      )
-      y = _onnx_conv(g, y, q['conv1']['kernel'], f'{name}/conv1')
-      y = _onnx_group_norm_relu(g, y, q['gn2'], f'{name}/gn2', side)
-      y = _onnx_conv(g, y, q['conv2']['kernel'], f'{name}/conv2', stride, pad=1)
-      side = _conv_side(side, 3, stride, 1)
-      y = _onnx_group_norm_relu(g, y, q['gn3'], f'{name}/gn3', side)
-      y = _onnx_conv(g, y, q['conv3']['kernel'], f'{name}/conv3')
-      x = g.op('Add', [y, shortcut], f'{name}/add')
+      x, side = _onnx_unit(g, x, q, name, stride, side)
   x = _onnx_group_norm_relu(g, x, p['norm_pre_head'], 'norm_pre_head', side)
   x = g.op('GlobalAveragePool', [x], 'pool')
   x = g.op('Flatten', [x], 'flatten', axis=1)
