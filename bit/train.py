@@ -33,8 +33,7 @@ from typing import Any, Callable
 
 import jax
 
-from bit import config as config_lib
-from bit import layout, lock, parallel, recovery, train_setup
+from bit import lock, parallel, recovery, train_setup
 from bit import workdir as workdir_lib
 from bit.config import OPERATIONAL_KEYS, as_config
 from bit.config import resolve as resolve_config
@@ -132,45 +131,21 @@ def _fit(config, workdir, objective: Objective | None) -> FitResult:
 
 def _start(setup: train_setup.Setup, stop: recovery.StopSignals) -> _Run:
   """The metrics.jsonl lines of a (re)start, the replicated state, the data, the bar: the loop at `start`."""
-  from tqdm.auto import tqdm
-
   start, total = setup.start, setup.total
-  writer = MetricsWriter(setup.workdir, enabled=setup.primary)
-  if start or writer.path.exists():
-    # Marks where this attempt starts: lines after it supersede earlier lines for the same steps.
-    if start:
-      log.warning('Resuming %s from its checkpoint at step %d of %d.', setup.workdir, start, total)
-    else:
-      log.warning('%s has no checkpoint to resume from: starting over at step 0.', setup.workdir)
-    writer.write(start, {'resumed_from_step': start})
-  log.info('%s: %s.', setup.workdir, setup.what)
-  if not start:
-    writer.write(0, setup.counts)
+  writer = train_setup.start_writer(setup)
   dstate = setup.dp.replicate(setup.state)
   extra = () if setup.objective is None else (setup.dp.replicate(setup.objective.extra),)
   evaluate, batches = train_setup.evaluator(setup), train_setup.train_iterator(setup)
   batches = parallel.prefetch_to_device(batches, setup.dp.shard)  # on the devices 2 steps ahead, same order
   # A run that stopped early before it was interrupted (or finished) has nothing left to train.
   end = start if setup.best is not None and setup.best.stopped else total
-  bar = tqdm(
-    total=end, initial=start, desc='train', unit='step', disable=not setup.primary, dynamic_ncols=True
-  )
-  if setup.primary:
-    for line in config_lib.recipe(setup.cfg, setup.info, len(setup.dp.devices), setup.what):
-      bar.write(line)
+  bar = train_setup.progress_bar(setup, end)
   return _Run(
     setup=setup,
     stop=stop,
     writer=writer,
     bar=bar,
-    train_log=TrainLog(
-      writer,
-      bar,
-      setup.dp,
-      batch_size=setup.cfg['batch_size'],
-      start=start,
-      checkpoint_dir=setup.workdir / layout.CHECKPOINT_DIR,
-    ),
+    train_log=train_setup.train_log(setup, writer, bar),
     evaluate=evaluate,
     batches=batches,
     dstate=dstate,

@@ -21,10 +21,11 @@ from typing import Any, Callable, Hashable
 import jax
 
 from bit import config as config_lib
-from bit import freeze, models, parallel, recovery
+from bit import freeze, layout, models, parallel, recovery
 from bit import workdir as workdir_lib
 from bit.early_stopping import BestEval
 from bit.evaluation import evaluate_test_split
+from bit.metrics_log import MetricsWriter, TrainLog
 from bit.train_state import (
   TrainState,
   create_state,
@@ -288,3 +289,49 @@ def evaluator(setup: Setup) -> Any:
     return evaluate_test_split(apply_fn, params, cfg, setup.info.num_classes, devices=dp.local_devices)
 
   return evaluate
+
+
+# --- the loop's logs (`bit.train._start`) -----------------------------------------------------------------
+
+
+def start_writer(setup: Setup) -> MetricsWriter:
+  """The attempt's metrics.jsonl writer, once it holds the lines of a (re)start: `resumed_from_step` when
+  there is a checkpoint or an earlier metrics.jsonl, the example counts when starting at step 0."""
+  start, total = setup.start, setup.total
+  writer = MetricsWriter(setup.workdir, enabled=setup.primary)
+  if start or writer.path.exists():
+    # Marks where this attempt starts: lines after it supersede earlier lines for the same steps.
+    if start:
+      log.warning('Resuming %s from its checkpoint at step %d of %d.', setup.workdir, start, total)
+    else:
+      log.warning('%s has no checkpoint to resume from: starting over at step 0.', setup.workdir)
+    writer.write(start, {'resumed_from_step': start})
+  log.info('%s: %s.', setup.workdir, setup.what)
+  if not start:
+    writer.write(0, setup.counts)
+  return writer
+
+
+def progress_bar(setup: Setup, end: int) -> Any:
+  """The train progress bar from `setup.start` to `end` (shown by the primary process, after the recipe)."""
+  from tqdm.auto import tqdm
+
+  bar = tqdm(
+    total=end, initial=setup.start, desc='train', unit='step', disable=not setup.primary, dynamic_ncols=True
+  )
+  if setup.primary:
+    for line in config_lib.recipe(setup.cfg, setup.info, len(setup.dp.devices), setup.what):
+      bar.write(line)
+  return bar
+
+
+def train_log(setup: Setup, writer: MetricsWriter, bar: Any) -> TrainLog:
+  """The train lines of the loop, written to `writer` and `bar`."""
+  return TrainLog(
+    writer,
+    bar,
+    setup.dp,
+    batch_size=setup.cfg['batch_size'],
+    start=setup.start,
+    checkpoint_dir=setup.workdir / layout.CHECKPOINT_DIR,
+  )
