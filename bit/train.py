@@ -136,6 +136,7 @@ def _start(setup: train_setup.Setup, stop: recovery.StopSignals) -> _Run:
   dstate = setup.dp.replicate(setup.state)
   extra = () if setup.objective is None else (setup.dp.replicate(setup.objective.extra),)
   evaluate, batches = train_setup.evaluator(setup), train_setup.train_iterator(setup)
+  skipped = batches.skipped  # the files that did not decode (the prefetch below hides the iterator)
   batches = parallel.prefetch_to_device(batches, setup.dp.shard)  # on the devices 2 steps ahead, same order
   # A run that stopped early before it was interrupted (or finished) has nothing left to train.
   end = start if setup.best is not None and setup.best.stopped else total
@@ -148,6 +149,7 @@ def _start(setup: train_setup.Setup, stop: recovery.StopSignals) -> _Run:
     train_log=train_setup.train_log(setup, writer, bar),
     evaluate=evaluate,
     batches=batches,
+    skipped=skipped,
     dstate=dstate,
     extra=extra,
     end=end,
@@ -331,6 +333,7 @@ class _Run:
   train_log: TrainLog
   evaluate: Callable  # evaluate(dstate) -> result, on the whole test split
   batches: Any  # the train batches on the devices, from `start`
+  skipped: Any  # data.Skipped: the train files that did not decode, reported once the bar is done
   dstate: Any  # the train state on the devices
   extra: tuple  # the objective's extra input on the devices (a teacher), or ()
   end: int  # the last step to train (`start` for a run that already stopped early)
@@ -340,8 +343,6 @@ class _Run:
 
   def close(self) -> None:
     self.bar.close()
-    skipped = getattr(self.batches, 'skipped', None)
-    if skipped is not None:
-      skipped.report()  # the files that did not decode, named once each, after the progress bar
+    self.skipped.report()  # the files that did not decode, named once each, after the progress bar
     self.writer.close()
     self.setup.manager.close()
