@@ -146,7 +146,7 @@ ARRAY_KEYS = ('per_class_accuracy', 'class_counts', 'confusion')
 RESULT_KEYS = SCALAR_KEYS + ARRAY_KEYS
 
 
-def empty_result(num_classes: int) -> dict:
+def empty_result(num_classes: int) -> dict[str, Any]:
   """Zeros in the shapes and dtypes of a result: what a checkpointed result is restored into."""
   return {
     **{k: np.float64(0) for k in SCALAR_KEYS},
@@ -157,7 +157,7 @@ def empty_result(num_classes: int) -> dict:
   }
 
 
-def eval_line(result: dict) -> dict:
+def eval_line(result: Mapping[str, Any]) -> dict[str, Any]:
   """The metrics.jsonl eval line of a result (`loss` as `eval_loss`, `count` as `num_examples`)."""
   return {
     'top1': float(result['top1']),

@@ -79,7 +79,8 @@ def check_format(format: str) -> str:
   return format
 
 
-def check_size(size) -> int:
+def check_size(size: Any) -> int:
+  """`size` as an int of at least `models.MIN_IMAGE_SIZE`; BitError naming it otherwise."""
   if not isinstance(size, (int, np.integer)) or int(size) < models.MIN_IMAGE_SIZE:
     raise BitError(f'size must be an integer of at least {models.MIN_IMAGE_SIZE} pixels, got {size!r}.')
   return int(size)
@@ -440,7 +441,11 @@ def _write_stablehlo(fn, prepared, size, input, out: pathlib.Path) -> dict:
   }
 
 
-WRITERS = {'savedmodel': _write_savedmodel, 'onnx': _write_onnx, 'stablehlo': _write_stablehlo}
+WRITERS: dict[str, Callable[..., dict[str, Any]]] = {
+  'savedmodel': _write_savedmodel,
+  'onnx': _write_onnx,
+  'stablehlo': _write_stablehlo,
+}
 
 
 RESIZE = (
@@ -529,7 +534,8 @@ def _version(package):
     return 'unknown'
 
 
-def sha256_file(path) -> str:
+def sha256_file(path: PathLike) -> str:
+  """The hex sha256 of a file (export.json's `source_sha256`)."""
   h = hashlib.sha256()
   with open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
@@ -618,7 +624,13 @@ def read_manifest(path: PathLike) -> ExportManifest:
   return json.loads((pathlib.Path(path) / 'export.json').read_text())
 
 
-def load_source(*, workdir=None, model=None, num_classes=None, keep_head=False):
+def load_source(
+  *,
+  workdir: PathLike | None = None,
+  model: PathLike | None = None,
+  num_classes: int | None = None,
+  keep_head: bool = False,
+) -> tuple[Any, Params, list[str] | None, int, pathlib.Path | None]:
   """(model, params, class_names, size, checkpoint_path) for `bit-export`.
 
   `workdir`: a finished bit-train run (its model.npz, labels.txt and the crop of its config.json). `model`:

@@ -142,7 +142,7 @@ def _jpeg_scale(size: tuple[int, int], min_side: int | None) -> int:
   return max([r for r in _SCALES if min(size) // r >= min_side] or [1])
 
 
-def encoded_bytes(data) -> bytes:
+def encoded_bytes(data: Any) -> bytes:
   """The bytes a tf.numpy_function passes: np.bytes_ in a graph (tf.data), a 0-d object array eagerly."""
   return data.item() if isinstance(data, np.ndarray) else bytes(data)
 
@@ -294,7 +294,7 @@ def decode_op(tf: Any, raw: Any, min_side: int) -> Any:
   return image
 
 
-def to_unit_range(pixels):
+def to_unit_range(pixels: Any) -> Any:
   """Pixel values 0..255 as BiT's input range [-1, 1] (x / 127.5 - 1): numpy, JAX and TensorFlow values alike.
 
   Every reader (training and evaluation pipelines, prediction, the exported models) scales with this.

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -349,7 +349,7 @@ class DataParallel:
     return wrapped
 
 
-def prefetch_to_device(batches, put, size: int = 2):
+def prefetch_to_device(batches: Iterable[Any], put: Callable[[Any], Any], size: int = 2) -> Iterator[Any]:
   """Yields `put(batch)` for every batch of `batches`, in order, with `size` batches already put ahead.
 
   `put` (e.g. `DataParallel.shard`) starts the host-to-device transfer and returns at once (JAX transfers
@@ -386,7 +386,7 @@ class LaggedMax:
   def __init__(self, lag: int = 2, devices=None):
     import collections
 
-    self.lag = int(lag)
+    self.lag: int = int(lag)
     self._pending = collections.deque()
     devices = list(jax.devices() if devices is None else devices)
     self._mesh = data_mesh(devices)

@@ -193,7 +193,7 @@ class StopSignals:
   NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT'}
 
   def __init__(self) -> None:
-    self.signum = 0
+    self.signum: int = 0
     self._previous = {}
     self._agreement = None  # parallel.LaggedMax, in a multi-process run
 

@@ -62,7 +62,7 @@ class Objective:
 class Setup:
   """Everything the loop starts from: built once by `_setup`, read (not changed) by the loop."""
 
-  cfg: dict  # the resolved config
+  cfg: dict[str, Any]  # the resolved config
   info: Any  # data.DatasetInfo
   workdir: pathlib.Path
   dp: parallel.DataParallel
@@ -73,7 +73,7 @@ class Setup:
   best: BestEval | None  # early stopping (None without it)
   start: int  # the restored step (0: a fresh start)
   restored: bool
-  counts: dict  # the metrics.jsonl start line
+  counts: dict[str, Any]  # the metrics.jsonl start line
   objective: Objective | None = None  # None: the labels' cross-entropy on the train split
 
   @property

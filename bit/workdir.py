@@ -27,6 +27,7 @@ from bit import files
 from bit.config import LATER_KEYS, OPERATIONAL_KEYS, default
 from bit.errors import BitError, ConfigError
 from bit.layout import CHECKPOINT_DIR, CONFIG_FILE, CURVES_FILE, LABELS_FILE, METRICS_FILE, MODEL_FILE
+from bit.types import PathLike
 
 log: logging.Logger = logging.getLogger(__name__)
 
@@ -138,14 +139,14 @@ class FinishedRun:
   (its fine-tuned head kept); `class_names` from labels.txt (None without it); `npz`: the model.npz path.
   """
 
-  config: dict
+  config: dict[str, Any]
   model: Any
   params: Any
   class_names: list[str] | None
   npz: pathlib.Path
 
 
-def load(workdir) -> FinishedRun:
+def load(workdir: PathLike) -> FinishedRun:
   """The model.npz, labels.txt and config.json of a finished bit-train run; BitError naming the missing file,
   a config.json without a crop, or labels that are not the head's."""
   from bit import checkpoints
@@ -176,7 +177,9 @@ def load(workdir) -> FinishedRun:
   return FinishedRun(config=config, model=model, params=params, class_names=names, npz=npz)
 
 
-def evaluate(workdir, *, split: str | None = None, batch_size: int | None = None, progress: bool = False):
+def evaluate(
+  workdir: PathLike, *, split: str | None = None, batch_size: int | None = None, progress: bool = False
+):
   """bit-eval: a finished run's model.npz on `split` (default: its test split) of its dataset, at its crop.
 
   Writes the report (`evaluation.write_report`) into the workdir; returns (result, paths).

@@ -141,7 +141,7 @@ def export_digits(
 # --- stages ------------------------------------------------------------------------------------------------
 
 
-def fingerprint(config) -> dict:
+def fingerprint(config: Any) -> dict[str, Any]:
   """The settings that decide a stage's result (operational keys such as log_every may change freely)."""
   from bit.config import OPERATIONAL_KEYS
 
@@ -221,7 +221,7 @@ def _stage_config(config, **overrides):
   return c
 
 
-def scaled_schedule(steps: int) -> tuple:
+def scaled_schedule(steps: int) -> tuple[int, ...]:
   """The hyper-rule's small-data schedule [100, 200, 300, 400, 500] shrunk to `steps` total steps."""
   from bit import hyperrule
 

@@ -198,7 +198,7 @@ class Settings:
     return n_dev
 
   @property
-  def transfer_settings(self) -> dict:
+  def transfer_settings(self) -> dict[str, Any]:
     """The `create_state` keywords of the transfer mode, as the config keys of a real run."""
     return {
       'transfer': self.transfer,
@@ -228,7 +228,7 @@ class Bench:
     return round(passes * self.flops * images_per_sec / self.peak_flops, 4)
 
 
-def measure_peak(dtype: str, matmul_n: int, n_dev: int) -> dict:
+def measure_peak(dtype: str, matmul_n: int, n_dev: int) -> dict[str, Any]:
   """`matmul_peak_gflops` (measured now), and `peak_flops` / `peak_source`: what the MFU divides by."""
   result = {'matmul_peak_gflops': round(matmul_peak_gflops(matmul_n, dtype=DTYPES[dtype]), 2)}
   _log(f'[speed] matmul peak {result["matmul_peak_gflops"]} GFLOP/s')
@@ -261,7 +261,7 @@ def prepare(settings: Settings, n_dev: int, peak_flops: float) -> Bench:
   )
 
 
-def _random_params(net) -> dict:
+def _random_params(net) -> dict[str, Any]:
   """Random float32 params from the shapes alone, on the host: the timings do not depend on the values, and
   compiling the model's init (`models.init_params`) cost as much as compiling the train step.
 
@@ -332,7 +332,7 @@ def measure_train(b: Bench, steps: int, warmup: int) -> tuple[dict, Any, Any, An
   return result, step, dstate, data
 
 
-def measure_infer(b: Bench, steps: int, warmup: int, standardized: bool) -> dict:
+def measure_infer(b: Bench, steps: int, warmup: int, standardized: bool) -> dict[str, Any]:
   """Inference img/s, MFU and compile seconds of the jitted forward pass (standardized: weights standardized once;
   keys `infer_*`, else `infer_unfolded_*`)."""
   replicated = NamedSharding(b.dp.mesh, P())
@@ -360,7 +360,7 @@ def measure_infer(b: Bench, steps: int, warmup: int, standardized: bool) -> dict
   }
 
 
-def measure_compile_only(b: Bench) -> dict:
+def measure_compile_only(b: Bench) -> dict[str, Any]:
   """Compile times from abstract shapes: no parameter or activation is ever allocated."""
   shapes = models.param_shapes(b.net)
   lr_fn = train_state.lr_schedule(SUPPORTS, BASE_LR)
@@ -392,7 +392,9 @@ def measure_compile_only(b: Bench) -> dict:
   }
 
 
-def measure_pipeline(folder: str, batch: int, size: int, train_images_per_sec: float | None) -> dict:
+def measure_pipeline(
+  folder: str, batch: int, size: int, train_images_per_sec: float | None
+) -> dict[str, Any]:
   """The input pipeline's img/s on `folder`, and its ratio to the train step's (when measured)."""
   from bit.tools import input_speed  # imported late: it pulls in TensorFlow
 
@@ -416,7 +418,7 @@ def peak_device_memory() -> int | None:
   return max(peaks) if peaks else None
 
 
-def run(settings: Settings | None = None, /, **fields) -> dict:
+def run(settings: Settings | None = None, /, **fields) -> dict[str, Any]:
   """Runs the benchmark of `settings` (`Settings()` with `fields` replaced) and returns its figures as a dict
   (what the CLI prints as JSON): the settings, the machine, then each measurement's part."""
   s = dataclasses.replace(settings or Settings(), **fields)
@@ -458,7 +460,7 @@ def run(settings: Settings | None = None, /, **fields) -> dict:
   return result
 
 
-def _measure(b: Bench, s: Settings) -> dict:
+def _measure(b: Bench, s: Settings) -> dict[str, Any]:
   """The train step (and on the pipeline's batches), inference and the pipeline alone, as `s` asks."""
   result: dict[str, Any] = {}
   folder, generated = s.pipeline, None
@@ -493,7 +495,7 @@ def _measure(b: Bench, s: Settings) -> dict:
   return result
 
 
-def _real_data_runs(step, state, synthetic, folder, b: Bench, steps: int, warmup: int) -> dict:
+def _real_data_runs(step, state, synthetic, folder, b: Bench, steps: int, warmup: int) -> dict[str, Any]:
   """The same compiled train step fed by the real input pipeline, against the same loop on one synthetic batch.
 
   Like a real run (bit.train), the loop never fetches a step's results, and tf.data decodes and prefetches in
@@ -644,7 +646,7 @@ _RUN_KEYS = (
 )
 
 
-def golden_check(name: str) -> dict:
+def golden_check(name: str) -> dict[str, Any]:
   """Max |logits - golden| on the default device, float32 (highest precision) and bfloat16, with pass flags.
 
   The checkpoint is rebuilt from its seed (`bit.testing.random_checkpoint`); the images and the golden logits
