@@ -136,7 +136,8 @@ def _start(setup: train_setup.Setup, stop: recovery.StopSignals) -> _Run:
   dstate = setup.dp.replicate(setup.state)
   extra = () if setup.objective is None else (setup.dp.replicate(setup.objective.extra),)
   evaluate, batches = train_setup.evaluator(setup), train_setup.train_iterator(setup)
-  skipped = batches.skipped  # the files that did not decode (the prefetch below hides the iterator)
+  # The files that did not decode (the prefetch below hides the iterator; a test's own iterator has none).
+  skipped = getattr(batches, 'skipped', None)
   batches = parallel.prefetch_to_device(batches, setup.dp.shard)  # on the devices 2 steps ahead, same order
   # A run that stopped early before it was interrupted (or finished) has nothing left to train.
   end = start if setup.best is not None and setup.best.stopped else total
@@ -333,7 +334,7 @@ class _Run:
   train_log: TrainLog
   evaluate: Callable  # evaluate(dstate) -> result, on the whole test split
   batches: Any  # the train batches on the devices, from `start`
-  skipped: Any  # data.Skipped: the train files that did not decode, reported once the bar is done
+  skipped: Any  # data.Skipped (or None): the train files that did not decode, reported after the bar
   dstate: Any  # the train state on the devices
   extra: tuple  # the objective's extra input on the devices (a teacher), or ()
   end: int  # the last step to train (`start` for a run that already stopped early)
@@ -343,6 +344,7 @@ class _Run:
 
   def close(self) -> None:
     self.bar.close()
-    self.skipped.report()  # the files that did not decode, named once each, after the progress bar
+    if self.skipped is not None:
+      self.skipped.report()  # the files that did not decode, named once each, after the progress bar
     self.writer.close()
     self.setup.manager.close()
