@@ -303,7 +303,7 @@ def test_push_to_hub_uploads_timms_layout_with_a_model_card(workdir, monkeypatch
 
 
 def test_bit_train_fine_tunes_a_hub_model(hf_env, tiny_repo, tmp_path):
-  from test_train import base_config, make_folder
+  from helpers import base_config, make_folder
 
   from bit import train
 

@@ -270,29 +270,18 @@ def _slurm_port_job_id() -> int:
 
 def test_two_slurm_tasks_without_flags_form_one_run_equal_to_one_process(tmp_path):
   import subprocess
-  import sys
 
-  from helpers import ROOT, without_compilation_cache
-  from test_train import make_folder, make_npz
+  from helpers import ROOT, make_folder, make_npz, train_command, without_compilation_cache
 
   from bit import checkpoints
 
   folder, npz = make_folder(tmp_path / 'folder'), make_npz(tmp_path / 'm.npz')
 
   def command(workdir):
+    # train_command's tiny run with 5 steps and MixUp off (its draw is per process); a second
+    # --config.schedule would be appended to the first, so the flags are written out.
     return [
-      sys.executable,
-      '-c',
-      'from bit.tools.cli import train_main; train_main()',
-      '--config',
-      str(ROOT / 'configs' / 'common.py'),
-      '--workdir',
-      str(workdir),
-      f'--config.model={npz}',
-      f'--config.dataset={folder}',
-      '--config.batch_size=8',
-      '--config.resize=40',
-      '--config.crop=32',
+      *train_command(workdir, npz, folder)[:-2],  # without its schedule and MixUp
       '--config.schedule=[1,2,3,4,6]',
       '--config.mixup_alpha=0.0',
     ]
