@@ -366,17 +366,10 @@ def distill(config: Any, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   Returns the student's final metrics (those of `train.train_and_evaluate`) plus `teacher_top1`, the teacher's
   top-1 on the same test split. See the module docstring; configs/distill.py for the keys.
   """
-  from bit import data, train
+  from bit import data, train, train_setup
 
   check_config(config)
-  info = data.get_info(
-    config.dataset,
-    train_split=config.train_split,
-    test_split=config.test_split,
-    data_dir=config.data_dir,
-    examples_per_class=config.examples_per_class,
-    seed=config.seed,
-  )
+  info = train_setup.dataset_info(config)
   teacher = load_teacher(config.teacher, info.num_classes, info.class_names, config.teacher_dtype)
   labeled = None
   if config.include_labeled:

@@ -97,15 +97,11 @@ class Setup:
     )
 
 
-def setup(config: Any, workdir: str | os.PathLike[str], objective: Objective | None = None) -> Setup:
-  """Checks and resolves the config (`bit.config`), loads the model, restores the newest checkpoint that
-  restores (`bit.recovery.resume`): what the loop starts from."""
+def dataset_info(config: Any) -> Any:
+  """`data.get_info` of a config's dataset, splits and few-shot subset: what a run (or a distillation) trains on."""
   from bit import data
 
-  config_lib.check(config)
-  dp = parallel.DataParallel(config.parallelism, parallel.select_devices(config.get('num_devices', 0)))
-  dp.check_batch(int(config.batch_size), int(config.accum_steps))
-  info = data.get_info(
+  return data.get_info(
     config.dataset,
     train_split=config.train_split,
     test_split=config.test_split,
@@ -113,6 +109,16 @@ def setup(config: Any, workdir: str | os.PathLike[str], objective: Objective | N
     examples_per_class=config.examples_per_class,
     seed=config.seed,
   )
+
+
+def setup(config: Any, workdir: str | os.PathLike[str], objective: Objective | None = None) -> Setup:
+  """Checks and resolves the config (`bit.config`), loads the model, restores the newest checkpoint that
+  restores (`bit.recovery.resume`): what the loop starts from."""
+
+  config_lib.check(config)
+  dp = parallel.DataParallel(config.parallelism, parallel.select_devices(config.get('num_devices', 0)))
+  dp.check_batch(int(config.batch_size), int(config.accum_steps))
+  info = dataset_info(config)
   if objective is not None and objective.train_records is not None:
     info = dataclasses.replace(info, train_size=len(objective.train_records))  # what the hyper-rule sizes
   cfg = config_lib.resolve(config, info)
