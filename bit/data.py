@@ -58,6 +58,9 @@ _SHUFFLE, _CROP, _FLIP, _MIX_A, _MIX_B, _FEW_SHOT, _FILES, _BUFFER, _REPLACE = r
 MAX_REPLACEMENTS = 8
 # Records in the shuffle buffer of a streamed split (encoded: ~110 KB each for imagenet2012, so ~1 GB).
 SHUFFLE_BUFFER = 10_000
+# Training resizes only the window it crops (`_resized_window`, the same values) when the crop is at most this
+# share of the resized side; above it, resizing the whole image is cheaper (docs/input-pipeline.md).
+WINDOW_SHARE = 0.625
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +246,8 @@ def _fill_bad(tf, load, index, p, n: int, key: int):
   Returns (image, the index used, the bad indices met: int64 (MAX_REPLACEMENTS,), -1 padded).
   """
   image, ok = load(index)
-  bad = tf.fill([MAX_REPLACEMENTS], tf.constant(-1, tf.int64))
+  index = tf.cast(index, tf.int64)
+  none = tf.fill([MAX_REPLACEMENTS], tf.constant(-1, tf.int64))
   key = tf.constant(key, tf.int64)
 
   def cond(k, index, image, ok, bad):
@@ -256,16 +260,21 @@ def _fill_bad(tf, load, index, p, n: int, key: int):
     image, ok = load(index)
     return k + 1, index, image, ok, bad
 
-  invariants = (tf.TensorShape([]), tf.TensorShape([]), tf.TensorShape([None, None, 3]), tf.TensorShape([]))
-  _, index, image, ok, bad = tf.while_loop(
-    cond,
-    body,
-    (tf.constant(0, tf.int64), tf.cast(index, tf.int64), image, ok, bad),
-    shape_invariants=(*invariants, tf.TensorShape([MAX_REPLACEMENTS])),
-  )
-  message = f'{MAX_REPLACEMENTS + 1} files in a row could not be decoded: too many bad images in the split'
-  with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
-    return tf.identity(image), index, bad
+  def replaced():  # only when the file did not decode: the loop costs every example that enters it
+    invariants = (tf.TensorShape([]), tf.TensorShape([]), tf.TensorShape([None, None, 3]), tf.TensorShape([]))
+    _, new_index, new_image, new_ok, bad = tf.while_loop(
+      cond,
+      body,
+      (tf.constant(0, tf.int64), index, image, ok, none),
+      shape_invariants=(*invariants, tf.TensorShape([MAX_REPLACEMENTS])),
+    )
+    message = f'{MAX_REPLACEMENTS + 1} files in a row could not be decoded: too many bad images in the split'
+    with tf.control_dependencies([tf.debugging.Assert(new_ok, [message])]):
+      return tf.identity(new_image), new_index, bad
+
+  image, index, bad = tf.cond(ok, lambda: (image, index, none), replaced)
+  image.set_shape([None, None, 3])
+  return image, index, bad
 
 
 def _check_labels(records, num_classes):
@@ -368,15 +377,45 @@ def _image_loader(tf, records, min_side, decoded_cache_gb, checked: bool = False
 
 
 def _train_augment(tf, image, p, resize, crop, crop_key, flip_key):
-  """Resize, random crop, random flip (both seeded by the stream position p), values to [-1, 1]."""
-  image = tf.image.resize(image, [resize, resize], method='bilinear')
-  image = tf.image.stateless_random_crop(
-    image, [crop, crop, 3], seed=tf.stack([tf.constant(crop_key, tf.int64), p])
-  )
+  """Resize to `resize` x `resize` (bilinear), random crop, random flip (both seeded by the stream position p),
+  values to [-1, 1]."""
+  crop_seed = tf.stack([tf.constant(crop_key, tf.int64), p])
+  if crop <= WINDOW_SHARE * resize:
+    image = _resized_window(tf, image, resize, crop, crop_seed)
+  else:
+    image = tf.image.resize(image, [resize, resize], method='bilinear')
+    image = tf.image.stateless_random_crop(image, [crop, crop, 3], seed=crop_seed)
   image = tf.image.stateless_random_flip_left_right(
     image, seed=tf.stack([tf.constant(flip_key, tf.int64), p])
   )
   return to_unit_range(image)
+
+
+def _resized_window(tf, image, resize, crop, seed):
+  """`stateless_random_crop(tf.image.resize(image, [resize, resize]), [crop, crop, 3], seed)`, the very same
+  float32 values, computing only the crop.
+
+  The crop's offset is drawn as `stateless_random_crop` draws it. TensorFlow's bilinear kernel (half-pixel
+  centres) blends each output pixel from two source rows, each first blended along the width: `top + (bottom -
+  top) * lerp`. So the source rows the crop needs are resized along the width by the kernel itself (a height
+  that does not change is copied exactly), and blended down the height here with the kernel's own float32
+  arithmetic. tests/test_data.py holds the equality on many sizes, up- and downscaled.
+  """
+  limit = tf.constant([resize - crop + 1, resize - crop + 1, 1], tf.int32)
+  offset = tf.random.stateless_uniform([3], seed=seed, minval=0, maxval=tf.int32.max, dtype=tf.int32) % limit
+  h = tf.shape(image)[0]
+  # The kernel's source row of output row y: (y + 0.5) * (h / resize) - 0.5, its floor and ceiling in the image.
+  source = (tf.cast(offset[0] + tf.range(crop), tf.float32) + 0.5) * (tf.cast(h, tf.float32) / resize) - 0.5
+  floor = tf.floor(source)
+  top = tf.maximum(tf.cast(floor, tf.int32), 0)
+  bottom = tf.minimum(tf.cast(tf.math.ceil(source), tf.int32), h - 1)
+  first, end = top[0], bottom[-1] + 1
+  rows = tf.image.resize(image[first:end], [end - first, resize], method='bilinear')
+  rows = rows[:, offset[1] : offset[1] + crop]
+  upper, lower = tf.gather(rows, top - first), tf.gather(rows, bottom - first)
+  window = upper + (lower - upper) * (source - floor)[:, None, None]
+  window.set_shape([crop, crop, 3])
+  return window
 
 
 def _own_slice(tf, g, b, process_index):

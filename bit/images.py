@@ -197,7 +197,30 @@ def _jpeg_plan(tf, raw, min_side: int):
   XMP segment, which Pillow also reads the orientation from, several APP1 segments, an odd EXIF) goes to
   Pillow, which decides as `decode` does.
   """
-  b = tf.cast(tf.io.decode_raw(raw, tf.uint8), tf.int32)
+  b = tf.io.decode_raw(raw, tf.uint8)
+  # No FF E1 pair anywhere: no APP1 segment, so no EXIF or XMP orientation (most JPEGs of datasets), and the
+  # segment walk below is skipped. A pair inside other data (a table, a comment) only takes the walk.
+  has_app1 = tf.reduce_any((b[:-1] == 0xFF) & (b[1:] == 0xE1))
+  walked = lambda: _jpeg_plan_walked(tf, raw, tf.cast(b, tf.int32), min_side)  # noqa: E731
+  return tf.cond(has_app1, walked, lambda: _jpeg_plan_plain(tf, raw, min_side))
+
+
+def _jpeg_scale_op(tf, h, w, min_side: int):
+  """`_jpeg_scale`'s index in _SCALES in TensorFlow ops."""
+  scale = tf.reduce_sum(tf.cast(tf.minimum(h, w) // tf.constant(_SCALES[1:]) >= max(int(min_side), 1), tf.int32))
+  return tf.where(int(min_side) > 0, scale, 0)
+
+
+def _jpeg_plan_plain(tf, raw, min_side: int):
+  """`_jpeg_plan` of a JPEG without APP1 segments: upright; native with 1 or 3 components."""
+  h, w, channels = tf.unstack(tf.io.extract_jpeg_shape(raw, output_type=tf.int32))
+  native = (channels == 1) | (channels == 3)
+  plan = tf.stack([_NATIVE_JPEG, 1, _jpeg_scale_op(tf, h, w, min_side)])
+  return tf.where(native, plan, tf.constant([_PILLOW, 1, 0]))
+
+
+def _jpeg_plan_walked(tf, raw, b, min_side: int):
+  """`_jpeg_plan` of a JPEG with an FF E1 pair: the marker segments walked for its APP1 segments."""
   n = tf.size(b)
 
   def at(i):
@@ -242,9 +265,7 @@ def _jpeg_plan(tf, raw, min_side: int):
   readable = tf.where(t < 0, app1s == 0, (app1s == 1) & tiff_ok & plain & (entry + 12 <= n))
   h, w, channels = tf.unstack(tf.io.extract_jpeg_shape(raw, output_type=tf.int32))
   native = readable & at_scan & ((channels == 1) | (channels == 3))
-  short = tf.minimum(h, w)
-  scale = tf.reduce_sum(tf.cast(short // tf.constant(_SCALES[1:]) >= max(int(min_side), 1), tf.int32))
-  scale = tf.where(int(min_side) > 0, scale, 0)
+  scale = _jpeg_scale_op(tf, h, w, min_side)
   orientation = tf.where((orientation >= 1) & (orientation <= 8), orientation, 1)
   return tf.where(native, tf.stack([_NATIVE_JPEG, orientation, scale]), tf.constant([_PILLOW, 1, 0]))
 
@@ -277,19 +298,18 @@ def decode_op(tf: Any, raw: Any, min_side: int) -> Any:
     )
     return tf.ensure_shape(image, [None, None, 3])
 
-  how = _plan_op(tf, raw, min_side)
+  how, orientation, scale = tf.unstack(_plan_op(tf, raw, min_side))
 
-  def jpeg():
-    def at(scale):
-      return lambda: tf.io.decode_jpeg(raw, channels=3, ratio=scale, dct_method='INTEGER_ACCURATE')
-
-    return tf.switch_case(how[2], [at(r) for r in _SCALES])
+  def jpeg(ratio):
+    return lambda: tf.io.decode_jpeg(raw, channels=3, ratio=ratio, dct_method='INTEGER_ACCURATE')
 
   def png():
     return tf.io.decode_png(raw, channels=3, dtype=tf.uint8)
 
-  image = tf.switch_case(how[0], [pillow, jpeg, png])
-  image = _oriented(tf, image, how[1])
+  # One switch (functional control flow costs per call): Pillow, JPEG at each scale, PNG.
+  branch = tf.where(how == _NATIVE_JPEG, 1 + scale, tf.where(how == _NATIVE_PNG, 1 + len(_SCALES), 0))
+  image = tf.switch_case(branch, [pillow, *(jpeg(r) for r in _SCALES), png])
+  image = tf.cond(orientation == 1, lambda: image, lambda: _oriented(tf, image, orientation))
   image.set_shape([None, None, 3])
   return image
 

@@ -711,3 +711,35 @@ def test_the_checked_decode_is_native_for_whole_files_and_reports_bad_ones(monke
     image, ok = data._decode_checked(tf, tf.constant(bad), 32)
     assert not bool(ok) and image.shape == (0, 0, 3)
   assert len(calls) == 3  # each bad one went to Pillow, which said why
+
+
+@pytest.mark.parametrize(
+  'h, w, resize, crop',
+  [
+    (375, 500, 512, 224),  # upscaled, the issue's geometry
+    (1200, 1600, 512, 224),  # downscaled
+    (500, 375, 384, 224),
+    (100, 2000, 512, 320),  # a strip
+    (7, 9, 160, 96),  # tiny: neighbouring output rows share source rows
+    (1, 1, 160, 64),
+    (512, 512, 512, 224),  # no scaling
+    (333, 777, 1000, 600),  # a crop of exactly WINDOW_SHARE of the side
+  ],
+)
+def test_the_resized_window_is_the_crop_of_the_resized_image(h, w, resize, crop):
+  """Training resizes only the window it crops: bit for bit the crop of the whole resized image (TensorFlow's
+  bilinear kernel, `stateless_random_crop`'s offset), in a tf.data map as in the pipeline, at many offsets."""
+  tf = data_sources.tf_hidden()
+  assert crop <= data.WINDOW_SHARE * resize  # these geometries take the window path
+  image = tf.constant(np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+  def both(p):
+    seed = tf.stack([tf.constant(5, tf.int64), p])
+    whole = tf.image.resize(image, [resize, resize], method='bilinear')
+    return data._resized_window(tf, image, resize, crop, seed), tf.image.stateless_random_crop(
+      whole, [crop, crop, 3], seed=seed
+    )
+
+  pairs = tf.data.Dataset.range(0, 40 * 7919, 7919).map(both).as_numpy_iterator()
+  for p, (window, expected) in enumerate(pairs):
+    assert window.shape == expected.shape and np.array_equal(window, expected), p

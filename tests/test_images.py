@@ -165,6 +165,9 @@ def corpus():
       b'\xff\xfe' + struct.pack('>H', 7) + b'hello' + b'\xff\xe1' + struct.pack('>H', len(app1) + 2) + app1
     )
     out[f'big_endian_exif{o}'] = (plain[:2] + segments + plain[2:], native)
+  out['no_app1'] = (plain, native)  # no EXIF at all: the header read skips the segment walk
+  comment = b'\xff\xfe' + struct.pack('>H', 8) + b'a\xff\xe1b\xff\xe1'  # an FF E1 pair that is no APP1 segment
+  out['ffe1_in_comment'] = (plain[:2] + comment + plain[2:], native)
   second = Image.fromarray(_photo(rng, 375, 500))
   out['mpo'] = (_encoded(photo, 'MPO', save_all=True, append_images=[second]), native)  # its first picture
   xmp = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
