@@ -191,16 +191,16 @@ def _local_batch(global_batch_size, process_index, process_count) -> int:
   return global_batch_size // process_count
 
 
-def _decode(tf, raw, min_side: int):
+def _decode(tf, raw, min_side: int, plan=None):
   """Decodes an encoded image to uint8 RGB (h, w, 3) with the one decoder of every reader (`bit.images`):
   EXIF orientation applied; big JPEGs downscaled in the DCT, never below `min_side`, the size the image is
   resized to next."""
   from bit import images
 
-  return images.decode_op(tf, raw, min_side)
+  return images.decode_op(tf, raw, min_side, plan)
 
 
-def _decode_checked(tf, raw, min_side: int):
+def _decode_checked(tf, raw, min_side: int, plan=None):
   """`_decode` that does not raise: (uint8 (h, w, 3), ok). A file that does not decode gives a (0, 0, 3) image
   and ok False, for the bad-file policy (`_fill_bad`).
 
@@ -222,7 +222,7 @@ def _decode_checked(tf, raw, min_side: int):
     return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(ok, [])
 
   def native():
-    return tf.ensure_shape(_decode(tf, raw, min_side), [None, None, 3]), tf.constant(True)
+    return tf.ensure_shape(_decode(tf, raw, min_side, plan), [None, None, 3]), tf.constant(True)
 
   def last(k):  # the last k bytes (fewer in a shorter file: a negative position is an error in Substr)
     return tf.strings.substr(raw, tf.maximum(tf.strings.length(raw) - k, 0), k)
@@ -310,11 +310,13 @@ def _decoded(tf, records, decoded_cache_gb) -> _Decoded | None:
 
   def build():
     payload, is_path = tf.constant(records.payload), records.is_path
+    never = 1 << 30  # a min_side that large: never downscaled
+    plans = _plans(tf, records, never)
 
     def decode(i):
       raw = tf.gather(payload, i)
       raw = tf.io.read_file(raw) if is_path else raw
-      return i, _decode(tf, raw, 1 << 30), tf.io.is_jpeg(raw)  # min_side that large: never downscaled
+      return i, _decode(tf, raw, never, _plan_of(tf, plans, i)), tf.io.is_jpeg(raw)
 
     ds = tf.data.Dataset.range(len(records))
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
@@ -343,6 +345,19 @@ def _decoded(tf, records, decoded_cache_gb) -> _Decoded | None:
   return data_sources.memoized(('decoded', id(records), budget), build)
 
 
+def _plans(tf, records, min_side):
+  """The decode plan of every image of the split when their headers were read with it (folders), else None."""
+  if records.headers is None:
+    return None
+  from bit import images
+
+  return tf.constant(images.decode_plans(records.sizes, records.headers, min_side))
+
+
+def _plan_of(tf, plans, index):
+  return None if plans is None else tf.gather(plans, index)
+
+
 def _image_loader(tf, records, min_side, decoded_cache_gb, checked: bool = False):
   """Returns `load(index) -> uint8 (h, w, 3)` for an in-memory split; with `checked`, `load(index) -> (image,
   ok)` that does not raise for a file that does not decode (ok False), for `_fill_bad`.
@@ -368,10 +383,12 @@ def _image_loader(tf, records, min_side, decoded_cache_gb, checked: bool = False
 
     return load
   payload, is_path = tf.constant(records.payload), records.is_path
+  plans = _plans(tf, records, min_side)
 
   def load(index):  # noqa: F811 - the uncached loader
     raw = tf.gather(payload, index)
-    return (_decode_checked if checked else _decode)(tf, tf.io.read_file(raw) if is_path else raw, min_side)
+    raw = tf.io.read_file(raw) if is_path else raw
+    return (_decode_checked if checked else _decode)(tf, raw, min_side, _plan_of(tf, plans, index))
 
   return load
 

@@ -90,6 +90,9 @@ class Records:
   image_size: tuple[int, int]  # typical (h, w): the median over the split or a sample of it
   holdout: bool = False  # True when this split is one side of the seeded holdout
   sizes: np.ndarray | None = None  # int64 (N, 2) (h, w) of every image, when known (folders)
+  # int32 (N, 2): how `images.decode_op` decodes every image and its EXIF orientation, read with `sizes`
+  # (`images.read_header`), so the pipelines do not read the headers again; None when not known.
+  headers: np.ndarray | None = None
   streaming: bool = False
   num_examples: int = 0  # the split size when streaming (from the metadata)
   builder: object = dataclasses.field(default=None, repr=False)  # the TFDS builder when streaming
@@ -103,7 +106,10 @@ class Records:
       raise DataError(f'{self.name!r} split {self.split!r} is streamed; use gather_streamed() for a subset')
     indices = np.asarray(indices, np.int64)
     sizes = None if self.sizes is None else self.sizes[indices]
-    return dataclasses.replace(self, labels=self.labels[indices], payload=self.payload[indices], sizes=sizes)
+    headers = None if self.headers is None else self.headers[indices]
+    return dataclasses.replace(
+      self, labels=self.labels[indices], payload=self.payload[indices], sizes=sizes, headers=headers
+    )
 
 
 _CACHE: dict = {}
@@ -323,9 +329,9 @@ def folder_class_names(root: str | os.PathLike[str]) -> list[str]:
 
 
 def _probe(path):
-  """Returns (h, w) of a decodable image (EXIF orientation applied), or the reason it cannot be used."""
+  """Returns the `images.Header` of a decodable image, or the reason it cannot be used."""
   try:
-    return images.probe(path)
+    return images.read_header(path)
   except images.ImageDecodeError as e:
     return str(e).removeprefix(f'{path}: ')
 
@@ -365,19 +371,19 @@ def _read_folder(root, split: str) -> Records:
   # and gives the sizes; threads because this is file I/O.
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
     probes = list(pool.map(_probe, paths))
-  keep, sizes = [], []
+  keep, headers = [], []
   for i, p in enumerate(probes):
     if isinstance(p, str):
       log.warning('skipping unreadable image %s (%s)', paths[i], p)
     else:
       keep.append(i)
-      sizes.append(p)
+      headers.append(p)
   if not keep:
     raise DataError(f'split folder {str(split_dir)!r} has no readable images')
   skipped = len(paths) - len(keep)
   if skipped:
     log.warning('%d unreadable file(s) skipped in %s', skipped, split_dir)
-  sizes = np.array(sizes)
+  sizes = np.array([h[:2] for h in headers])
   return Records(
     name=str(root),
     split=split,
@@ -387,6 +393,7 @@ def _read_folder(root, split: str) -> Records:
     class_names=tuple(class_names),
     image_size=(int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))),
     sizes=sizes.astype(np.int64),
+    headers=np.array([h[2:] for h in headers], np.int32),
     unreadable=tuple(paths[i] for i, p in enumerate(probes) if isinstance(p, str)),
   )
 

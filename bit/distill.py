@@ -210,7 +210,7 @@ def _probe(path):
   from bit import images
 
   try:
-    return images.probe(path)
+    return images.read_header(path)
   except images.ImageDecodeError as e:
     return str(e).removeprefix(f'{path}: ')
 
@@ -250,7 +250,7 @@ def unlabeled_folder(root: str | os.PathLike[str]) -> Any:
     raise DataError(f'config.unlabeled={str(root)!r}: none of its {len(paths)} image files is readable.')
   if len(keep) < len(paths):
     log.warning('%d unreadable file(s) skipped in %s', len(paths) - len(keep), root)
-  sizes = np.array([probes[i] for i in keep], np.int64)
+  sizes = np.array([probes[i][:2] for i in keep], np.int64)
   return data_sources.Records(
     name=str(root),
     split='unlabeled',
@@ -260,6 +260,7 @@ def unlabeled_folder(root: str | os.PathLike[str]) -> Any:
     class_names=(),
     image_size=(int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))),
     sizes=sizes,
+    headers=np.array([probes[i][2:] for i in keep], np.int32),
   )
 
 
@@ -294,9 +295,11 @@ def combine(labeled: Any, unlabeled: Any) -> Any:
     return parts[0]
   if labeled.is_path != unlabeled.is_path:
     labeled, unlabeled = (r if not r.is_path else _as_bytes(r) for r in (labeled, unlabeled))
-  sizes = None
+  sizes = headers = None
   if labeled.sizes is not None and unlabeled.sizes is not None:
     sizes = np.concatenate([labeled.sizes, unlabeled.sizes])
+  if labeled.headers is not None and unlabeled.headers is not None:
+    headers = np.concatenate([labeled.headers, unlabeled.headers])
   payload = np.empty(len(labeled) + len(unlabeled), dtype=object)
   payload[: len(labeled)] = list(labeled.payload)
   payload[len(labeled) :] = list(unlabeled.payload)
@@ -307,6 +310,7 @@ def combine(labeled: Any, unlabeled: Any) -> Any:
     labels=np.concatenate([labeled.labels, unlabeled.labels]),
     payload=payload,
     sizes=sizes,
+    headers=headers,
   )
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -68,12 +68,30 @@ def _oriented_size(im) -> tuple[int, int]:
   return h, w
 
 
-def probe(source: Any, name: str | None = None) -> tuple[int, int]:
-  """(h, w) of an image as `decode` returns it (orientation applied), from its header only."""
+class Header(NamedTuple):
+  """What an image file's header says: its (h, w) as `decode` returns it (orientation applied), and how
+  `decode_op` decodes it (`how`: _PILLOW, _NATIVE_JPEG or _NATIVE_PNG; `orientation`: the EXIF orientation
+  1-8 it applies, 1 when Pillow decodes)."""
+
+  height: int
+  width: int
+  how: int
+  orientation: int
+
+
+def read_header(source: Any, name: str | None = None) -> Header:
+  """The `Header` of an image file (a path or its bytes), from its header only (no pixels are decoded). Raises
+  ImageDecodeError naming the file when it is not a supported image."""
   name = _name(source, name)
   with _read_errors(name, 'not a readable image'), _open(source) as im:
     _check_format(im, name)
-    return _oriented_size(im)
+    return Header(*_oriented_size(im), *_how(im, _first_bytes(source, 33)))
+
+
+def probe(source: Any, name: str | None = None) -> tuple[int, int]:
+  """(h, w) of an image as `decode` returns it (orientation applied), from its header only."""
+  header = read_header(source, name)
+  return header.height, header.width
 
 
 @contextlib.contextmanager
@@ -152,6 +170,34 @@ def _png_is_8bit(data: bytes) -> bool:
   return len(data) > 26 and data[24] == 8 and data[25] in (0, 2, 4, 6)
 
 
+def _first_bytes(source: Any, n: int) -> bytes:
+  if isinstance(source, (bytes, bytearray, memoryview, np.bytes_)):
+    return bytes(source[:n])
+  with open(os.fspath(source), 'rb') as f:
+    return f.read(n)
+
+
+def _how(im, head: bytes) -> tuple[int, int]:
+  """(how, orientation) of an opened image whose file starts with `head` (see `Header`)."""
+  orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+  orientation = orientation if orientation in range(1, 9) else 1  # as exif_transpose: others do nothing
+  if im.format in ('JPEG', 'MPO') and im.mode in ('RGB', 'L'):  # MPO: its first picture, a JPEG
+    return _NATIVE_JPEG, orientation
+  if im.format == 'PNG' and im.mode in ('RGB', 'RGBA', 'L', 'LA') and _png_is_8bit(head):
+    return _NATIVE_PNG, orientation
+  return _PILLOW, 1
+
+
+def decode_plans(sizes: Any, headers: Any, min_side: int | None) -> np.ndarray:
+  """int32 (N, 3) [how, orientation, scale index in _SCALES]: `decode_op`'s plan of N images whose (h, w) are
+  `sizes` (N, 2) and whose (how, orientation) are `headers` (N, 2), both from `read_header`, for `min_side`."""
+  sizes, headers = np.asarray(sizes, np.int64).reshape(-1, 2), np.asarray(headers, np.int32).reshape(-1, 2)
+  short = sizes.min(axis=1)
+  scale = sum((short // r >= min_side).astype(np.int32) for r in _SCALES[1:]) if min_side else 0
+  scale = np.where(headers[:, 0] == _NATIVE_JPEG, scale, 0)
+  return np.column_stack([headers, scale]).astype(np.int32)
+
+
 def _plan(data, min_side: int | None) -> np.ndarray:
   """int32 [how, orientation, scale index in _SCALES] for `decode_op`, from the header only (Pillow reads no pixels here).
 
@@ -159,18 +205,8 @@ def _plan(data, min_side: int | None) -> np.ndarray:
   gray/RGB(A) PNG, _PILLOW for the rest (CMYK, palette, 16-bit, WebP, BMP, GIF). `orientation` is the EXIF
   orientation `decode` applies, `scale` its reduced-scale JPEG decode. Raises ImageDecodeError as `decode`.
   """
-  data = encoded_bytes(data)
-  name = 'an encoded image'
-  with _read_errors(name, 'not a readable image'), _open(data) as im:
-    _check_format(im, name)
-    orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-    orientation = orientation if orientation in range(1, 9) else 1  # as exif_transpose: others do nothing
-    if im.format in ('JPEG', 'MPO') and im.mode in ('RGB', 'L'):  # MPO: its first picture, a JPEG
-      scale = _SCALES.index(_jpeg_scale(_oriented_size(im), min_side))
-      return np.array([_NATIVE_JPEG, orientation, scale], np.int32)
-    if im.format == 'PNG' and im.mode in ('RGB', 'RGBA', 'L', 'LA') and _png_is_8bit(data):
-      return np.array([_NATIVE_PNG, orientation, 0], np.int32)
-  return np.array([_PILLOW, 1, 0], np.int32)
+  header = read_header(encoded_bytes(data), 'an encoded image')
+  return decode_plans([header[:2]], [header[2:]], min_side)[0]
 
 
 def _oriented(tf, image, orientation):
@@ -189,20 +225,41 @@ def _oriented(tf, image, orientation):
   return tf.switch_case(orientation - 1, turns)
 
 
+# The most entries of an EXIF's first IFD read in TensorFlow ops (cameras write 10-30); with more, Pillow decides.
+_IFD_ENTRIES = 64
+
+
 def _jpeg_plan(tf, raw, min_side: int):
-  """`_plan` of a JPEG in TensorFlow ops, without Python: the APP segments walked for the EXIF orientation.
+  """`_plan` of a JPEG in TensorFlow ops, without Python: its APP1 segments found for the EXIF orientation.
 
   Native when the JPEG has 1 or 3 components and its orientation is plain to read: no APP1 segment, or one
   Exif segment whose first IFD holds the orientation as one SHORT (either byte order). Anything else (CMYK, an
   XMP segment, which Pillow also reads the orientation from, several APP1 segments, an odd EXIF) goes to
   Pillow, which decides as `decode` does.
+
+  An APP1 segment starts with the bytes FF E1. A file without that pair has no APP1 (most JPEGs of datasets);
+  a file with one pair, at the first or second segment (after an APP0, as JFIF writes), has that one APP1
+  (most camera photos); otherwise the marker segments are walked up to the scan, as Pillow reads them.
   """
   b = tf.io.decode_raw(raw, tf.uint8)
-  # No FF E1 pair anywhere: no APP1 segment, so no EXIF or XMP orientation (most JPEGs of datasets), and the
-  # segment walk below is skipped. A pair inside other data (a table, a comment) only takes the walk.
-  has_app1 = tf.reduce_any((b[:-1] == 0xFF) & (b[1:] == 0xE1))
-  walked = lambda: _jpeg_plan_walked(tf, raw, tf.cast(b, tf.int32), min_side)  # noqa: E731
-  return tf.cond(has_app1, walked, lambda: _jpeg_plan_plain(tf, raw, min_side))
+  n = tf.size(b)
+  pairs = (b[:-1] == 0xFF) & (b[1:] == 0xE1)
+
+  def at(i):  # the bytes at positions i as int32, positions clipped into the file
+    return tf.cast(tf.gather(b, tf.clip_by_value(i, 0, n - 1)), tf.int32)
+
+  def app1():  # (orientation, plain to read) of a file with an FF E1 pair
+    t, app1s, at_scan = _app1_segments(tf, at, n, pairs)
+    orientation, tiff_ok = _exif_orientation(tf, at, n, t)
+    return orientation, tf.where(t < 0, app1s == 0, (app1s == 1) & tiff_ok) & at_scan
+
+  orientation, readable = tf.cond(
+    tf.reduce_any(pairs), app1, lambda: (tf.constant(1), tf.constant(True))
+  )
+  h, w, channels = tf.unstack(tf.io.extract_jpeg_shape(raw, output_type=tf.int32))
+  native = readable & ((channels == 1) | (channels == 3))
+  plan = tf.stack([_NATIVE_JPEG, orientation, _jpeg_scale_op(tf, h, w, min_side)])
+  return tf.where(native, plan, tf.constant([_PILLOW, 1, 0]))
 
 
 def _jpeg_scale_op(tf, h, w, min_side: int):
@@ -211,63 +268,72 @@ def _jpeg_scale_op(tf, h, w, min_side: int):
   return tf.where(int(min_side) > 0, scale, 0)
 
 
-def _jpeg_plan_plain(tf, raw, min_side: int):
-  """`_jpeg_plan` of a JPEG without APP1 segments: upright; native with 1 or 3 components."""
-  h, w, channels = tf.unstack(tf.io.extract_jpeg_shape(raw, output_type=tf.int32))
-  native = (channels == 1) | (channels == 3)
-  plan = tf.stack([_NATIVE_JPEG, 1, _jpeg_scale_op(tf, h, w, min_side)])
-  return tf.where(native, plan, tf.constant([_PILLOW, 1, 0]))
+def _app1_segments(tf, at, n, pairs):
+  """(where the first Exif segment's TIFF header starts, or -1; the APP1 segments before the scan; whether
+  the walk ended at the scan) of a JPEG whose FF E1 pairs are `pairs`.
+
+  One pair in the file, at the first segment or right after a first APPn segment: that is its one APP1, at
+  a place Pillow reads too (no other pair: no other APP1). Else the segments are walked.
+  """
+  p = tf.argmax(tf.cast(pairs, tf.int32), output_type=tf.int32)
+  first = at(tf.range(2, 6))  # the first segment: FF En, its length
+  after_first = 4 + first[2] * 256 + first[3]
+  first_is_app = (first[0] == 0xFF) & (first[1] >= 0xE0) & (first[1] <= 0xEF)
+  single = (tf.reduce_sum(tf.cast(pairs, tf.int32)) == 1) & ((p == 2) | (first_is_app & (p == after_first)))
+
+  def one():
+    is_exif = tf.reduce_all(at(p + 4 + tf.range(6)) == [69, 120, 105, 102, 0, 0])  # Exif\0\0
+    return tf.where(is_exif, p + 10, -1), tf.constant(1), tf.constant(True)
+
+  return tf.cond(single, one, lambda: _walk_segments(tf, at, n))
 
 
-def _jpeg_plan_walked(tf, raw, b, min_side: int):
-  """`_jpeg_plan` of a JPEG with an FF E1 pair: the marker segments walked for its APP1 segments."""
-  n = tf.size(b)
+def _walk_segments(tf, at, n):
+  """`_app1_segments` by walking every marker segment up to the scan (SOS), where Pillow stops reading."""
+  ahead = tf.range(10)
 
-  def at(i):
-    return tf.gather(b, tf.clip_by_value(i, 0, n - 1))
-
-  def walk(pos, exif, app1s):  # one marker segment: FF xx LEN LEN ...
-    marker = at(pos + 1)
-    is_exif = tf.logical_and(
-      marker == 0xE1, tf.reduce_all(at(pos + 4 + tf.range(6)) == [69, 120, 105, 102, 0, 0])
-    )
+  def walk(pos, head, exif, app1s):  # one marker segment: FF xx LEN LEN ...; head: its first 10 bytes
+    app1 = head[1] == 0xE1
+    is_exif = app1 & tf.reduce_all(head[4:] == [69, 120, 105, 102, 0, 0])
     exif = tf.where(is_exif & (exif < 0), pos + 10, exif)
-    app1s += tf.cast(marker == 0xE1, tf.int32)
-    return pos + 2 + at(pos + 2) * 256 + at(pos + 3), exif, app1s
+    pos = pos + 2 + head[2] * 256 + head[3]
+    return pos, at(pos + ahead), exif, app1s + tf.cast(app1, tf.int32)
 
-  def more(pos, exif, app1s):  # every marker segment up to the scan (SOS), where Pillow stops reading
-    marker = at(pos + 1)
-    return (pos + 4 <= n) & (at(pos) == 0xFF) & (marker >= 0xC0) & (marker <= 0xFE) & (marker != 0xDA)
+  def more(pos, head, exif, app1s):
+    marker = head[1]
+    return (pos + 4 <= n) & (head[0] == 0xFF) & (marker >= 0xC0) & (marker <= 0xFE) & (marker != 0xDA)
 
-  end, t, app1s = tf.while_loop(more, walk, (tf.constant(2), tf.constant(-1), tf.constant(0)))
+  start = tf.constant(2)
+  _, head, exif, app1s = tf.while_loop(more, walk, (start, at(start + ahead), tf.constant(-1), tf.constant(0)))
   # Else fill bytes or a marker out of place: Pillow decides.
-  at_scan = (at(end) == 0xFF) & (at(end + 1) == 0xDA)
-  little = tf.reduce_all(at(t + tf.range(2)) == [73, 73])  # 'II'; 'MM' is big-endian
+  return exif, app1s, (head[0] == 0xFF) & (head[1] == 0xDA)
 
-  def u16(i):
-    return tf.where(little, at(i) + at(i + 1) * 256, at(i) * 256 + at(i + 1))
 
-  def u32(i):
-    return tf.where(little, u16(i) + u16(i + 2) * 65536, u16(i) * 65536 + u16(i + 2))
+def _exif_orientation(tf, at, n, t):
+  """(orientation, plain to read) of the TIFF header at t: its first IFD's orientation entry, which must be
+  one SHORT, read in either byte order, with the whole IFD inside the file."""
+  head = at(t + tf.range(8))
+  little = (head[0] == 73) & (head[1] == 73)  # 'II'; 'MM' is big-endian
+  big = (head[0] == 77) & (head[1] == 77)
 
-  ifd = t + u32(t + 4)
-  entries = ifd + 2 + 12 * tf.range(tf.clip_by_value(u16(ifd), 0, 1000))
-  hits = tf.boolean_mask(entries, u16(entries) == _EXIF_ORIENTATION)
-  entry = tf.concat([hits, [-1]], 0)[0]  # the orientation entry, or -1
-  orientation = tf.where(entry >= 0, u16(entry + 8), 1)
-  plain = (entry < 0) | ((u16(entry + 2) == 3) & (u32(entry + 4) == 1))  # a SHORT, count 1
-  tiff_ok = (
-    (ifd > t)
-    & (ifd + 2 <= n)
-    & (tf.reduce_all(at(t + tf.range(2)) == [77, 77]) | little)
-    & (tf.size(hits) <= 1)
-  )
-  readable = tf.where(t < 0, app1s == 0, (app1s == 1) & tiff_ok & plain & (entry + 12 <= n))
-  h, w, channels = tf.unstack(tf.io.extract_jpeg_shape(raw, output_type=tf.int32))
-  native = readable & at_scan & ((channels == 1) | (channels == 3))
-  scale = _jpeg_scale_op(tf, h, w, min_side)
+  def u16(x0, x1):
+    return tf.where(little, x0 + x1 * 256, x0 * 256 + x1)
+
+  def u32(x):
+    return tf.where(little, u16(x[0], x[1]) + u16(x[2], x[3]) * 65536, u16(x[0], x[1]) * 65536 + u16(x[2], x[3]))
+
+  ifd = t + u32(head[4:8])
+  block = at(ifd + tf.range(2 + 12 * _IFD_ENTRIES))
+  count = u16(block[0], block[1])
+  entries = tf.reshape(block[2:], [_IFD_ENTRIES, 12])
+  hit = (tf.range(_IFD_ENTRIES) < count) & (u16(entries[:, 0], entries[:, 1]) == _EXIF_ORIENTATION)
+  hits = tf.reduce_sum(tf.cast(hit, tf.int32))
+  entry = entries[tf.argmax(tf.cast(hit, tf.int32), output_type=tf.int32)]
+  orientation = tf.where(hits > 0, u16(entry[8], entry[9]), 1)
+  plain = (hits == 0) | ((u16(entry[2], entry[3]) == 3) & (u32(entry[4:8]) == 1))  # a SHORT, count 1
+  inside = (ifd > t) & (count <= _IFD_ENTRIES) & (ifd + 2 + 12 * count <= n)
   orientation = tf.where((orientation >= 1) & (orientation <= 8), orientation, 1)
-  return tf.where(native, tf.stack([_NATIVE_JPEG, orientation, scale]), tf.constant([_PILLOW, 1, 0]))
+  return orientation, (little | big) & inside & (hits <= 1) & plain
 
 
 def _plan_op(tf, raw, min_side: int):
@@ -281,7 +347,18 @@ def _plan_op(tf, raw, min_side: int):
   return tf.cond(is_jpeg, lambda: _jpeg_plan(tf, raw, min_side), python_plan)
 
 
-def decode_op(tf: Any, raw: Any, min_side: int) -> Any:
+def _planned(tf, raw, plan):
+  """A plan known beforehand (`decode_plans`), where the bytes still are of its format; else Pillow's path."""
+  how = plan[0]
+  fits = (
+    (how == _PILLOW)
+    | ((how == _NATIVE_JPEG) & (tf.strings.substr(raw, 0, 3) == b'\xff\xd8\xff'))
+    | ((how == _NATIVE_PNG) & (tf.strings.substr(raw, 0, 8) == b'\x89PNG\r\n\x1a\n'))
+  )
+  return tf.where(fits, plan, tf.constant([_PILLOW, 1, 0]))
+
+
+def decode_op(tf: Any, raw: Any, min_side: int, plan: Any = None) -> Any:
   """`decode` as a tf.data op on a scalar string tensor of encoded bytes: uint8 (h, w, 3), the same pixels.
 
   The common formats are decoded by TensorFlow's own kernels (no copies, no GIL): 8-bit JPEGs with libjpeg's
@@ -290,6 +367,10 @@ def decode_op(tf: Any, raw: Any, min_side: int) -> Any:
   with tf.image; and 8-bit PNGs (their header read by Pillow). The rest goes through `decode` in a
   `tf.numpy_function`. tests/test_images.py checks both paths give identical pixels. A file that does not
   decode raises inside the op, so the pipeline's `ignore_errors` skips it (and `bit.data` logs it by path).
+
+  `plan`: the file's int32 [how, orientation, scale] from `decode_plans` (its header read once, when the split
+  was read), so the header is not read again here; the bytes must still be of the planned format, or Pillow
+  decodes them.
   """
 
   def pillow():
@@ -298,7 +379,8 @@ def decode_op(tf: Any, raw: Any, min_side: int) -> Any:
     )
     return tf.ensure_shape(image, [None, None, 3])
 
-  how, orientation, scale = tf.unstack(_plan_op(tf, raw, min_side))
+  plan = _plan_op(tf, raw, min_side) if plan is None else _planned(tf, raw, plan)
+  how, orientation, scale = tf.unstack(plan)
 
   def jpeg(ratio):
     return lambda: tf.io.decode_jpeg(raw, channels=3, ratio=ratio, dct_method='INTEGER_ACCURATE')

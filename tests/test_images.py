@@ -206,3 +206,25 @@ def test_the_pipelines_native_decode_gives_the_pixels_of_the_one_decoder(corpus,
       np.testing.assert_array_equal(plans[name], images._plan(raw, min_side), err_msg=name)
   if min_side == 300:  # a big JPEG is decoded at a reduced scale: 1200x1600 at 1/4
     assert plans['exif6_big'][2] == images._SCALES.index(4)
+
+
+@pytest.mark.parametrize('min_side', [None, 300])
+def test_a_plan_read_with_the_split_gives_the_same_pixels(corpus, min_side):
+  """Folders read every header once (`read_header`, with the sizes) and the pipelines decode by that plan
+  without reading it again: every kind of file gives `images.decode`'s pixels, and a plan whose file changed
+  format since (a JPEG's plan on a PNG's bytes) falls back to Pillow instead of failing."""
+  tf = data_sources.tf_hidden()
+  names = list(corpus)
+  headers = [images.read_header(corpus[n][0]) for n in names]
+  plans = images.decode_plans([h[:2] for h in headers], [h[2:] for h in headers], min_side or 0)
+  for name, header in zip(names, headers, strict=True):
+    assert (header.height, header.width) == images.decode(corpus[name][0]).shape[:2], name
+    if name.startswith('exif') or name == 'gray':  # what Pillow's header says is what decode does
+      assert header.how == images._NATIVE_JPEG, name
+  raws = [corpus[n][0] for n in names] + [corpus['png_rgba'][0]]
+  stale = np.concatenate([plans, plans[names.index('exif3')][None]])  # a JPEG's plan, a PNG's bytes
+  ds = tf.data.Dataset.from_tensor_slices((raws, stale))
+  decoded = list(ds.map(lambda raw, plan: images.decode_op(tf, raw, min_side or 0, plan)).as_numpy_iterator())
+  for name, raw, got in zip([*names, 'stale'], raws, decoded, strict=True):
+    expected = images.decode(raw, min_side)
+    assert got.shape == expected.shape and np.array_equal(got, expected), name
