@@ -60,7 +60,7 @@ MAX_REPLACEMENTS = 8
 SHUFFLE_BUFFER = 10_000
 # Training resizes only the window it crops (`_resized_window`, the same values) when the crop is at most this
 # share of the resized side; above it, resizing the whole image is cheaper (docs/input-pipeline.md).
-WINDOW_SHARE = 0.625
+WINDOW_SHARE = 0.7
 
 
 @dataclasses.dataclass(frozen=True)

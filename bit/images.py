@@ -253,9 +253,7 @@ def _jpeg_plan(tf, raw, min_side: int):
     orientation, tiff_ok = _exif_orientation(tf, at, n, t)
     return orientation, tf.where(t < 0, app1s == 0, (app1s == 1) & tiff_ok) & at_scan
 
-  orientation, readable = tf.cond(
-    tf.reduce_any(pairs), app1, lambda: (tf.constant(1), tf.constant(True))
-  )
+  orientation, readable = tf.cond(tf.reduce_any(pairs), app1, lambda: (tf.constant(1), tf.constant(True)))
   h, w, channels = tf.unstack(tf.io.extract_jpeg_shape(raw, output_type=tf.int32))
   native = readable & ((channels == 1) | (channels == 3))
   plan = tf.stack([_NATIVE_JPEG, orientation, _jpeg_scale_op(tf, h, w, min_side)])
@@ -264,7 +262,9 @@ def _jpeg_plan(tf, raw, min_side: int):
 
 def _jpeg_scale_op(tf, h, w, min_side: int):
   """`_jpeg_scale`'s index in _SCALES in TensorFlow ops."""
-  scale = tf.reduce_sum(tf.cast(tf.minimum(h, w) // tf.constant(_SCALES[1:]) >= max(int(min_side), 1), tf.int32))
+  scale = tf.reduce_sum(
+    tf.cast(tf.minimum(h, w) // tf.constant(_SCALES[1:]) >= max(int(min_side), 1), tf.int32)
+  )
   return tf.where(int(min_side) > 0, scale, 0)
 
 
@@ -304,7 +304,9 @@ def _walk_segments(tf, at, n):
     return (pos + 4 <= n) & (head[0] == 0xFF) & (marker >= 0xC0) & (marker <= 0xFE) & (marker != 0xDA)
 
   start = tf.constant(2)
-  _, head, exif, app1s = tf.while_loop(more, walk, (start, at(start + ahead), tf.constant(-1), tf.constant(0)))
+  _, head, exif, app1s = tf.while_loop(
+    more, walk, (start, at(start + ahead), tf.constant(-1), tf.constant(0))
+  )
   # Else fill bytes or a marker out of place: Pillow decides.
   return exif, app1s, (head[0] == 0xFF) & (head[1] == 0xDA)
 
@@ -320,7 +322,9 @@ def _exif_orientation(tf, at, n, t):
     return tf.where(little, x0 + x1 * 256, x0 * 256 + x1)
 
   def u32(x):
-    return tf.where(little, u16(x[0], x[1]) + u16(x[2], x[3]) * 65536, u16(x[0], x[1]) * 65536 + u16(x[2], x[3]))
+    return tf.where(
+      little, u16(x[0], x[1]) + u16(x[2], x[3]) * 65536, u16(x[0], x[1]) * 65536 + u16(x[2], x[3])
+    )
 
   ifd = t + u32(head[4:8])
   block = at(ifd + tf.range(2 + 12 * _IFD_ENTRIES))

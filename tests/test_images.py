@@ -165,8 +165,12 @@ def corpus():
       b'\xff\xfe' + struct.pack('>H', 7) + b'hello' + b'\xff\xe1' + struct.pack('>H', len(app1) + 2) + app1
     )
     out[f'big_endian_exif{o}'] = (plain[:2] + segments + plain[2:], native)
+  jfif = 4 + int.from_bytes(out['exif6'][0][4:6], 'big')  # where the APP1 starts, after the JFIF APP0
+  out['exif6_first_segment'] = (out['exif6'][0][:2] + out['exif6'][0][jfif:], native)  # no APP0: at byte 2
   out['no_app1'] = (plain, native)  # no EXIF at all: the header read skips the segment walk
-  comment = b'\xff\xfe' + struct.pack('>H', 8) + b'a\xff\xe1b\xff\xe1'  # an FF E1 pair that is no APP1 segment
+  comment = (
+    b'\xff\xfe' + struct.pack('>H', 8) + b'a\xff\xe1b\xff\xe1'
+  )  # an FF E1 pair that is no APP1 segment
   out['ffe1_in_comment'] = (plain[:2] + comment + plain[2:], native)
   second = Image.fromarray(_photo(rng, 375, 500))
   out['mpo'] = (_encoded(photo, 'MPO', save_all=True, append_images=[second]), native)  # its first picture

@@ -36,11 +36,13 @@ def make_jpeg_folder(
   size: Any = (375, 500),
   seed: int = 0,
   image_format: str = 'jpeg',
+  exif: bool = False,
 ) -> pathlib.Path:
   """Writes `num_images` photo-like JPEGs (or PNGs) of `size` (h, w) into root/train/<class>/; returns root.
 
   The images are smooth color fields with fine noise, so their file size and decode cost are close to real
-  photos (pure noise would compress far worse; flat colors far better).
+  photos (pure noise would compress far worse; flat colors far better). With `exif`, each JPEG carries a
+  camera's EXIF segment, orientation 1 and 6 in turn (a phone's landscape and portrait photos).
   """
   from PIL import Image
 
@@ -56,7 +58,9 @@ def make_jpeg_folder(
     if image_format == 'png':
       Image.fromarray(photo).save(folder / f'{i:05d}.png')
     else:
-      Image.fromarray(photo).save(folder / f'{i:05d}.jpg', quality=90)
+      tags = Image.Exif()
+      tags.update({0x010F: 'Camera maker', 0x0110: 'Camera model', 0x0112: (1, 6)[i % 2]})
+      Image.fromarray(photo).save(folder / f'{i:05d}.jpg', quality=90, exif=tags.tobytes() if exif else b'')
   return root
 
 
@@ -114,6 +118,7 @@ def pipeline_benchmark(
   image_size: Any = (375, 500),
   seed: int = 0,
   image_format: str = 'jpeg',
+  exif: bool = False,
   dataset: Any = None,
   mock_examples: int = 0,
   decoded_cache_gb: float | None = None,
@@ -139,7 +144,7 @@ def pipeline_benchmark(
 
   with contextlib.ExitStack() as stack:
     generated = folder is None and dataset is None
-    generate = dict(num_images=num_images, size=image_size, seed=seed, image_format=image_format)
+    generate = dict(num_images=num_images, size=image_size, seed=seed, image_format=image_format, exif=exif)
     folder = _benchmark_source(stack, folder, dataset, mock_examples, compare_tf, generate)
     info = data.get_info(str(folder), train_split=split, test_split=split, max_memory_gb=max_memory_gb)
     if resize is None:
@@ -171,6 +176,7 @@ def pipeline_benchmark(
     'mixup_alpha': mixup_alpha,
     'folder': None if generated else str(folder),
     'image_format': image_format if generated else None,
+    'exif': exif if generated else None,
     'decoded_cache_gb': data_sources.decoded_cache_bytes(decoded_cache_gb) / 1e9,
     'train_size': info.train_size,
     'image_size': list(info.image_size),
@@ -265,6 +271,9 @@ def main(argv: Any = None) -> None:
   p.add_argument('--num-images', type=int, default=256, help='images to generate without --folder')
   p.add_argument('--image-size', default='375x500', help='HxW of generated images')
   p.add_argument('--format', default='jpeg', choices=['jpeg', 'png'], help='format of generated images')
+  p.add_argument(
+    '--exif', action='store_true', help='generated JPEGs carry camera EXIF (orientations 1 and 6 in turn)'
+  )
   p.add_argument('--dataset', help='a TFDS dataset name instead of a folder')
   p.add_argument(
     '--mock-examples', type=int, default=0, help='with --dataset: use TFDS mock data of N examples'
@@ -294,6 +303,7 @@ def main(argv: Any = None) -> None:
     num_images=args.num_images,
     image_size=(h, w),
     image_format=args.format,
+    exif=args.exif,
     dataset=args.dataset,
     mock_examples=args.mock_examples,
     decoded_cache_gb=args.decoded_cache_gb,
