@@ -743,3 +743,39 @@ def test_the_resized_window_is_the_crop_of_the_resized_image(h, w, resize, crop)
   pairs = tf.data.Dataset.range(0, 40 * 7919, 7919).map(both).as_numpy_iterator()
   for p, (window, expected) in enumerate(pairs):
     assert window.shape == expected.shape and np.array_equal(window, expected), p
+
+
+def test_the_plans_read_with_a_folder_give_the_batches_of_the_headers_read_in_the_pipeline(
+  tmp_path, monkeypatch
+):
+  """An image folder's decode plans (its headers read with the split, `Records.headers`) give the very batches
+  of the headers read in TensorFlow ops and Pillow, in training on the holdout's train side (a subset of the
+  split's records, so a plan must follow its file) and in evaluation of the holdout."""
+  rng = np.random.default_rng(0)
+  for i in range(40):
+    folder = tmp_path / 'train' / f'c{i % 2}'
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    if i % 5 == 4:
+      photo.save(folder / f'{i:02d}.png')
+    else:
+      exif = Image.Exif()
+      exif[0x0112] = (1, 6, 3, 8)[i % 4]  # upright, the camera turned, upside down, the other way
+      photo.save(folder / f'{i:02d}.jpg', exif=exif.tobytes())
+
+  def batches():
+    data_sources.clear_cache()
+    train = data.train_iterator(
+      str(tmp_path), split='train', global_batch_size=8, resize=48, crop=32, num_classes=2, decoded_cache_gb=0
+    )
+    holdout = data.eval_iterator(
+      str(tmp_path), split='holdout', global_batch_size=4, crop=32, decoded_cache_gb=0
+    )
+    return [next(train)['image'] for _ in range(5)] + [b['image'] for b in holdout]
+
+  planned = batches()
+  monkeypatch.setattr(data, '_plans', lambda tf, records, min_side: None)
+  read_in_the_pipeline = batches()
+  assert len(planned) == len(read_in_the_pipeline) == 6
+  for a, b in zip(planned, read_in_the_pipeline, strict=True):
+    np.testing.assert_array_equal(a, b)
