@@ -51,6 +51,8 @@ from bit.types import ExportManifest, Format, Input, Params, PathLike
 FORMATS = ('savedmodel', 'onnx', 'stablehlo')
 INPUTS = ('float32', 'uint8', 'raw')
 ONNX_OPSET = 21
+# The size an export of a model that does not say its own (a new head on a local .npz) is made at.
+DEFAULT_SIZE = 224
 ONNX_IR_VERSION = 10  # the IR of opset 21: onnxruntime >= 1.20 reads it
 # Lowered for both, so one file serves on either; a platform jax.export cannot lower for is left out.
 PLATFORMS = ('cpu', 'cuda')
@@ -650,11 +652,13 @@ def load_source(
   names = checkpoints.label_names(model) if keep_head else None
   if names is not None and len(names) != net.num_classes:
     names = None
-  size, path = 224, None
+  # A kept head knows its size (`bit.load`: the registry's resolution, or the crop of the run's config.json
+  # beside a local .npz); a new head takes the registry's, else BiT's usual 224.
+  size, path = net.input_size, None
   try:
     cfg = checkpoints.get_pretrained_cfg(str(model))
-    size = cfg.resolution or size
+    size = size or cfg.resolution
     path = checkpoints.cache_path(cfg.url)
   except BitError:
     path = pathlib.Path(model).expanduser()
-  return net, params, names, int(size), path
+  return net, params, names, int(size or DEFAULT_SIZE), path
