@@ -395,7 +395,12 @@ def test_model_flag_follows_bit_load(workdir):
 
   # The run's model.npz keeps its head: the export is made at the run's crop (config.json beside it).
   model, _, names, size, source = load_source(model=str(workdir / 'model.npz'), keep_head=True)
-  assert (model.num_classes, names, size, source) == (len(CLASSES), list(CLASSES), SIZE, workdir / 'model.npz')
+  assert (model.num_classes, names, size, source) == (
+    len(CLASSES),
+    list(CLASSES),
+    SIZE,
+    workdir / 'model.npz',
+  )
   model, params, names, size, _ = load_source(model=str(workdir / 'model.npz'), num_classes=3)
   assert model.num_classes == 3 and names is None and not np.any(params['head']['kernel'])
   assert size == 224  # a new head is a new task: BiT's usual size unless --size says otherwise
